@@ -1,0 +1,131 @@
+//! Finding the pieces of a deployment: the reference resolves `mm_vision_tower` and
+//! `image_processor` from its working directory and fetches `bert-base-uncased` from a hub; we
+//! look beside the model instead, and accept explicit paths.
+
+use std::path::{Path, PathBuf};
+
+use super::{ModelError, Result};
+
+/// Where each file of a model comes from, resolved before anything heavy is read.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub model_dir: PathBuf,
+    pub config: PathBuf,
+    pub vision_tower: PathBuf,
+    /// `preprocessor_config.json`, when one was found.
+    pub preprocessor_config: Option<PathBuf>,
+    pub bert_config: PathBuf,
+    pub bert_vocab: PathBuf,
+    /// `vision_config.json`, this project's optional file for the EVA head count and depth.
+    pub vision_overrides: Option<PathBuf>,
+}
+
+/// Paths a relative path from `config.json` may mean: the model directory, its parent (the
+/// layout of the reference repository, where the model sits in a sub-folder), and the
+/// working directory (what the reference itself does).
+fn candidates(model_dir: &Path, relative: &Path) -> Vec<PathBuf> {
+    if relative.is_absolute() {
+        return vec![relative.to_owned()];
+    }
+    let mut out = vec![model_dir.join(relative)];
+    if let Some(parent) = model_dir.parent() {
+        out.push(parent.join(relative));
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        out.push(cwd.join(relative));
+    }
+    out
+}
+
+fn tried(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl ModelFiles {
+    /// Resolves the files of the model in `model_dir`. `mm_vision_tower` and `image_processor`
+    /// are the values from its `config.json`; `vision_tower` and `bert_dir` override them.
+    pub fn resolve(
+        model_dir: &Path,
+        mm_vision_tower: &str,
+        image_processor: Option<&str>,
+        vision_tower: Option<&Path>,
+        bert_dir: Option<&Path>,
+    ) -> Result<Self> {
+        let config = model_dir.join("config.json");
+
+        let vision_tower = match vision_tower {
+            Some(explicit) if explicit.is_dir() => explicit.join("eva_vit_g.pth"),
+            Some(explicit) => explicit.to_owned(),
+            None => {
+                let paths = candidates(model_dir, Path::new(mm_vision_tower));
+                match paths.iter().find(|p| p.is_file()) {
+                    Some(found) => found.clone(),
+                    None => {
+                        return Err(ModelError::MissingFile {
+                            what: "EVA vision tower weights (mm_vision_tower)",
+                            path: PathBuf::from(mm_vision_tower),
+                            hint: format!(
+                                "looked at {}; download LAVIS eva_vit_g.pth there or set the \
+                                 vision-tower property to its path",
+                                tried(&paths)
+                            ),
+                        })
+                    }
+                }
+            }
+        };
+        if !vision_tower.is_file() {
+            return Err(ModelError::MissingFile {
+                what: "EVA vision tower weights",
+                path: vision_tower,
+                hint: "the vision-tower path does not name a file".into(),
+            });
+        }
+
+        let preprocessor_config = image_processor.and_then(|dir| {
+            candidates(model_dir, Path::new(dir))
+                .into_iter()
+                .map(|d| d.join("preprocessor_config.json"))
+                .find(|p| p.is_file())
+        });
+
+        let bert_dirs = match bert_dir {
+            Some(dir) => vec![dir.to_owned()],
+            None => candidates(model_dir, Path::new("bert-base-uncased")),
+        };
+        let Some(bert_dir) = bert_dirs.iter().find(|d| d.join("vocab.txt").is_file()) else {
+            return Err(ModelError::MissingFile {
+                what: "Q-Former tokenizer (bert-base-uncased vocab.txt)",
+                path: bert_dirs[0].join("vocab.txt"),
+                hint: format!(
+                    "looked in {}; put a bert-base-uncased folder (config.json, vocab.txt) beside \
+                     the model directory",
+                    tried(&bert_dirs)
+                ),
+            });
+        };
+        let bert_config = bert_dir.join("config.json");
+        if !bert_config.is_file() {
+            return Err(ModelError::MissingFile {
+                what: "Q-Former configuration (bert-base-uncased config.json)",
+                path: bert_config,
+                hint: "the bert-base-uncased folder needs its config.json beside vocab.txt".into(),
+            });
+        }
+
+        let overrides = model_dir.join("vision_config.json");
+        Ok(Self {
+            model_dir: model_dir.to_owned(),
+            config,
+            vision_tower,
+            preprocessor_config,
+            bert_vocab: bert_dir.join("vocab.txt"),
+            bert_config,
+            vision_overrides: overrides.is_file().then_some(overrides),
+        })
+    }
+}

@@ -1,0 +1,437 @@
+//! The loaded model and the three operations the element needs: prepare a prompt once,
+//! encode frames into their tokens, caption a window of tokens.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::checkpoint::{Checkpoint, WeightFormat};
+use super::config::{read_json, BertConfig, LlavaConfig, VisionOverrides};
+use super::eva::{EvaConfig, EvaVit};
+use super::files::ModelFiles;
+use super::llama::{Llama, LogitsFor};
+use super::preprocess::{ClipPreprocess, FrameView, ResizeTarget};
+use super::prompt::{split_at_image, tokenize_with_image, vicuna_v1_prompt};
+use super::qformer::{QFormerConfig, TextGuidance};
+use super::sampling::{GenerationParams, Sampler};
+use super::tokenizer::{BertTokenizer, LlamaTokenizer};
+use super::tokens::{TokenConfig, TokenGenerator};
+use super::{ModelError, Result};
+
+/// What to load and where to run it.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The HF model directory (`config.json`, weights, tokenizer).
+    pub model_dir: PathBuf,
+    /// EVA weights; default: `mm_vision_tower` of `config.json`, resolved beside the model.
+    pub vision_tower: Option<PathBuf>,
+    /// Folder with the Q-Former's `config.json` and `vocab.txt`; default: `bert-base-uncased`
+    /// beside the model.
+    pub bert_dir: Option<PathBuf>,
+    pub device: Device,
+    /// Compute dtype; weights are converted from whatever the files store.
+    pub dtype: DType,
+    pub weight_format: WeightFormat,
+}
+
+impl LoadOptions {
+    pub fn new(model_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            model_dir: model_dir.into(),
+            vision_tower: None,
+            bert_dir: None,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            weight_format: WeightFormat::Auto,
+        }
+    }
+}
+
+/// A question prepared for captioning: its Q-Former guidance (used when encoding frames) and
+/// the embedded prompt around the `<image>` placeholder (used when captioning).
+#[derive(Clone, Debug)]
+pub struct CaptionPrompt {
+    pub question: String,
+    pub guidance: TextGuidance,
+    /// LLM ids with the image placeholder (-200), as the reference tokenizes them.
+    pub input_ids: Vec<i64>,
+    /// Embeddings of the ids before and after the placeholder (1, n, H).
+    before: Tensor,
+    after: Tensor,
+}
+
+/// The outcome of one generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub token_ids: Vec<u32>,
+    /// Logits (vocab,) of every step, kept only when asked (tests, debugging).
+    pub step_logits: Vec<Tensor>,
+    pub stopped_at_eos: bool,
+}
+
+/// A caption of a window of frames.
+#[derive(Debug, Clone)]
+pub struct Caption {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+}
+
+pub struct LlamaVid {
+    files: ModelFiles,
+    config: LlavaConfig,
+    preprocess: ClipPreprocess,
+    vision: EvaVit,
+    tokens: TokenGenerator,
+    llm: Llama,
+    llm_tokenizer: LlamaTokenizer,
+    qformer_tokenizer: BertTokenizer,
+    device: Device,
+    dtype: DType,
+    notes: Vec<String>,
+}
+
+fn eva_config(eva: &Checkpoint, overrides: &VisionOverrides, path: &Path) -> Result<EvaConfig> {
+    let cls = eva.shape("cls_token")?;
+    let width = *cls.dims().last().unwrap_or(&0);
+    let patch = eva.shape("patch_embed.proj.weight")?;
+    let patch_size = *patch.dims().last().unwrap_or(&0);
+    let positions = eva.shape("pos_embed")?.dims().get(1).copied().unwrap_or(0);
+    let grid = ((positions.saturating_sub(1)) as f64).sqrt() as usize;
+    if width == 0 || patch_size == 0 || grid * grid + 1 != positions {
+        return Err(ModelError::bad_file(
+            path,
+            "cls_token / patch_embed / pos_embed do not describe a square ViT",
+        ));
+    }
+    let mlp_hidden = eva.shape("blocks.0.mlp.fc1.weight")?.dims()[0];
+    let blocks_in_file = (0..)
+        .take_while(|i| eva.contains(&format!("blocks.{i}.norm1.weight")))
+        .count();
+    let depth = match overrides.depth {
+        Some(depth) => depth,
+        // The real model uses all blocks but the last (BLIP-2's second-to-last features).
+        None => blocks_in_file.saturating_sub(1),
+    };
+    if depth == 0 || depth > blocks_in_file {
+        return Err(ModelError::bad_file(
+            path,
+            format!("the file holds {blocks_in_file} blocks, cannot use {depth}"),
+        ));
+    }
+    let num_heads = match overrides.num_heads {
+        Some(heads) => heads,
+        None if width % 88 == 0 => width / 88,
+        None => {
+            return Err(ModelError::bad_file(
+                path,
+                format!(
+                    "EVA width {width} is not a multiple of 88: add a vision_config.json with \
+                     num_heads to the model directory"
+                ),
+            ))
+        }
+    };
+    if num_heads == 0 || width % num_heads != 0 {
+        return Err(ModelError::bad_file(
+            path,
+            format!("num_heads {num_heads} does not divide the EVA width {width}"),
+        ));
+    }
+    Ok(EvaConfig {
+        width,
+        patch_size,
+        grid,
+        depth,
+        num_heads,
+        mlp_hidden,
+    })
+}
+
+impl LlamaVid {
+    pub fn load(options: &LoadOptions) -> Result<Self> {
+        let model_dir = &options.model_dir;
+        if !model_dir.is_dir() {
+            return Err(ModelError::MissingFile {
+                what: "model directory",
+                path: model_dir.clone(),
+                hint: "set `model` to a LLaMA-VID checkpoint directory (with config.json)".into(),
+            });
+        }
+        let config_path = model_dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(ModelError::MissingFile {
+                what: "model configuration",
+                path: config_path,
+                hint: "this directory is not a LLaMA-VID checkpoint: it has no config.json".into(),
+            });
+        }
+        let config: LlavaConfig = read_json(&config_path)?;
+        config.validate(&config_path)?;
+        let files = ModelFiles::resolve(
+            model_dir,
+            &config.mm_vision_tower,
+            config.image_processor.as_deref(),
+            options.vision_tower.as_deref(),
+            options.bert_dir.as_deref(),
+        )?;
+        let mut notes = Vec::new();
+        let (device, dtype) = (&options.device, options.dtype);
+
+        // Vision tower.
+        let overrides: VisionOverrides = match &files.vision_overrides {
+            Some(path) => read_json(path)?,
+            None => VisionOverrides::default(),
+        };
+        let eva_file = Checkpoint::open_files(std::slice::from_ref(&files.vision_tower))?;
+        let eva_cfg = eva_config(&eva_file, &overrides, &files.vision_tower)?;
+        if eva_cfg.width != config.mm_hidden_size {
+            return Err(ModelError::bad_file(
+                &files.config,
+                format!(
+                    "mm_hidden_size {} differs from the EVA width {} of {}",
+                    config.mm_hidden_size,
+                    eva_cfg.width,
+                    files.vision_tower.display()
+                ),
+            ));
+        }
+        let vision = EvaVit::new(&eva_cfg, eva_file.var_builder(dtype, device))?;
+
+        // Preprocessing must produce the image size the position embedding was trained for.
+        let preprocess = match &files.preprocessor_config {
+            Some(path) => ClipPreprocess::from_config_file(path)?,
+            None => {
+                notes.push(format!(
+                    "no preprocessor_config.json found for image_processor {:?}; using the CLIP \
+                     constants at {} px",
+                    config.image_processor,
+                    eva_cfg.image_size()
+                ));
+                let size = eva_cfg.image_size();
+                ClipPreprocess {
+                    resize: ResizeTarget::ShortestEdge(size),
+                    crop: Some((size, size)),
+                    ..ClipPreprocess::clip_224()
+                }
+            }
+        };
+        let size = eva_cfg.image_size();
+        let square = match (preprocess.crop, preprocess.resize) {
+            (Some(crop), _) => crop == (size, size),
+            (None, ResizeTarget::Exact { height, width }) => (height, width) == (size, size),
+            _ => false,
+        };
+        if !square {
+            return Err(ModelError::bad_file(
+                files.preprocessor_config.as_deref().unwrap_or(&files.config),
+                format!(
+                    "the preprocessing (resize {:?}, crop {:?}) does not give the vision tower's \
+                     {} px square (pos_embed grid {}); resizing position embeddings is not supported",
+                    preprocess.resize,
+                    preprocess.crop,
+                    eva_cfg.image_size(),
+                    eva_cfg.grid
+                ),
+            ));
+        }
+
+        // Q-Former, projectors and LLM from the HF checkpoint.
+        let bert: BertConfig = read_json(&files.bert_config)?;
+        bert.validate(&files.bert_config)?;
+        let hf = Checkpoint::open_model_dir(model_dir, options.weight_format)?;
+        let word_rows = hf.shape("model.vlm_att_encoder.bert.embeddings.word_embeddings.weight")?.dims()[0];
+        let token_cfg = TokenConfig {
+            qformer: QFormerConfig {
+                bert,
+                vocab_rows: word_rows,
+                encoder_width: eva_cfg.width,
+            },
+            num_queries: config.num_query,
+            vision_width: eva_cfg.width,
+            llm_width: config.hidden_size,
+            grid: eva_cfg.grid,
+            pooling: config.content_pooling(&files.config)?,
+            projector_type: config.mm_projector_type.clone(),
+        };
+        let vb = hf.var_builder(dtype, device);
+        let tokens = TokenGenerator::new(&token_cfg, vb.pp("model"))?;
+        let llm = Llama::new(&config, vb)?;
+
+        let llm_tokenizer = LlamaTokenizer::from_model_dir(model_dir)?;
+        let qformer_tokenizer = BertTokenizer::from_vocab_file(&files.bert_vocab)?;
+
+        Ok(Self {
+            files,
+            config,
+            preprocess,
+            vision,
+            tokens,
+            llm,
+            llm_tokenizer,
+            qformer_tokenizer,
+            device: device.clone(),
+            dtype,
+            notes,
+        })
+    }
+
+    pub fn files(&self) -> &ModelFiles {
+        &self.files
+    }
+
+    pub fn config(&self) -> &LlavaConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Things the loader decided that a user may want to know (fallbacks taken).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    pub fn preprocessing(&self) -> &ClipPreprocess {
+        &self.preprocess
+    }
+
+    pub fn vision(&self) -> &EvaVit {
+        &self.vision
+    }
+
+    pub fn token_generator(&self) -> &TokenGenerator {
+        &self.tokens
+    }
+
+    pub fn llm(&self) -> &Llama {
+        &self.llm
+    }
+
+    pub fn llm_tokenizer(&self) -> &LlamaTokenizer {
+        &self.llm_tokenizer
+    }
+
+    pub fn qformer_tokenizer(&self) -> &BertTokenizer {
+        &self.qformer_tokenizer
+    }
+
+    /// LLM tokens each frame becomes: its context token and its content token(s).
+    pub fn tokens_per_frame(&self) -> usize {
+        1 + self.tokens.content_tokens_per_frame()
+    }
+
+    /// Prepares `question` once: BERT ids for the Q-Former, and the `vicuna_v1` prompt
+    /// tokenized chunk by chunk around `<image>` and embedded.
+    pub fn prompt(&self, question: &str) -> Result<CaptionPrompt> {
+        let qformer_ids = self.qformer_tokenizer.encode_question(question)?;
+        let guidance = self.tokens.text_guidance(&qformer_ids)?;
+        let input_ids = tokenize_with_image(&self.llm_tokenizer, &vicuna_v1_prompt(question))?;
+        let parts = split_at_image(&input_ids)?;
+        Ok(CaptionPrompt {
+            question: question.to_owned(),
+            guidance,
+            before: self.llm.embed(&parts.before)?,
+            after: self.llm.embed(&parts.after)?,
+            input_ids,
+        })
+    }
+
+    /// Frames to pixels (B, 3, S, S) on the compute device.
+    pub fn preprocess(&self, frames: &[FrameView]) -> Result<Tensor> {
+        let pixels = self.preprocess.tensor(frames, &self.device)?;
+        Ok(pixels.to_dtype(self.dtype)?)
+    }
+
+    /// Pixels (B, 3, S, S) to frame tokens (B, tokens_per_frame, H): context token first.
+    pub fn encode_pixels(&self, pixels: &Tensor, prompt: &CaptionPrompt) -> Result<Tensor> {
+        let features = self.vision.forward(&pixels.to_dtype(self.dtype)?)?;
+        Ok(self.tokens.forward(&prompt.guidance, &features)?)
+    }
+
+    /// Raw frames to frame tokens (B, tokens_per_frame, H).
+    pub fn encode_frames(&self, frames: &[FrameView], prompt: &CaptionPrompt) -> Result<Tensor> {
+        self.encode_pixels(&self.preprocess(frames)?, prompt)
+    }
+
+    /// The LLM input: prompt embeddings with the video tokens (N, H) spliced at `<image>`.
+    pub fn input_embeddings(&self, prompt: &CaptionPrompt, video_tokens: &Tensor) -> Result<Tensor> {
+        let video = video_tokens.to_dtype(self.dtype)?.unsqueeze(0)?;
+        Ok(Tensor::cat(&[&prompt.before, &video, &prompt.after], 1)?)
+    }
+
+    /// Prefill on `embeddings` (1, S, H) then decode token by token with the KV cache until
+    /// EOS, `max_new_tokens` or the context is full. `cancel` is checked between tokens.
+    pub fn generate(
+        &self,
+        embeddings: &Tensor,
+        params: &GenerationParams,
+        keep_step_logits: bool,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Generation> {
+        let prefill_len = embeddings.dim(1)?;
+        let room = self.llm.max_positions().saturating_sub(prefill_len);
+        let max_new = params.max_new_tokens.min(room + 1);
+        let mut cache = self.llm.new_cache(prefill_len + max_new);
+        let mut sampler = Sampler::new(params);
+        let eos = self.llm_tokenizer.eos_id();
+        let mut out = Generation {
+            token_ids: Vec::new(),
+            step_logits: Vec::new(),
+            stopped_at_eos: false,
+        };
+        if max_new == 0 {
+            return Ok(out);
+        }
+        let mut logits = self.llm.forward(embeddings, &mut cache, LogitsFor::LastPosition, None)?;
+        loop {
+            if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(ModelError::Cancelled);
+            }
+            let row = logits.flatten_all()?;
+            let token = sampler.next(&row.to_vec1::<f32>()?);
+            if keep_step_logits {
+                out.step_logits.push(row);
+            }
+            if token == eos {
+                out.stopped_at_eos = true;
+                break;
+            }
+            out.token_ids.push(token);
+            if out.token_ids.len() >= max_new {
+                break;
+            }
+            let next = self.llm.embed(&[token])?;
+            logits = self.llm.forward(&next, &mut cache, LogitsFor::LastPosition, None)?;
+        }
+        Ok(out)
+    }
+
+    /// Captions a window of frame tokens (N, H), laid out frame by frame.
+    pub fn caption(
+        &self,
+        video_tokens: &Tensor,
+        prompt: &CaptionPrompt,
+        params: &GenerationParams,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Caption> {
+        let embeddings = self.input_embeddings(prompt, video_tokens)?;
+        let generation = self.generate(&embeddings, params, false, cancel)?;
+        let text = self.llm_tokenizer.decode(&generation.token_ids)?;
+        Ok(Caption {
+            text: clean_caption(&text),
+            token_ids: generation.token_ids,
+        })
+    }
+}
+
+/// The reference strips the decoded text and removes a trailing `</s>`.
+fn clean_caption(text: &str) -> String {
+    let text = text.trim();
+    text.strip_suffix("</s>").unwrap_or(text).trim().to_owned()
+}

@@ -1,0 +1,27 @@
+//! LLaMA-VID inference with candle: raw frames in, two tokens per frame, captions out.
+//! Knows nothing of GStreamer.
+//!
+//! ```text
+//! frame ─preprocess─► pixels ─eva─► features ─tokens(question)─► [context, content] per frame
+//! window of frame tokens ─► prompt embeddings spliced at <image> ─llama─► caption
+//! ```
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod eva;
+pub mod files;
+pub mod llama;
+pub mod preprocess;
+pub mod prompt;
+pub mod qformer;
+pub mod sampling;
+pub mod tokenizer;
+pub mod tokens;
+
+mod llamavid;
+
+pub use checkpoint::WeightFormat;
+pub use error::{ModelError, Result};
+pub use llamavid::{Caption, CaptionPrompt, Generation, LlamaVid, LoadOptions};
+pub use sampling::GenerationParams;
