@@ -1,1 +1,28 @@
+//! gst-llamavid: a GStreamer element that watches video and writes what it sees, with
+//! LLaMA-VID (two tokens per frame) running on candle.
+//!
+//! - [`model`]: the LLaMA-VID network, its files and tokenizers (no GStreamer).
+//! - [`captioner`]: sampling, the worker, the token window and scheduling (no pads).
+//! - [`llamavidcaption`]: the element, thin glue between pads and the captioner.
+
+use gst::glib;
+
+pub mod captioner;
+pub mod llamavidcaption;
 pub mod model;
+
+fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
+    llamavidcaption::register(plugin)
+}
+
+gst::plugin_define!(
+    llamavid,
+    env!("CARGO_PKG_DESCRIPTION"),
+    plugin_init,
+    concat!(env!("CARGO_PKG_VERSION"), "-", env!("COMMIT_ID")),
+    "MPL",
+    env!("CARGO_PKG_NAME"),
+    env!("CARGO_PKG_NAME"),
+    env!("CARGO_PKG_REPOSITORY"),
+    env!("BUILD_REL_DATE")
+);

@@ -1,0 +1,275 @@
+//! The worker thread: the only place the model runs. It encodes each sampled frame into its
+//! tokens, keeps the window, and captions it every `caption_interval` of running time.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::engine::CaptionEngine;
+use super::frame::OwnedFrame;
+use super::queue::{Droppable, JobQueue, Pushed, QueuePolicy};
+use super::window::{TokenWindow, WindowEntry};
+use crate::model::{GenerationParams, ModelError};
+
+/// What the worker reads before each job, so property changes apply while running.
+#[derive(Debug, Clone)]
+pub struct CaptionSettings {
+    pub prompt: String,
+    pub params: GenerationParams,
+    pub window_duration: u64,
+    pub caption_interval: u64,
+}
+
+#[derive(Debug)]
+pub struct FrameJob {
+    pub running_time: u64,
+    /// The running time before which no other frame will be sampled: the text stream may
+    /// advance to it when this frame brings no caption.
+    pub next_sample_due: u64,
+    pub arrived: Instant,
+    pub frame: OwnedFrame,
+}
+
+/// Work for the worker, tagged with the element's flush epoch so that results of work
+/// started before a flush are recognised and discarded.
+#[derive(Debug)]
+pub enum Job {
+    Frame { epoch: u64, job: FrameJob },
+    /// Caption what is new, then report EOS.
+    Eos { epoch: u64 },
+    /// Forget the window and the caption schedule (after a flush).
+    Reset { epoch: u64 },
+}
+
+impl Droppable for Job {
+    fn droppable(&self) -> bool {
+        matches!(self, Job::Frame { .. })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaptionEvent {
+    pub epoch: u64,
+    pub text: String,
+    /// Running time of the first and last frame in the captioned window.
+    pub start: u64,
+    pub end: u64,
+    pub frames: u32,
+    /// From the arrival of the window's last frame to the caption being ready.
+    pub latency: Duration,
+    /// Until the next caption is expected.
+    pub duration: u64,
+    pub prompt: String,
+    pub is_final: bool,
+}
+
+/// Where the worker's results go (the element, or a recorder in tests).
+pub trait CaptionOutput: Send + Sync + 'static {
+    fn frame_encoded(&self, epoch: u64);
+    fn caption(&self, event: CaptionEvent);
+    /// No caption will start before running time `until`.
+    fn idle_until(&self, epoch: u64, until: u64);
+    fn eos(&self, epoch: u64);
+    /// A failure the pipeline must stop for; the worker stops taking jobs.
+    fn error(&self, message: String, debug: String);
+}
+
+pub struct Worker {
+    queue: Arc<JobQueue<Job>>,
+    cancel: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct WorkerLoop<E: CaptionEngine> {
+    engine: Arc<E>,
+    settings: Arc<Mutex<CaptionSettings>>,
+    output: Arc<dyn CaptionOutput>,
+    cancel: Arc<AtomicBool>,
+    window: TokenWindow,
+    prompt: Option<(String, E::Prompt)>,
+    next_caption: Option<u64>,
+}
+
+impl Worker {
+    /// Starts the worker thread. `capacity` is the number of frames that may wait for it.
+    pub fn spawn<E: CaptionEngine>(
+        engine: Arc<E>,
+        settings: Arc<Mutex<CaptionSettings>>,
+        output: Arc<dyn CaptionOutput>,
+        capacity: usize,
+    ) -> std::io::Result<Self> {
+        let queue = Arc::new(JobQueue::new(capacity));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let window = TokenWindow::new(lock(&settings).window_duration);
+        let mut state = WorkerLoop {
+            engine,
+            settings,
+            output,
+            cancel: cancel.clone(),
+            window,
+            prompt: None,
+            next_caption: None,
+        };
+        let jobs = queue.clone();
+        let thread = std::thread::Builder::new()
+            .name("llamavid-worker".into())
+            .spawn(move || state.run(&jobs))?;
+        Ok(Self {
+            queue,
+            cancel,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn submit(&self, job: Job, policy: QueuePolicy) -> Pushed<Job> {
+        self.queue.push(job, policy)
+    }
+
+    /// Drops pending work and interrupts a caption being generated.
+    pub fn flush_start(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        self.queue.set_flushing(true);
+    }
+
+    /// Accepts work again, starting from an empty window.
+    pub fn flush_stop(&self, epoch: u64) {
+        self.queue.set_flushing(false);
+        self.queue.push(Job::Reset { epoch }, QueuePolicy::Block);
+    }
+
+    pub fn pending(&self) -> usize {
+        self.queue.len()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        self.queue.close();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+impl<E: CaptionEngine> WorkerLoop<E> {
+    fn run(&mut self, jobs: &JobQueue<Job>) {
+        while let Some(job) = jobs.pop() {
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.process(job)));
+            let failure = match outcome {
+                Ok(Ok(())) | Ok(Err(ModelError::Cancelled)) => None,
+                Ok(Err(e)) => Some(("The captioning model failed".to_owned(), e.to_string())),
+                Err(panic) => Some((
+                    "Internal error in the captioning worker".to_owned(),
+                    format!("panic: {}", panic_message(&*panic)),
+                )),
+            };
+            if let Some((message, debug)) = failure {
+                self.output.error(message, debug);
+                jobs.close();
+                return;
+            }
+        }
+    }
+
+    /// The prepared prompt for `question`, prepared again when the question changed.
+    fn ensure_prompt(&mut self, question: &str) -> crate::model::Result<()> {
+        let stale = self.prompt.as_ref().is_none_or(|(q, _)| q != question);
+        if stale {
+            let prepared = self.engine.prepare(question)?;
+            self.prompt = Some((question.to_owned(), prepared));
+        }
+        Ok(())
+    }
+
+    fn process(&mut self, job: Job) -> crate::model::Result<()> {
+        match job {
+            Job::Reset { .. } => {
+                self.window.clear();
+                self.next_caption = None;
+                self.cancel.store(false, Ordering::SeqCst);
+                Ok(())
+            }
+            Job::Eos { epoch } => {
+                if self.window.fresh() > 0 {
+                    let settings = lock(&self.settings).clone();
+                    self.caption(epoch, &settings, true)?;
+                }
+                self.output.eos(epoch);
+                Ok(())
+            }
+            Job::Frame { epoch, job } => self.frame(epoch, job),
+        }
+    }
+
+    fn frame(&mut self, epoch: u64, job: FrameJob) -> crate::model::Result<()> {
+        let settings = lock(&self.settings).clone();
+        self.window.set_duration(settings.window_duration);
+        let view = job.frame.view();
+        self.ensure_prompt(&settings.prompt)?;
+        let prompt = &self.prompt.as_ref().expect("prepared").1;
+        let tokens = self.engine.encode(&view, prompt)?;
+        self.window.push(WindowEntry {
+            running_time: job.running_time,
+            arrived: job.arrived,
+            tokens,
+        });
+        self.output.frame_encoded(epoch);
+
+        let due = *self
+            .next_caption
+            .get_or_insert(job.running_time + settings.caption_interval);
+        if job.running_time >= due {
+            self.caption(epoch, &settings, false)?;
+            let mut next = due + settings.caption_interval.max(1);
+            if next <= job.running_time {
+                next = job.running_time + settings.caption_interval.max(1);
+            }
+            self.next_caption = Some(next);
+        } else {
+            self.output.idle_until(epoch, job.next_sample_due);
+        }
+        Ok(())
+    }
+
+    fn caption(&mut self, epoch: u64, settings: &CaptionSettings, is_final: bool) -> crate::model::Result<()> {
+        let Some(tokens) = self.window.tokens()? else {
+            return Ok(());
+        };
+        let (first, last) = match (self.window.first(), self.window.last()) {
+            (Some(first), Some(last)) => (first.running_time, (last.running_time, last.arrived)),
+            _ => return Ok(()),
+        };
+        let frames = self.window.len() as u32;
+        self.ensure_prompt(&settings.prompt)?;
+        let prompt = &self.prompt.as_ref().expect("prepared").1;
+        let text = self.engine.caption(&tokens, prompt, &settings.params, &self.cancel)?;
+        self.window.mark_captioned();
+        self.output.caption(CaptionEvent {
+            epoch,
+            text,
+            start: first,
+            end: last.0,
+            frames,
+            latency: last.1.elapsed(),
+            duration: settings.caption_interval,
+            prompt: settings.prompt.clone(),
+            is_final,
+        });
+        Ok(())
+    }
+}

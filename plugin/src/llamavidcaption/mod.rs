@@ -1,0 +1,58 @@
+//! `llamavidcaption`: passes video through untouched and captions it with LLaMA-VID.
+//!
+//! Outputs, all timed in running time of the video:
+//! - `text_src`: `text/x-raw` captions (utf8 or escaped pango-markup), GAPs in between;
+//! - bus: element messages named `llamavid-caption` (see [`CAPTION_MESSAGE`]);
+//! - video: a `LlamaVidCaptionMeta` custom meta (see [`CAPTION_META`]) on the first video
+//!   buffer that leaves `src` after a caption is ready.
+//!
+//! Both the message and the meta carry the fields `text` (string), `start` and `end` (u64,
+//! running time in ns of the first and last frame of the captioned window), `pts` (u64, the
+//! caption buffer's PTS), `frames` (u32), `latency` (u64, ns from the arrival of the window's
+//! last frame to the caption) and `prompt` (string).
+
+use gst::glib;
+use gst::prelude::*;
+
+mod frames;
+mod imp;
+mod output;
+mod text;
+
+/// Name of the bus message structure posted for every caption.
+pub const CAPTION_MESSAGE: &str = "llamavid-caption";
+/// Name of the custom meta attached to a video buffer for every caption.
+pub const CAPTION_META: &str = "LlamaVidCaptionMeta";
+
+/// What happens to a sampled frame when the worker is still busy with earlier ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, glib::Enum, Default)]
+#[repr(u32)]
+#[enum_type(name = "GstLlamaVidFramePolicy")]
+pub enum FramePolicy {
+    /// Live sources drop (newest frames kept), others wait.
+    #[default]
+    #[enum_value(name = "Auto: drop for live sources, wait otherwise", nick = "auto")]
+    Auto = 0,
+    #[enum_value(name = "Drop the oldest waiting frame, never block the video", nick = "drop")]
+    Drop = 1,
+    #[enum_value(name = "Wait for the worker: every sampled frame is encoded", nick = "wait")]
+    Wait = 2,
+}
+
+glib::wrapper! {
+    pub struct LlamaVidCaption(ObjectSubclass<imp::LlamaVidCaption>) @extends gst::Element, gst::Object;
+}
+
+pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
+    if !gst::meta::CustomMeta::is_registered(CAPTION_META) {
+        gst::meta::CustomMeta::register(CAPTION_META, &[]);
+    }
+    #[cfg(feature = "doc")]
+    FramePolicy::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+    gst::Element::register(
+        Some(plugin),
+        "llamavidcaption",
+        gst::Rank::NONE,
+        LlamaVidCaption::static_type(),
+    )
+}

@@ -1,0 +1,200 @@
+//! Where the worker's results meet GStreamer: statistics, the bus message, the pending video
+//! meta and the text queue. Everything here is called from the worker thread and never blocks
+//! on the pipeline.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use gst::glib;
+use gst::prelude::*;
+
+use super::text::{TextItem, TextQueue, TextTimeline};
+use super::CAPTION_MESSAGE;
+use crate::captioner::{CaptionEvent, CaptionOutput};
+
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counters behind the read-only statistics properties.
+#[derive(Default)]
+pub struct Stats {
+    pub frames_sampled: AtomicU64,
+    pub frames_encoded: AtomicU64,
+    pub frames_dropped: AtomicU64,
+    pub captions: AtomicU64,
+    pub last_caption: Mutex<(String, Duration)>,
+}
+
+impl Stats {
+    pub fn reset(&self) {
+        for counter in [
+            &self.frames_sampled,
+            &self.frames_encoded,
+            &self.frames_dropped,
+            &self.captions,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+        *lock(&self.last_caption) = (String::new(), Duration::ZERO);
+    }
+}
+
+/// State shared by the element and its worker.
+#[derive(Default)]
+pub struct Shared {
+    pub stats: Stats,
+    /// Incremented on every flush; results of older epochs are dropped.
+    pub epoch: AtomicU64,
+    pub flushing: AtomicBool,
+    /// The worker failed; the stream cannot go on.
+    pub failed: AtomicBool,
+    /// The caption (and its PTS) to attach to the next video buffer.
+    pub pending_meta: Mutex<Option<(CaptionEvent, u64)>>,
+    pub text: TextQueue,
+    /// Where the text stream stands, and the segment its timestamps are in.
+    pub timeline: Mutex<TextTimeline>,
+    pub segment: Mutex<gst::FormattedSegment<gst::ClockTime>>,
+    /// The last epoch whose EOS the worker finished.
+    pub eos_done: Mutex<Option<u64>>,
+    pub eos_signal: Condvar,
+    /// Declared processing latency, to warn when a caption comes later.
+    pub declared_latency: Mutex<Duration>,
+    last_late_warning: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    /// Running time to a timestamp in the current segment.
+    fn to_pts(&self, running_time: u64) -> gst::ClockTime {
+        let running_time = gst::ClockTime::from_nseconds(running_time);
+        lock(&self.segment)
+            .position_from_running_time(running_time)
+            .unwrap_or(running_time)
+    }
+
+    pub fn current(&self, epoch: u64) -> bool {
+        epoch == self.epoch.load(Ordering::SeqCst)
+    }
+
+    pub fn signal_eos(&self, epoch: Option<u64>) {
+        let mut done = lock(&self.eos_done);
+        if epoch.is_some() {
+            *done = epoch;
+        }
+        self.eos_signal.notify_all();
+    }
+
+    /// Waits until the worker finished EOS for `epoch`, or a flush or failure makes that moot.
+    pub fn wait_eos(&self, epoch: u64) {
+        let mut done = lock(&self.eos_done);
+        while *done != Some(epoch)
+            && !self.flushing.load(Ordering::SeqCst)
+            && !self.failed.load(Ordering::SeqCst)
+        {
+            done = self
+                .eos_signal
+                .wait_timeout(done, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// The fields of the bus message and the meta.
+pub fn caption_structure(name: &str, event: &CaptionEvent, pts: u64) -> gst::Structure {
+    gst::Structure::builder(name)
+        .field("text", &event.text)
+        .field("start", event.start)
+        .field("end", event.end)
+        .field("pts", pts)
+        .field("frames", event.frames)
+        .field("latency", event.latency.as_nanos() as u64)
+        .field("prompt", &event.prompt)
+        .build()
+}
+
+pub struct ElementOutput {
+    pub element: glib::WeakRef<super::LlamaVidCaption>,
+    pub shared: Arc<Shared>,
+}
+
+impl CaptionOutput for ElementOutput {
+    fn frame_encoded(&self, epoch: u64) {
+        if self.shared.current(epoch) {
+            self.shared.stats.frames_encoded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn caption(&self, event: CaptionEvent) {
+        if !self.shared.current(event.epoch) {
+            return;
+        }
+        let (start, duration) = lock(&self.shared.timeline).caption(event.end, event.duration);
+        let pts = self.shared.to_pts(start);
+        let stats = &self.shared.stats;
+        stats.captions.fetch_add(1, Ordering::Relaxed);
+        *lock(&stats.last_caption) = (event.text.clone(), event.latency);
+        if let Some(element) = self.element.upgrade() {
+            post_caption_message(&element, &event, pts.nseconds());
+            let declared = *lock(&self.shared.declared_latency);
+            if event.latency > declared && !event.is_final {
+                let mut last = lock(&self.shared.last_late_warning);
+                // At most one warning every 10 s: a slow machine would otherwise flood the bus.
+                if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    *last = Some(Instant::now());
+                    gst::element_warning!(
+                        element,
+                        gst::CoreError::Clock,
+                        (
+                            "Caption came {} ms after its last frame, later than the declared latency of {} ms",
+                            event.latency.as_millis(),
+                            declared.as_millis()
+                        ),
+                        ["raise the `latency` property, lower `max-new-tokens`, or use a faster device"]
+                    );
+                }
+            }
+        }
+        let text = event.text.clone();
+        *lock(&self.shared.pending_meta) = Some((event, pts.nseconds()));
+        self.shared.text.push(TextItem::Caption {
+            text,
+            pts,
+            duration: gst::ClockTime::from_nseconds(duration),
+        });
+    }
+
+    fn idle_until(&self, epoch: u64, until: u64) {
+        if !self.shared.current(epoch) {
+            return;
+        }
+        if let Some((start, duration)) = lock(&self.shared.timeline).gap(until) {
+            self.shared.text.push(TextItem::Gap {
+                pts: self.shared.to_pts(start),
+                duration: gst::ClockTime::from_nseconds(duration),
+            });
+        }
+    }
+
+    fn eos(&self, epoch: u64) {
+        if self.shared.current(epoch) {
+            self.shared.text.push(TextItem::Eos);
+        }
+        self.shared.signal_eos(Some(epoch));
+    }
+
+    fn error(&self, message: String, debug: String) {
+        self.shared.failed.store(true, Ordering::SeqCst);
+        if let Some(element) = self.element.upgrade() {
+            gst::element_error!(element, gst::LibraryError::Failed, ("{}", message), ["{}", debug]);
+        }
+        self.shared.signal_eos(None);
+    }
+}
+
+/// Posts the caption on the bus.
+pub fn post_caption_message(element: &super::LlamaVidCaption, event: &CaptionEvent, pts: u64) {
+    let structure = caption_structure(CAPTION_MESSAGE, event, pts);
+    let _ = element.post_message(gst::message::Element::builder(structure).src(element).build());
+}
