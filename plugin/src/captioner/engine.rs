@@ -35,7 +35,9 @@ impl CaptionEngine for LlamaVid {
     }
 
     fn encode(&self, frame: &FrameView, prompt: &CaptionPrompt) -> Result<Tensor> {
-        Ok(self.encode_frames(std::slice::from_ref(frame), prompt)?.squeeze(0)?)
+        Ok(self
+            .encode_frames(std::slice::from_ref(frame), prompt)?
+            .squeeze(0)?)
     }
 
     fn caption(

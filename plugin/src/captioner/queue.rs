@@ -74,7 +74,11 @@ impl<T: Droppable> JobQueue<T> {
             }
             match policy {
                 QueuePolicy::DropOldest => {
-                    let oldest = state.items.iter().position(|i| i.droppable()).expect("a frame is queued");
+                    let oldest = state
+                        .items
+                        .iter()
+                        .position(|i| i.droppable())
+                        .expect("a frame is queued");
                     let dropped = state.items.remove(oldest).expect("index in range");
                     state.items.push_back(item);
                     self.changed.notify_all();
@@ -151,10 +155,19 @@ mod tests {
     #[test]
     fn live_policy_keeps_the_newest_frames_and_never_drops_end() {
         let q = JobQueue::new(2);
-        assert_eq!(q.push(Item::Frame(1), QueuePolicy::DropOldest), Pushed::Queued);
+        assert_eq!(
+            q.push(Item::Frame(1), QueuePolicy::DropOldest),
+            Pushed::Queued
+        );
         assert_eq!(q.push(Item::End, QueuePolicy::DropOldest), Pushed::Queued);
-        assert_eq!(q.push(Item::Frame(2), QueuePolicy::DropOldest), Pushed::Queued);
-        assert_eq!(q.push(Item::Frame(3), QueuePolicy::DropOldest), Pushed::Replaced(Item::Frame(1)));
+        assert_eq!(
+            q.push(Item::Frame(2), QueuePolicy::DropOldest),
+            Pushed::Queued
+        );
+        assert_eq!(
+            q.push(Item::Frame(3), QueuePolicy::DropOldest),
+            Pushed::Replaced(Item::Frame(1))
+        );
         assert_eq!(q.pop(), Some(Item::End));
         assert_eq!(q.pop(), Some(Item::Frame(2)));
         assert_eq!(q.pop(), Some(Item::Frame(3)));
@@ -169,7 +182,10 @@ mod tests {
             std::thread::spawn(move || q.push(Item::Frame(2), QueuePolicy::Block))
         };
         std::thread::sleep(Duration::from_millis(50));
-        assert!(!pusher.is_finished(), "the second push must wait while the queue is full");
+        assert!(
+            !pusher.is_finished(),
+            "the second push must wait while the queue is full"
+        );
         assert_eq!(q.pop(), Some(Item::Frame(1)));
         assert_eq!(pusher.join().unwrap(), Pushed::Queued);
         assert_eq!(q.pop(), Some(Item::Frame(2)));

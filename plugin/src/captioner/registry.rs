@@ -21,10 +21,17 @@ impl<K: Eq + Hash + Clone, M> Default for Registry<K, M> {
 impl<K: Eq + Hash + Clone, M> Registry<K, M> {
     /// The model for `key`, loading it with `load` unless another user holds it already.
     /// Two callers asking for the same key at once load it once; other keys load in parallel.
-    pub fn get_or_load<E>(&self, key: &K, load: impl FnOnce() -> Result<M, E>) -> Result<Arc<M>, E> {
+    pub fn get_or_load<E>(
+        &self,
+        key: &K,
+        load: impl FnOnce() -> Result<M, E>,
+    ) -> Result<Arc<M>, E> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            slots.retain(|_, slot| Arc::strong_count(slot) > 1 || slot.lock().map(|w| w.strong_count() > 0).unwrap_or(false));
+            slots.retain(|_, slot| {
+                Arc::strong_count(slot) > 1
+                    || slot.lock().map(|w| w.strong_count() > 0).unwrap_or(false)
+            });
             slots.entry(key.clone()).or_default().clone()
         };
         let mut weak = slot.lock().unwrap_or_else(|e| e.into_inner());
@@ -67,7 +74,11 @@ mod tests {
         drop(b);
         assert_eq!(registry.live(), 0);
         let _c = registry.get_or_load(&"m", load).unwrap();
-        assert_eq!(loads.load(Ordering::SeqCst), 2, "reloaded after the last user went");
+        assert_eq!(
+            loads.load(Ordering::SeqCst),
+            2,
+            "reloaded after the last user went"
+        );
     }
 
     #[test]

@@ -45,7 +45,11 @@ impl FrameSampler {
             }
             Some(due) => {
                 let next = due + self.interval;
-                self.next_due = Some(if running_time >= next { running_time + self.interval } else { next });
+                self.next_due = Some(if running_time >= next {
+                    running_time + self.interval
+                } else {
+                    next
+                });
                 true
             }
             None => {
@@ -63,7 +67,10 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     fn sampled(sampler: &mut FrameSampler, times_ms: impl IntoIterator<Item = u64>) -> Vec<u64> {
-        times_ms.into_iter().filter(|&t| sampler.sample(t * MS)).collect()
+        times_ms
+            .into_iter()
+            .filter(|&t| sampler.sample(t * MS))
+            .collect()
     }
 
     #[test]
@@ -85,7 +92,10 @@ mod tests {
     #[test]
     fn a_jump_forward_does_not_sample_every_frame() {
         let mut s = FrameSampler::new(1000 * MS);
-        assert_eq!(sampled(&mut s, [0, 10_000, 10_033, 10_500, 11_000]), vec![0, 10_000, 11_000]);
+        assert_eq!(
+            sampled(&mut s, [0, 10_000, 10_033, 10_500, 11_000]),
+            vec![0, 10_000, 11_000]
+        );
     }
 
     #[test]

@@ -41,7 +41,11 @@ impl TokenWindow {
     /// Adds a frame and drops those older than `duration` before it.
     pub fn push(&mut self, entry: WindowEntry) {
         // Out-of-order times (a new segment) would break the eviction order: start over.
-        if self.entries.back().is_some_and(|last| entry.running_time < last.running_time) {
+        if self
+            .entries
+            .back()
+            .is_some_and(|last| entry.running_time < last.running_time)
+        {
             self.entries.clear();
         }
         self.entries.push_back(entry);
@@ -125,7 +129,11 @@ mod tests {
             w.push(entry(t));
         }
         assert_eq!(w.first().unwrap().running_time, 6 * S);
-        assert_eq!(w.len(), 4, "frames at 6, 7, 8, 9 s are within 3 s of the newest");
+        assert_eq!(
+            w.len(),
+            4,
+            "frames at 6, 7, 8, 9 s are within 3 s of the newest"
+        );
     }
 
     #[test]

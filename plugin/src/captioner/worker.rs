@@ -36,11 +36,18 @@ pub struct FrameJob {
 /// started before a flush are recognised and discarded.
 #[derive(Debug)]
 pub enum Job {
-    Frame { epoch: u64, job: FrameJob },
+    Frame {
+        epoch: u64,
+        job: FrameJob,
+    },
     /// Caption what is new, then report EOS.
-    Eos { epoch: u64 },
+    Eos {
+        epoch: u64,
+    },
     /// Forget the window and the caption schedule (after a flush).
-    Reset { epoch: u64 },
+    Reset {
+        epoch: u64,
+    },
 }
 
 impl Droppable for Job {
@@ -246,7 +253,12 @@ impl<E: CaptionEngine> WorkerLoop<E> {
         Ok(())
     }
 
-    fn caption(&mut self, epoch: u64, settings: &CaptionSettings, is_final: bool) -> crate::model::Result<()> {
+    fn caption(
+        &mut self,
+        epoch: u64,
+        settings: &CaptionSettings,
+        is_final: bool,
+    ) -> crate::model::Result<()> {
         let Some(tokens) = self.window.tokens()? else {
             return Ok(());
         };
@@ -257,7 +269,9 @@ impl<E: CaptionEngine> WorkerLoop<E> {
         let frames = self.window.len() as u32;
         self.ensure_prompt(&settings.prompt)?;
         let prompt = &self.prompt.as_ref().expect("prepared").1;
-        let text = self.engine.caption(&tokens, prompt, &settings.params, &self.cancel)?;
+        let text = self
+            .engine
+            .caption(&tokens, prompt, &settings.params, &self.cancel)?;
         self.window.mark_captioned();
         self.output.caption(CaptionEvent {
             epoch,

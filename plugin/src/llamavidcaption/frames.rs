@@ -52,9 +52,18 @@ pub fn view<'a>(frame: &'a gst_video::VideoFrameRef<&'a gst::BufferRef>) -> Opti
     let planes = (0..frame.n_planes())
         .map(|p| frame.plane_data(p).ok())
         .collect::<Option<Vec<&[u8]>>>()?;
-    let strides = info.stride()[..planes.len()].iter().map(|&s| s.max(0) as usize).collect();
+    let strides = info.stride()[..planes.len()]
+        .iter()
+        .map(|&s| s.max(0) as usize)
+        .collect();
     Some(
-        FrameView::new(format, info.width() as usize, info.height() as usize, planes, strides)
-            .with_yuv(yuv_to_rgb(info)),
+        FrameView::new(
+            format,
+            info.width() as usize,
+            info.height() as usize,
+            planes,
+            strides,
+        )
+        .with_yuv(yuv_to_rgb(info)),
     )
 }

@@ -164,7 +164,11 @@ fn parse_device(device: &str) -> Result<(Device, DType), String> {
     {
         Device::new_cuda(cuda_ordinal)
             .map(|dev| (dev, DType::F16))
-            .map_err(|e| format!("CUDA device {cuda_ordinal} is not available (no NVIDIA GPU or driver?): {e}"))
+            .map_err(|e| {
+                format!(
+                    "CUDA device {cuda_ordinal} is not available (no NVIDIA GPU or driver?): {e}"
+                )
+            })
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -201,7 +205,9 @@ impl LlamaVidCaption {
         };
         let (device, dtype) = parse_device(&settings.device)
             .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ["{}", e]))?;
-        let canonical = model_dir.canonicalize().unwrap_or_else(|_| model_dir.clone());
+        let canonical = model_dir
+            .canonicalize()
+            .unwrap_or_else(|_| model_dir.clone());
         let key = (
             canonical,
             settings.vision_tower.clone(),
@@ -210,11 +216,22 @@ impl LlamaVidCaption {
         );
         let obj = self.obj();
         let _ = obj.post_message(
-            gst::message::Progress::builder(gst::ProgressType::Start, "load", "Loading the LLaMA-VID model")
-                .src(&*obj)
-                .build(),
+            gst::message::Progress::builder(
+                gst::ProgressType::Start,
+                "load",
+                "Loading the LLaMA-VID model",
+            )
+            .src(&*obj)
+            .build(),
         );
-        gst::info!(CAT, imp = self, "loading {} on {:?} ({:?})", model_dir.display(), device, dtype);
+        gst::info!(
+            CAT,
+            imp = self,
+            "loading {} on {:?} ({:?})",
+            model_dir.display(),
+            device,
+            dtype
+        );
         let started = Instant::now();
         let loaded = MODELS.get_or_load(&key, || {
             let mut options = LoadOptions::new(&model_dir);
@@ -230,22 +247,34 @@ impl LlamaVidCaption {
                 }
                 gst::info!(CAT, imp = self, "model ready after {:?}", started.elapsed());
                 let _ = obj.post_message(
-                    gst::message::Progress::builder(gst::ProgressType::Complete, "load", "LLaMA-VID model loaded")
-                        .src(&*obj)
-                        .build(),
+                    gst::message::Progress::builder(
+                        gst::ProgressType::Complete,
+                        "load",
+                        "LLaMA-VID model loaded",
+                    )
+                    .src(&*obj)
+                    .build(),
                 );
                 *lock(&self.model) = Some(model);
                 Ok(())
             }
             Err(e) => {
                 let _ = obj.post_message(
-                    gst::message::Progress::builder(gst::ProgressType::Error, "load", "Loading the model failed")
-                        .src(&*obj)
-                        .build(),
+                    gst::message::Progress::builder(
+                        gst::ProgressType::Error,
+                        "load",
+                        "Loading the model failed",
+                    )
+                    .src(&*obj)
+                    .build(),
                 );
                 Err(gst::error_msg!(
                     gst::ResourceError::OpenRead,
-                    ["Cannot load the LLaMA-VID model from {}: {}", model_dir.display(), e]
+                    [
+                        "Cannot load the LLaMA-VID model from {}: {}",
+                        model_dir.display(),
+                        e
+                    ]
                 ))
             }
         }
@@ -253,7 +282,10 @@ impl LlamaVidCaption {
 
     fn start_worker(&self) -> Result<(), gst::ErrorMessage> {
         let Some(model) = lock(&self.model).clone() else {
-            return Err(gst::error_msg!(gst::CoreError::StateChange, ["No model loaded"]));
+            return Err(gst::error_msg!(
+                gst::CoreError::StateChange,
+                ["No model loaded"]
+            ));
         };
         *lock(&self.caption_settings) = lock(&self.settings).caption_settings();
         let output = Arc::new(ElementOutput {
@@ -261,7 +293,12 @@ impl LlamaVidCaption {
             shared: self.shared.clone(),
         });
         let worker = Worker::spawn(model, self.caption_settings.clone(), output, QUEUE_CAPACITY)
-            .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ["Cannot start the worker thread: {}", e]))?;
+            .map_err(|e| {
+                gst::error_msg!(
+                    gst::CoreError::Thread,
+                    ["Cannot start the worker thread: {}", e]
+                )
+            })?;
         *lock(&self.worker) = Some(worker);
         Ok(())
     }
@@ -318,7 +355,11 @@ impl LlamaVidCaption {
                 self.textpad.push_event(gst::event::Segment::new(&segment));
                 Ok(gst::FlowSuccess::Ok)
             }
-            TextItem::Caption { text, pts, duration } => {
+            TextItem::Caption {
+                text,
+                pts,
+                duration,
+            } => {
                 let markup = self.textpad.current_caps().is_some_and(|caps| {
                     caps.structure(0)
                         .and_then(|s| s.get::<&str>("format").ok())
@@ -338,7 +379,8 @@ impl LlamaVidCaption {
                 self.textpad.push(buffer)
             }
             TextItem::Gap { pts, duration } => {
-                self.textpad.push_event(gst::event::Gap::builder(pts).duration(duration).build());
+                self.textpad
+                    .push_event(gst::event::Gap::builder(pts).duration(duration).build());
                 Ok(gst::FlowSuccess::Ok)
             }
             TextItem::Eos => {
@@ -348,7 +390,10 @@ impl LlamaVidCaption {
         };
         match result {
             // Nobody listening to the text is a normal way to use the element.
-            Ok(_) | Err(gst::FlowError::NotLinked) | Err(gst::FlowError::Flushing) | Err(gst::FlowError::Eos) => {}
+            Ok(_)
+            | Err(gst::FlowError::NotLinked)
+            | Err(gst::FlowError::Flushing)
+            | Err(gst::FlowError::Eos) => {}
             Err(gst::FlowError::NotNegotiated) if !self.textpad.is_linked() => {}
             Err(e) => {
                 gst::warning!(CAT, imp = self, "text push failed: {e:?}");
@@ -362,18 +407,17 @@ impl LlamaVidCaption {
         let peer = self.textpad.peer_query_caps(Some(&template));
         let wants_utf8 = peer.is_empty()
             || peer.iter().any(|s| match s.value("format") {
-                Ok(v) => v
-                    .get::<&str>()
-                    .map(|f| f == "utf8")
-                    .unwrap_or_else(|_| {
-                        v.get::<gst::List>()
-                            .map(|l| l.iter().any(|x| x.get::<&str>().ok() == Some("utf8")))
-                            .unwrap_or(true)
-                    }),
+                Ok(v) => v.get::<&str>().map(|f| f == "utf8").unwrap_or_else(|_| {
+                    v.get::<gst::List>()
+                        .map(|l| l.iter().any(|x| x.get::<&str>().ok() == Some("utf8")))
+                        .unwrap_or(true)
+                }),
                 Err(_) => true,
             });
         let format = if wants_utf8 { "utf8" } else { "pango-markup" };
-        gst::Caps::builder("text/x-raw").field("format", format).build()
+        gst::Caps::builder("text/x-raw")
+            .field("format", format)
+            .build()
     }
 
     fn running_time(&self, state: &mut State, buffer: &gst::BufferRef) -> Option<u64> {
@@ -388,7 +432,11 @@ impl LlamaVidCaption {
                 // rate), so sampling still follows the stream's pace.
                 if !state.warned_missing_pts {
                     state.warned_missing_pts = true;
-                    gst::warning!(CAT, imp = self, "buffers without timestamps: estimating running time from durations");
+                    gst::warning!(
+                        CAT,
+                        imp = self,
+                        "buffers without timestamps: estimating running time from durations"
+                    );
                 }
                 let step = buffer
                     .duration()
@@ -416,7 +464,11 @@ impl LlamaVidCaption {
         let sampled = {
             let mut state = lock(&self.state);
             let Some(info) = state.video_info.clone() else {
-                gst::element_imp_error!(self, gst::CoreError::Negotiation, ["Received a buffer before caps"]);
+                gst::element_imp_error!(
+                    self,
+                    gst::CoreError::Negotiation,
+                    ["Received a buffer before caps"]
+                );
                 return Err(gst::FlowError::NotNegotiated);
             };
             let running_time = self.running_time(&mut state, &buffer);
@@ -424,16 +476,24 @@ impl LlamaVidCaption {
             match running_time {
                 Some(rt) if state.sampler.sample(rt) => {
                     let next_due = state.sampler.next_due().unwrap_or(rt);
-                    let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer.as_ref(), &info)
-                        .ok()
-                        .and_then(|mapped| frames::view(&mapped).map(|v| OwnedFrame::copy_from(&v)));
+                    let frame =
+                        gst_video::VideoFrameRef::from_buffer_ref_readable(buffer.as_ref(), &info)
+                            .ok()
+                            .and_then(|mapped| {
+                                frames::view(&mapped).map(|v| OwnedFrame::copy_from(&v))
+                            });
                     match frame {
                         Some(frame) => Some((rt, next_due, live, frame)),
                         None => {
                             gst::element_imp_error!(
                                 self,
                                 gst::StreamError::Format,
-                                ["Cannot map a {}x{} {:?} frame", info.width(), info.height(), info.format()]
+                                [
+                                    "Cannot map a {}x{} {:?} frame",
+                                    info.width(),
+                                    info.height(),
+                                    info.format()
+                                ]
                             );
                             return Err(gst::FlowError::Error);
                         }
@@ -460,7 +520,14 @@ impl LlamaVidCaption {
         self.srcpad.push(buffer)
     }
 
-    fn submit_frame(&self, buffer: &gst::Buffer, running_time: u64, next_sample_due: u64, live: bool, frame: OwnedFrame) {
+    fn submit_frame(
+        &self,
+        buffer: &gst::Buffer,
+        running_time: u64,
+        next_sample_due: u64,
+        live: bool,
+        frame: OwnedFrame,
+    ) {
         let policy = self.policy(live);
         let epoch = self.shared.epoch.load(Ordering::SeqCst);
         let job = Job::Frame {
@@ -481,7 +548,11 @@ impl LlamaVidCaption {
         if let Pushed::Replaced(_) = pushed {
             let dropped = stats.frames_dropped.fetch_add(1, Ordering::Relaxed) + 1;
             let processed = stats.frames_sampled.load(Ordering::Relaxed) - dropped;
-            gst::debug!(CAT, imp = self, "worker busy: dropped the oldest waiting frame ({dropped} so far)");
+            gst::debug!(
+                CAT,
+                imp = self,
+                "worker busy: dropped the oldest waiting frame ({dropped} so far)"
+            );
             let obj = self.obj();
             let rt = gst::ClockTime::from_nseconds(running_time);
             let _ = obj.post_message(
@@ -508,7 +579,10 @@ impl LlamaVidCaption {
                     state.live = None;
                     state.last_running_time = None;
                 }
-                let stream_id = self.textpad.create_stream_id(&*self.obj(), Some("text")).to_string();
+                let stream_id = self
+                    .textpad
+                    .create_stream_id(&*self.obj(), Some("text"))
+                    .to_string();
                 self.shared.text.push(TextItem::Start { stream_id });
                 self.srcpad.push_event(event)
             }
@@ -531,7 +605,11 @@ impl LlamaVidCaption {
                 let segment = match segment.segment().clone().downcast::<gst::ClockTime>() {
                     Ok(segment) => segment,
                     Err(_) => {
-                        gst::element_imp_error!(self, gst::StreamError::Format, ["Only TIME segments are supported"]);
+                        gst::element_imp_error!(
+                            self,
+                            gst::StreamError::Format,
+                            ["Only TIME segments are supported"]
+                        );
                         return false;
                     }
                 };
@@ -573,7 +651,10 @@ impl LlamaVidCaption {
             EventView::Eos(_) => {
                 let epoch = self.shared.epoch.load(Ordering::SeqCst);
                 let submitted = match lock(&self.worker).as_ref() {
-                    Some(worker) => matches!(worker.submit(Job::Eos { epoch }, QueuePolicy::Block), Pushed::Queued),
+                    Some(worker) => matches!(
+                        worker.submit(Job::Eos { epoch }, QueuePolicy::Block),
+                        Pushed::Queued
+                    ),
                     None => false,
                 };
                 if submitted {
@@ -604,7 +685,9 @@ impl LlamaVidCaption {
             QueryViewMut::Caps(q) => {
                 let template = self.textpad.pad_template_caps();
                 let caps = match q.filter() {
-                    Some(filter) => filter.intersect_with_mode(&template, gst::CapsIntersectMode::First),
+                    Some(filter) => {
+                        filter.intersect_with_mode(&template, gst::CapsIntersectMode::First)
+                    }
                     None => template,
                 };
                 q.set_result(&caps);
@@ -622,38 +705,50 @@ impl ObjectSubclass for LlamaVidCaption {
     type ParentType = gst::Element;
 
     fn with_class(klass: &Self::Class) -> Self {
-        let sinkpad = gst::Pad::builder_from_template(&klass.pad_template("sink").expect("sink template"))
-            .chain_function(|_pad, parent, buffer| {
-                LlamaVidCaption::catch_panic_pad_function(parent, || Err(gst::FlowError::Error), |imp| imp.sink_chain(buffer))
-            })
-            .event_function(|_pad, parent, event| {
-                LlamaVidCaption::catch_panic_pad_function(parent, || false, |imp| imp.sink_event(event))
-            })
-            .iterate_internal_links_function(|_pad, parent| {
-                let links = parent
-                    .and_then(|p| p.downcast_ref::<super::LlamaVidCaption>())
-                    .map(|e| vec![e.imp().srcpad.clone()])
-                    .unwrap_or_default();
-                gst::Iterator::from_vec(links)
-            })
-            .flags(gst::PadFlags::PROXY_CAPS | gst::PadFlags::PROXY_ALLOCATION)
-            .build();
-        let srcpad = gst::Pad::builder_from_template(&klass.pad_template("src").expect("src template"))
-            .iterate_internal_links_function(|_pad, parent| {
-                let links = parent
-                    .and_then(|p| p.downcast_ref::<super::LlamaVidCaption>())
-                    .map(|e| vec![e.imp().sinkpad.clone()])
-                    .unwrap_or_default();
-                gst::Iterator::from_vec(links)
-            })
-            .flags(gst::PadFlags::PROXY_CAPS | gst::PadFlags::PROXY_ALLOCATION)
-            .build();
-        let textpad = gst::Pad::builder_from_template(&klass.pad_template("text_src").expect("text template"))
-            .query_function(|_pad, parent, query| {
-                LlamaVidCaption::catch_panic_pad_function(parent, || false, |imp| imp.text_query(query))
-            })
-            .iterate_internal_links_function(|_pad, _parent| gst::Iterator::from_vec(Vec::new()))
-            .build();
+        let sinkpad =
+            gst::Pad::builder_from_template(&klass.pad_template("sink").expect("sink template"))
+                .chain_function(|_pad, parent, buffer| {
+                    LlamaVidCaption::catch_panic_pad_function(
+                        parent,
+                        || Err(gst::FlowError::Error),
+                        |imp| imp.sink_chain(buffer),
+                    )
+                })
+                .event_function(|_pad, parent, event| {
+                    LlamaVidCaption::catch_panic_pad_function(
+                        parent,
+                        || false,
+                        |imp| imp.sink_event(event),
+                    )
+                })
+                .iterate_internal_links_function(|_pad, parent| {
+                    let links = parent
+                        .and_then(|p| p.downcast_ref::<super::LlamaVidCaption>())
+                        .map(|e| vec![e.imp().srcpad.clone()])
+                        .unwrap_or_default();
+                    gst::Iterator::from_vec(links)
+                })
+                .flags(gst::PadFlags::PROXY_CAPS | gst::PadFlags::PROXY_ALLOCATION)
+                .build();
+        let srcpad =
+            gst::Pad::builder_from_template(&klass.pad_template("src").expect("src template"))
+                .iterate_internal_links_function(|_pad, parent| {
+                    let links = parent
+                        .and_then(|p| p.downcast_ref::<super::LlamaVidCaption>())
+                        .map(|e| vec![e.imp().sinkpad.clone()])
+                        .unwrap_or_default();
+                    gst::Iterator::from_vec(links)
+                })
+                .flags(gst::PadFlags::PROXY_CAPS | gst::PadFlags::PROXY_ALLOCATION)
+                .build();
+        let textpad = gst::Pad::builder_from_template(
+            &klass.pad_template("text_src").expect("text template"),
+        )
+        .query_function(|_pad, parent, query| {
+            LlamaVidCaption::catch_panic_pad_function(parent, || false, |imp| imp.text_query(query))
+        })
+        .iterate_internal_links_function(|_pad, _parent| gst::Iterator::from_vec(Vec::new()))
+        .build();
         let settings = Settings::default();
         Self {
             sinkpad,
@@ -761,7 +856,13 @@ impl ObjectImpl for LlamaVidCaption {
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         let mut settings = lock(&self.settings);
-        let path = |v: &glib::Value| v.get::<Option<String>>().ok().flatten().filter(|s| !s.is_empty()).map(PathBuf::from);
+        let path = |v: &glib::Value| {
+            v.get::<Option<String>>()
+                .ok()
+                .flatten()
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        };
         match pspec.name() {
             "model" => settings.model = path(value),
             "vision-tower" => settings.vision_tower = path(value),
@@ -781,7 +882,9 @@ impl ObjectImpl for LlamaVidCaption {
             }
             "sample-interval" => {
                 settings.sample_interval_ms = value.get().expect("type checked");
-                lock(&self.state).sampler.set_interval(settings.sample_interval_ms.max(1) * MS);
+                lock(&self.state)
+                    .sampler
+                    .set_interval(settings.sample_interval_ms.max(1) * MS);
             }
             "window-duration" => settings.window_duration_ms = value.get().expect("type checked"),
             "caption-interval" => settings.caption_interval_ms = value.get().expect("type checked"),
@@ -858,20 +961,43 @@ impl ElementImpl for LlamaVidCaption {
 
     fn pad_templates() -> &'static [gst::PadTemplate] {
         static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
-            let video = gst_video::VideoCapsBuilder::new().format_list(frames::FORMATS).build();
+            let video = gst_video::VideoCapsBuilder::new()
+                .format_list(frames::FORMATS)
+                .build();
             let text = gst::Caps::builder("text/x-raw")
                 .field("format", gst::List::new(["utf8", "pango-markup"]))
                 .build();
             vec![
-                gst::PadTemplate::new("sink", gst::PadDirection::Sink, gst::PadPresence::Always, &video).expect("sink"),
-                gst::PadTemplate::new("src", gst::PadDirection::Src, gst::PadPresence::Always, &video).expect("src"),
-                gst::PadTemplate::new("text_src", gst::PadDirection::Src, gst::PadPresence::Always, &text).expect("text_src"),
+                gst::PadTemplate::new(
+                    "sink",
+                    gst::PadDirection::Sink,
+                    gst::PadPresence::Always,
+                    &video,
+                )
+                .expect("sink"),
+                gst::PadTemplate::new(
+                    "src",
+                    gst::PadDirection::Src,
+                    gst::PadPresence::Always,
+                    &video,
+                )
+                .expect("src"),
+                gst::PadTemplate::new(
+                    "text_src",
+                    gst::PadDirection::Src,
+                    gst::PadPresence::Always,
+                    &text,
+                )
+                .expect("text_src"),
             ]
         });
         TEMPLATES.as_ref()
     }
 
-    fn change_state(&self, transition: gst::StateChange) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+    fn change_state(
+        &self,
+        transition: gst::StateChange,
+    ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
         gst::debug!(CAT, imp = self, "state change {transition:?}");
         match transition {
             gst::StateChange::NullToReady => {
@@ -907,7 +1033,11 @@ impl ElementImpl for LlamaVidCaption {
         match transition {
             gst::StateChange::ReadyToPaused => {
                 if let Err(e) = self.start_text_task() {
-                    gst::element_imp_error!(self, gst::CoreError::Thread, ["Cannot start the text task: {}", e]);
+                    gst::element_imp_error!(
+                        self,
+                        gst::CoreError::Thread,
+                        ["Cannot start the text task: {}", e]
+                    );
                     return Err(gst::StateChangeError);
                 }
             }

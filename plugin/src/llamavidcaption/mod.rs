@@ -33,9 +33,15 @@ pub enum FramePolicy {
     #[default]
     #[enum_value(name = "Auto: drop for live sources, wait otherwise", nick = "auto")]
     Auto = 0,
-    #[enum_value(name = "Drop the oldest waiting frame, never block the video", nick = "drop")]
+    #[enum_value(
+        name = "Drop the oldest waiting frame, never block the video",
+        nick = "drop"
+    )]
     Drop = 1,
-    #[enum_value(name = "Wait for the worker: every sampled frame is encoded", nick = "wait")]
+    #[enum_value(
+        name = "Wait for the worker: every sampled frame is encoded",
+        nick = "wait"
+    )]
     Wait = 2,
 }
 

@@ -122,7 +122,10 @@ pub struct ElementOutput {
 impl CaptionOutput for ElementOutput {
     fn frame_encoded(&self, epoch: u64) {
         if self.shared.current(epoch) {
-            self.shared.stats.frames_encoded.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .stats
+                .frames_encoded
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -187,7 +190,12 @@ impl CaptionOutput for ElementOutput {
     fn error(&self, message: String, debug: String) {
         self.shared.failed.store(true, Ordering::SeqCst);
         if let Some(element) = self.element.upgrade() {
-            gst::element_error!(element, gst::LibraryError::Failed, ("{}", message), ["{}", debug]);
+            gst::element_error!(
+                element,
+                gst::LibraryError::Failed,
+                ("{}", message),
+                ["{}", debug]
+            );
         }
         self.shared.signal_eos(None);
     }
@@ -196,5 +204,9 @@ impl CaptionOutput for ElementOutput {
 /// Posts the caption on the bus.
 pub fn post_caption_message(element: &super::LlamaVidCaption, event: &CaptionEvent, pts: u64) {
     let structure = caption_structure(CAPTION_MESSAGE, event, pts);
-    let _ = element.post_message(gst::message::Element::builder(structure).src(element).build());
+    let _ = element.post_message(
+        gst::message::Element::builder(structure)
+            .src(element)
+            .build(),
+    );
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 #[derive(Debug)]
 pub enum TextItem {
     /// Start of a stream: stream-start and caps.
-    Start { stream_id: String },
+    Start {
+        stream_id: String,
+    },
     Segment(gst::FormattedSegment<gst::ClockTime>),
     Caption {
         text: String,

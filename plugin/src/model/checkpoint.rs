@@ -45,7 +45,8 @@ impl OpenFile {
             return Err(ModelError::MissingFile {
                 what: "weight file",
                 path: path.to_owned(),
-                hint: "the checkpoint is incomplete; download every shard listed in the index".into(),
+                hint: "the checkpoint is incomplete; download every shard listed in the index"
+                    .into(),
             });
         }
         let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
@@ -53,14 +54,19 @@ impl OpenFile {
             // SAFETY: the file is mapped read-only and the mapping lives as long as the
             // checkpoint; like every mmap user we rely on nobody truncating the file meanwhile.
             let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
-                ModelError::bad_file(path, format!("not a valid safetensors file (truncated?): {e}"))
+                ModelError::bad_file(
+                    path,
+                    format!("not a valid safetensors file (truncated?): {e}"),
+                )
             })?;
             TensorFile::Safetensors(st)
         } else {
             let pth = PthTensors::new(path, None).map_err(|e| {
                 ModelError::bad_file(
                     path,
-                    format!("not a readable PyTorch checkpoint (zip archive), it may be truncated: {e}"),
+                    format!(
+                        "not a readable PyTorch checkpoint (zip archive), it may be truncated: {e}"
+                    ),
                 )
             })?;
             if pth.tensor_infos().is_empty() {
@@ -234,7 +240,8 @@ impl Checkpoint {
             None => Err(ModelError::BadTensor {
                 path: self.origin.clone(),
                 tensor: name.into(),
-                msg: "missing from the checkpoint; the file is incomplete or not a LLaMA-VID model".into(),
+                msg: "missing from the checkpoint; the file is incomplete or not a LLaMA-VID model"
+                    .into(),
             }),
         }
     }
@@ -293,7 +300,10 @@ impl SimpleBackend for Checkpoint {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load(name).map_err(as_candle)?.to_dtype(dtype)?.to_device(dev)
+        self.load(name)
+            .map_err(as_candle)?
+            .to_dtype(dtype)?
+            .to_device(dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

@@ -10,7 +10,8 @@ use super::{ModelError, Result};
 /// Reads and parses a JSON configuration file, naming the file in every error.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| ModelError::bad_file(path, format!("invalid JSON: {e}")))
+    serde_json::from_str(&text)
+        .map_err(|e| ModelError::bad_file(path, format!("invalid JSON: {e}")))
 }
 
 fn default_rope_theta() -> f64 {
@@ -75,13 +76,16 @@ impl LlavaConfig {
     /// at load time with the field named rather than producing garbage.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |msg: String| Err(ModelError::bad_file(path, msg));
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.num_kv_heads() == 0 || self.num_attention_heads % self.num_kv_heads() != 0 {
+        if self.num_kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.num_kv_heads())
+        {
             return bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
@@ -108,8 +112,12 @@ impl LlavaConfig {
 
     /// How the content token(s) of a frame are pooled from its patch features.
     pub fn content_pooling(&self, path: &Path) -> Result<ContentPooling> {
-        ContentPooling::parse(self.compress_type.as_deref())
-            .ok_or_else(|| ModelError::bad_file(path, format!("compress_type {:?} is not supported", self.compress_type)))
+        ContentPooling::parse(self.compress_type.as_deref()).ok_or_else(|| {
+            ModelError::bad_file(
+                path,
+                format!("compress_type {:?} is not supported", self.compress_type),
+            )
+        })
     }
 }
 
@@ -177,7 +185,9 @@ fn default_bert_act() -> String {
 
 impl BertConfig {
     pub fn validate(&self, path: &Path) -> Result<()> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(ModelError::bad_file(
                 path,
                 "hidden_size is not a multiple of num_attention_heads",
@@ -186,7 +196,10 @@ impl BertConfig {
         if self.hidden_act != "gelu" {
             return Err(ModelError::bad_file(
                 path,
-                format!("hidden_act `{}` is not supported (the Q-Former uses gelu)", self.hidden_act),
+                format!(
+                    "hidden_act `{}` is not supported (the Q-Former uses gelu)",
+                    self.hidden_act
+                ),
             ));
         }
         Ok(())

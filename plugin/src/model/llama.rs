@@ -66,10 +66,18 @@ impl SelfAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor, start: usize, rotary: &Rotary, cache: &mut KvCache) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        start: usize,
+        rotary: &Rotary,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let (b, len, _) = x.dims3()?;
         let split = |t: Tensor, heads: usize| {
-            t.reshape((b, len, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, len, heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = rotary.apply(&split(self.q_proj.forward(x)?, self.num_heads)?, start)?;
         let k = rotary.apply(&split(self.k_proj.forward(x)?, self.num_kv_heads)?, start)?;
@@ -87,7 +95,10 @@ impl SelfAttention {
             scores = scores.broadcast_add(&causal_mask(len, start, x.dtype(), x.device())?)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((b, len, ()))?;
+        let out = probs
+            .matmul(&v.contiguous()?)?
+            .transpose(1, 2)?
+            .reshape((b, len, ()))?;
         self.o_proj.forward(&out)
     }
 }
@@ -104,7 +115,15 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
 fn causal_mask(len: usize, start: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let total = start + len;
     let mask: Vec<f32> = (0..len)
-        .flat_map(|i| (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (len, total), device)?.to_dtype(dtype)
 }
@@ -117,7 +136,8 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = (candle_nn::ops::silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
+        let gated =
+            (candle_nn::ops::silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
         self.down_proj.forward(&gated)
     }
 }
@@ -136,7 +156,11 @@ impl DecoderLayer {
         Ok(Self {
             input_layernorm: rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             self_attn: SelfAttention::new(cfg, vb.pp("self_attn"))?,
-            post_attention_layernorm: rms_norm(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            post_attention_layernorm: rms_norm(
+                h,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
             mlp: Mlp {
                 gate_proj: linear_no_bias(h, i, mlp.pp("gate_proj"))?,
                 up_proj: linear_no_bias(h, i, mlp.pp("up_proj"))?,
@@ -145,10 +169,20 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, start: usize, rotary: &Rotary, cache: &mut KvCache) -> Result<Tensor> {
-        let attended = self.self_attn.forward(&self.input_layernorm.forward(x)?, start, rotary, cache)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        start: usize,
+        rotary: &Rotary,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let attended =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, start, rotary, cache)?;
         let x = (x + attended)?;
-        &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?
+        &x + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?
     }
 }
 
@@ -224,7 +258,9 @@ impl Llama {
     pub fn new_cache(&self, capacity: usize) -> LlamaCache {
         let capacity = capacity.clamp(1, self.max_positions);
         LlamaCache {
-            layers: (0..self.layers.len()).map(|_| KvCache::new(2, capacity)).collect(),
+            layers: (0..self.layers.len())
+                .map(|_| KvCache::new(2, capacity))
+                .collect(),
             len: 0,
         }
     }

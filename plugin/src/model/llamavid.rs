@@ -12,7 +12,7 @@ use super::eva::{EvaConfig, EvaVit};
 use super::files::ModelFiles;
 use super::llama::{Llama, LogitsFor};
 use super::preprocess::{ClipPreprocess, FrameView, ResizeTarget};
-use super::prompt::{split_at_image, tokenize_with_image, vicuna_v1_prompt};
+use super::prompt::{clean_answer, split_at_image, tokenize_with_image, vicuna_v1_prompt};
 use super::qformer::{QFormerConfig, TextGuidance};
 use super::sampling::{GenerationParams, Sampler};
 use super::tokenizer::{BertTokenizer, LlamaTokenizer};
@@ -240,7 +240,9 @@ impl LlamaVid {
         let bert: BertConfig = read_json(&files.bert_config)?;
         bert.validate(&files.bert_config)?;
         let hf = Checkpoint::open_model_dir(model_dir, options.weight_format)?;
-        let word_rows = hf.shape("model.vlm_att_encoder.bert.embeddings.word_embeddings.weight")?.dims()[0];
+        let word_rows = hf
+            .shape("model.vlm_att_encoder.bert.embeddings.word_embeddings.weight")?
+            .dims()[0];
         let token_cfg = TokenConfig {
             qformer: QFormerConfig {
                 bert,
@@ -360,7 +362,11 @@ impl LlamaVid {
     }
 
     /// The LLM input: prompt embeddings with the video tokens (N, H) spliced at `<image>`.
-    pub fn input_embeddings(&self, prompt: &CaptionPrompt, video_tokens: &Tensor) -> Result<Tensor> {
+    pub fn input_embeddings(
+        &self,
+        prompt: &CaptionPrompt,
+        video_tokens: &Tensor,
+    ) -> Result<Tensor> {
         let video = video_tokens.to_dtype(self.dtype)?.unsqueeze(0)?;
         Ok(Tensor::cat(&[&prompt.before, &video, &prompt.after], 1)?)
     }
@@ -388,7 +394,9 @@ impl LlamaVid {
         if max_new == 0 {
             return Ok(out);
         }
-        let mut logits = self.llm.forward(embeddings, &mut cache, LogitsFor::LastPosition, None)?;
+        let mut logits = self
+            .llm
+            .forward(embeddings, &mut cache, LogitsFor::LastPosition, None)?;
         loop {
             if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                 return Err(ModelError::Cancelled);
@@ -407,7 +415,9 @@ impl LlamaVid {
                 break;
             }
             let next = self.llm.embed(&[token])?;
-            logits = self.llm.forward(&next, &mut cache, LogitsFor::LastPosition, None)?;
+            logits = self
+                .llm
+                .forward(&next, &mut cache, LogitsFor::LastPosition, None)?;
         }
         Ok(out)
     }
@@ -424,14 +434,8 @@ impl LlamaVid {
         let generation = self.generate(&embeddings, params, false, cancel)?;
         let text = self.llm_tokenizer.decode(&generation.token_ids)?;
         Ok(Caption {
-            text: clean_caption(&text),
+            text: clean_answer(&text).to_owned(),
             token_ids: generation.token_ids,
         })
     }
-}
-
-/// The reference strips the decoded text and removes a trailing `</s>`.
-fn clean_caption(text: &str) -> String {
-    let text = text.trim();
-    text.strip_suffix("</s>").unwrap_or(text).trim().to_owned()
 }

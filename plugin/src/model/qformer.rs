@@ -116,7 +116,7 @@ impl QFormerLayer {
     fn new(cfg: &QFormerConfig, index: usize, vb: VarBuilder) -> Result<Self> {
         let b = &cfg.bert;
         let (h, heads, eps) = (b.hidden_size, b.num_attention_heads, b.layer_norm_eps);
-        let cross_attention = if index % CROSS_ATTENTION_FREQ == 0 {
+        let cross_attention = if index.is_multiple_of(CROSS_ATTENTION_FREQ) {
             let vb = vb.pp("crossattention");
             Some((
                 BertAttention::new(h, cfg.encoder_width, heads, vb.pp("self"))?,
@@ -156,7 +156,9 @@ impl QFormerLayer {
         if !keep_text || len == num_queries {
             return Ok(queries);
         }
-        let text = self.text_ffn.forward(&x.narrow(1, num_queries, len - num_queries)?)?;
+        let text = self
+            .text_ffn
+            .forward(&x.narrow(1, num_queries, len - num_queries)?)?;
         Tensor::cat(&[&queries, &text], 1)
     }
 }
@@ -220,12 +222,13 @@ impl QFormer {
         }
         let ids = Tensor::new(text_ids, device)?.unsqueeze(0)?;
         let positions = Tensor::arange(0u32, len as u32, device)?.unsqueeze(0)?;
-        let text = (self.word_embeddings.forward(&ids)? + self.position_embeddings.forward(&positions)?)?;
+        let text = (self.word_embeddings.forward(&ids)?
+            + self.position_embeddings.forward(&positions)?)?;
         let sequence = Tensor::cat(&[query_tokens, &text.to_dtype(query_tokens.dtype())?], 1)?;
         let embeddings = self.embedding_norm.forward(&sequence)?;
         let num_queries = query_tokens.dim(1)?;
         let mask = match attention_mask {
-            Some(m) if m.iter().any(|&v| v == 0) => {
+            Some(m) if m.contains(&0) => {
                 let bias: Vec<f32> = std::iter::repeat_n(1u32, num_queries)
                     .chain(m.iter().copied())
                     .map(|v| (1.0 - v as f64) as f32 * MASKED as f32)
@@ -247,12 +250,20 @@ impl QFormer {
     pub fn forward(&self, guidance: &TextGuidance, vision: &Tensor) -> Result<Tensor> {
         let b = vision.dim(0)?;
         let (_, len, hidden) = guidance.embeddings.dims3()?;
-        let mut x = guidance.embeddings.broadcast_as((b, len, hidden))?.contiguous()?;
+        let mut x = guidance
+            .embeddings
+            .broadcast_as((b, len, hidden))?
+            .contiguous()?;
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, guidance.num_queries, vision, guidance.mask.as_ref(), i != last)?;
+            x = layer.forward(
+                &x,
+                guidance.num_queries,
+                vision,
+                guidance.mask.as_ref(),
+                i != last,
+            )?;
         }
         x.narrow(1, 0, guidance.num_queries)
     }
 }
-

@@ -41,7 +41,11 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(params: &GenerationParams) -> Self {
         Self {
-            temperature: if params.is_greedy() { 0.0 } else { params.temperature },
+            temperature: if params.is_greedy() {
+                0.0
+            } else {
+                params.temperature
+            },
             top_p: params.top_p.clamp(0.0, 1.0),
             rng: StdRng::seed_from_u64(params.seed),
         }

@@ -69,7 +69,11 @@ pub struct TokenGenerator {
 
 impl TokenGenerator {
     pub fn new(cfg: &TokenConfig, vb: VarBuilder) -> Result<Self> {
-        let (w, h, d) = (cfg.vision_width, cfg.qformer.bert.hidden_size, cfg.llm_width);
+        let (w, h, d) = (
+            cfg.vision_width,
+            cfg.qformer.bert.hidden_size,
+            cfg.llm_width,
+        );
         Ok(Self {
             vision_norm: layer_norm(w, VISION_LN_EPS, vb.pp("vlm_att_ln"))?,
             query_tokens: vb.get((1, cfg.num_queries, h), "vlm_att_query")?,
@@ -77,7 +81,12 @@ impl TokenGenerator {
             text_projector: linear(h, w, vb.pp("vlm_att_projector"))?,
             key_projector: linear(w, w, vb.pp("vlm_att_key_projector"))?,
             value_projector: linear(w, d, vb.pp("vlm_att_val_projector"))?,
-            mm_projector: MmProjector::new(cfg.projector_type.as_deref(), w, d, vb.pp("mm_projector"))?,
+            mm_projector: MmProjector::new(
+                cfg.projector_type.as_deref(),
+                w,
+                d,
+                vb.pp("mm_projector"),
+            )?,
             pooling: cfg.pooling,
             grid: cfg.grid,
             // One head over the full width.
@@ -92,7 +101,8 @@ impl TokenGenerator {
 
     /// Prepares the question ids for every frame to come.
     pub fn text_guidance(&self, qformer_ids: &[u32]) -> Result<TextGuidance> {
-        self.qformer.text_guidance(&self.query_tokens, qformer_ids, None)
+        self.qformer
+            .text_guidance(&self.query_tokens, qformer_ids, None)
     }
 
     /// `vlm_att_ln(vis)`: the Q-Former's cross-attention input, CLS included.
@@ -150,7 +160,7 @@ impl TokenGenerator {
             ContentPooling::Grid(n) => {
                 let (b, count, w) = patches.dims3()?;
                 let g = self.grid;
-                if count != g * g || g % n != 0 {
+                if count != g * g || !g.is_multiple_of(n) {
                     candle_core::bail!("grid:{n} pooling needs a square patch grid divisible by {n}, got {count} patches");
                 }
                 let k = g / n;

@@ -17,6 +17,8 @@ use crate::model::error::{ModelError, Result};
 /// CLIP's image mean (OpenAI), per RGB channel.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// CLIP's image standard deviation (OpenAI), per RGB channel.
+// The published digits, verbatim, so they can be compared with a config file at a glance.
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// PIL's resample code for bicubic, the only filter the reference uses.
@@ -74,7 +76,8 @@ impl ClipPreprocess {
     /// The `do_*` flags default to true as in transformers, `rescale_factor` to 1/255. Unlike
     /// transformers, a value an enabled step needs (`size`, `crop_size`, `image_mean`,
     /// `image_std`) must be present: a silent default would hide a wrong file.
-    pub fn from_config_file(path: &Path) -> Result<Self> {
+    pub fn from_config_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
         let json: Value = serde_json::from_str(&text)
             .map_err(|e| ModelError::bad_file(path, format!("not valid JSON: {e}")))?;

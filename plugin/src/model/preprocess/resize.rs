@@ -6,6 +6,10 @@
 //! double-precision coefficients, 22-bit fixed-point weights, integer accumulation, a uint8
 //! intermediate between the horizontal and the vertical pass. The per-axis integer weights are
 //! public ([`AxisCoeffs`]) so a GPU kernel can use exactly the same numbers.
+//!
+//! The pass order is that of every Pillow before 12.2, i.e. of the reference's era: horizontal,
+//! then vertical. Pillow 12.2 started filtering images taller than 100× their width vertically
+//! first, and Pillow 13 picks the order by size; on those shapes a few bytes differ by 1–25.
 
 use super::color::RgbImage;
 
