@@ -155,7 +155,8 @@ impl LlamaVid {
             return Err(ModelError::MissingFile {
                 what: "model directory",
                 path: model_dir.clone(),
-                hint: "set `model` to a LLaMA-VID checkpoint directory (with config.json)".into(),
+                hint: "point the model at a LLaMA-VID checkpoint directory (with config.json)"
+                    .into(),
             });
         }
         let config_path = model_dir.join("config.json");

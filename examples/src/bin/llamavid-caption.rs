@@ -1,0 +1,141 @@
+//! Captions a video file or a directory of frames with a LLaMA-VID model, outside GStreamer
+//! pipelines: for users who want one caption of a clip, and for debugging the model.
+//!
+//! ```text
+//! llamavid-caption --model DIR [--prompt TEXT] [--vision-tower FILE] [--max-new-tokens N]
+//!                  [--temperature T] [--top-p P] [--seed S] [--max-frames N] [--fps F]
+//!                  [--weights auto|bin|safetensors] VIDEO_OR_FRAME_DIR
+//! ```
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use gstllamavid::model::preprocess::FrameView;
+use gstllamavid::model::{GenerationParams, LlamaVid, LoadOptions, WeightFormat};
+use llamavid_examples::{decode_image_dir, decode_video};
+
+const USAGE: &str = "usage: llamavid-caption --model DIR [--prompt TEXT] [--vision-tower FILE] \
+[--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--max-frames N] [--fps F] \
+[--weights auto|bin|safetensors] VIDEO_OR_FRAME_DIR";
+
+struct Args {
+    model: PathBuf,
+    input: PathBuf,
+    prompt: String,
+    vision_tower: Option<PathBuf>,
+    params: GenerationParams,
+    max_frames: usize,
+    fps: f64,
+    weights: WeightFormat,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut model = None;
+    let mut input = None;
+    let mut prompt = "Describe what is happening in the video.".to_owned();
+    let mut vision_tower = None;
+    let mut params = GenerationParams {
+        max_new_tokens: 128,
+        ..GenerationParams::default()
+    };
+    let mut max_frames = 180;
+    let mut fps = 1.0;
+    let mut weights = WeightFormat::Auto;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .with_context(|| format!("{arg} needs a value\n{USAGE}"))
+        };
+        match arg.as_str() {
+            "--model" => model = Some(PathBuf::from(value()?)),
+            "--prompt" => prompt = value()?,
+            "--vision-tower" => vision_tower = Some(PathBuf::from(value()?)),
+            "--max-new-tokens" => params.max_new_tokens = value()?.parse()?,
+            "--temperature" => params.temperature = value()?.parse()?,
+            "--top-p" => params.top_p = value()?.parse()?,
+            "--seed" => params.seed = value()?.parse()?,
+            "--max-frames" => max_frames = value()?.parse()?,
+            "--fps" => fps = value()?.parse()?,
+            "--weights" => {
+                weights = match value()?.as_str() {
+                    "auto" => WeightFormat::Auto,
+                    "bin" => WeightFormat::Pickle,
+                    "safetensors" => WeightFormat::Safetensors,
+                    other => bail!("unknown --weights {other}\n{USAGE}"),
+                }
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other if other.starts_with('-') => bail!("unknown option {other}\n{USAGE}"),
+            other => input = Some(PathBuf::from(other)),
+        }
+    }
+    Ok(Args {
+        model: model.with_context(|| format!("--model is required\n{USAGE}"))?,
+        input: input
+            .with_context(|| format!("a video file or frame directory is required\n{USAGE}"))?,
+        prompt,
+        vision_tower,
+        params,
+        max_frames,
+        fps,
+        weights,
+    })
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args = parse_args()?;
+    gst::init()?;
+
+    let started = Instant::now();
+    let mut options = LoadOptions::new(&args.model);
+    options.vision_tower = args.vision_tower.clone();
+    options.weight_format = args.weights;
+    let model = LlamaVid::load(&options)?;
+    for note in model.notes() {
+        eprintln!("note: {note}");
+    }
+    eprintln!("model loaded in {:.2?}", started.elapsed());
+
+    let frames = if args.input.is_dir() {
+        decode_image_dir(&args.input, args.max_frames)?
+    } else {
+        decode_video(&args.input, args.fps, args.max_frames)?
+    };
+    eprintln!("{} frames sampled", frames.len());
+
+    let started = Instant::now();
+    let prompt = model.prompt(&args.prompt)?;
+    let mut tokens = Vec::with_capacity(frames.len());
+    for frame in &frames {
+        let view = FrameView::packed_rgb(frame.width, frame.height, &frame.data);
+        tokens.push(model.encode_frames(&[view], &prompt)?.squeeze(0)?);
+    }
+    let video = candle_core::Tensor::cat(&tokens, 0)?;
+    eprintln!(
+        "encoded in {:.2?} ({} tokens)",
+        started.elapsed(),
+        video.dim(0)?
+    );
+
+    let started = Instant::now();
+    let caption = model.caption(&video, &prompt, &args.params, None)?;
+    eprintln!(
+        "captioned in {:.2?} ({} tokens)",
+        started.elapsed(),
+        caption.token_ids.len()
+    );
+    println!("{}", caption.text);
+    Ok(())
+}
