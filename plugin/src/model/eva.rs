@@ -2,7 +2,9 @@
 //! positions, pre-LN blocks, no final norm. Tensor names follow the LAVIS state dict.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
+
+use super::nn::{linear, Linear};
 
 /// Sizes of the tower. Width, patch size, grid and MLP width come from the weights; the head
 /// count and the number of blocks used are not stored anywhere (see `VisionOverrides`).

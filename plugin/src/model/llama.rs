@@ -4,7 +4,9 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
+
+use super::nn::{linear_no_bias, Linear};
 
 use super::config::LlavaConfig;
 

@@ -12,6 +12,7 @@ pub mod error;
 pub mod eva;
 pub mod files;
 pub mod llama;
+pub mod nn;
 pub mod preprocess;
 pub mod prompt;
 pub mod qformer;

@@ -3,7 +3,9 @@
 //! Tensor names follow `model.vlm_att_encoder.bert.*` of the checkpoint.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
+
+use super::nn::{linear, Linear};
 
 use super::config::BertConfig;
 

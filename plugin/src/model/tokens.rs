@@ -3,7 +3,9 @@
 //! and can be checked against the reference stage by stage.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
+
+use super::nn::{linear, Linear};
 
 use super::config::ContentPooling;
 use super::qformer::{QFormer, QFormerConfig, TextGuidance};

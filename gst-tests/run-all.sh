@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every check of the project, as CI runs it: formatting, lints, unit and fixture tests,
+# pipelines through GStreamer, the meson build, and the compile-only CUDA check.
+#   gst-tests/run-all.sh
+# Needs ../shared/fixtures beside the repository (or LLAMAVID_FIXTURE). Set
+# LLAMAVID_SKIP_CUDA_CHECK=1 to skip the CUDA build (it installs nvcc from PyPI, ~10 min).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+# shellcheck source=../examples/scripts/system-deps.sh
+. examples/scripts/system-deps.sh
+ensure_system_deps
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test (unit, fixtures, pipelines)"
+cargo test --workspace --no-fail-fast
+
+step "meson build and test"
+rm -rf builddir-test
+meson setup builddir-test --buildtype=debug >/dev/null
+meson test -C builddir-test --print-errorlogs
+rm -rf builddir-test
+
+if [ "${LLAMAVID_SKIP_CUDA_CHECK:-0}" != 1 ] && [ -x kernels/check-cuda-build.sh ]; then
+  step "CUDA compile-only check"
+  kernels/check-cuda-build.sh
+fi
