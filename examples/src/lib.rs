@@ -66,7 +66,7 @@ pub fn decode_video(
             };
             round_half_even(avg / frames_per_second).max(1)
         });
-        if index % step == 0 {
+        if index.is_multiple_of(step) {
             let buffer = sample.buffer().context("sample without buffer")?;
             let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info)?;
             let (w, h) = (info.width() as usize, info.height() as usize);
