@@ -83,10 +83,13 @@ pub trait CaptionOutput: Send + Sync + 'static {
     fn error(&self, message: String, debug: String);
 }
 
+/// Handle on the worker thread. Shared (`Arc`) between the threads that feed it: every method
+/// takes `&self`, so a streaming thread blocked in `submit` never holds a lock that a flush or
+/// a state change needs to release it.
 pub struct Worker {
     queue: Arc<JobQueue<Job>>,
     cancel: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct WorkerLoop<E: CaptionEngine> {
@@ -126,7 +129,7 @@ impl Worker {
         Ok(Self {
             queue,
             cancel,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -151,13 +154,23 @@ impl Worker {
     }
 }
 
-impl Drop for Worker {
-    fn drop(&mut self) {
+impl Worker {
+    /// Cancels the current job, refuses new ones and waits for the thread to end.
+    pub fn shutdown(&self) {
         self.cancel.store(true, Ordering::SeqCst);
         self.queue.close();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        let thread = lock(&self.thread).take();
+        if let Some(thread) = thread {
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
         }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 
@@ -285,5 +298,273 @@ impl<E: CaptionEngine> WorkerLoop<E> {
             is_final,
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::preprocess::{FrameView, PixelFormat, YuvToRgb};
+    use candle_core::{Device, Tensor};
+    use std::sync::mpsc;
+
+    const MS: u64 = 1_000_000;
+
+    /// Test double of the model: a frame's token is its running time in ms, a caption lists
+    /// the tokens it saw. `panic_on_caption` simulates a bug inside the model.
+    struct ScriptedEngine {
+        panic_on_caption: bool,
+    }
+
+    impl CaptionEngine for ScriptedEngine {
+        type Prompt = String;
+
+        fn prepare(&self, question: &str) -> crate::model::Result<String> {
+            Ok(question.to_owned())
+        }
+
+        fn encode(&self, frame: &FrameView, _prompt: &String) -> crate::model::Result<Tensor> {
+            let value = frame.planes[0][0] as f32;
+            Ok(Tensor::full(value, (2, 1), &Device::Cpu)?)
+        }
+
+        fn caption(
+            &self,
+            tokens: &Tensor,
+            prompt: &String,
+            _params: &GenerationParams,
+            _cancel: &AtomicBool,
+        ) -> crate::model::Result<String> {
+            assert!(!self.panic_on_caption, "model exploded");
+            let values: Vec<f32> = tokens.flatten_all()?.to_vec1()?;
+            let frames: Vec<String> = values.iter().step_by(2).map(|v| v.to_string()).collect();
+            Ok(format!("{prompt}: {}", frames.join(",")))
+        }
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Event {
+        Caption(String, u64, u64, u32, bool),
+        Idle(u64),
+        Eos,
+        Error(String),
+    }
+
+    struct RecordingOutput(Mutex<mpsc::Sender<Event>>);
+
+    impl CaptionOutput for RecordingOutput {
+        fn frame_encoded(&self, _epoch: u64) {}
+        fn caption(&self, e: CaptionEvent) {
+            let event = Event::Caption(e.text, e.start / MS, e.end / MS, e.frames, e.is_final);
+            self.0.lock().unwrap().send(event).unwrap();
+        }
+        fn idle_until(&self, _epoch: u64, until: u64) {
+            self.0
+                .lock()
+                .unwrap()
+                .send(Event::Idle(until / MS))
+                .unwrap();
+        }
+        fn eos(&self, _epoch: u64) {
+            self.0.lock().unwrap().send(Event::Eos).unwrap();
+        }
+        fn error(&self, message: String, debug: String) {
+            self.0
+                .lock()
+                .unwrap()
+                .send(Event::Error(format!("{message}: {debug}")))
+                .unwrap();
+        }
+    }
+
+    fn settings(window_ms: u64, caption_ms: u64) -> Arc<Mutex<CaptionSettings>> {
+        Arc::new(Mutex::new(CaptionSettings {
+            prompt: "q".into(),
+            params: GenerationParams::default(),
+            window_duration: window_ms * MS,
+            caption_interval: caption_ms * MS,
+        }))
+    }
+
+    /// A 1×1 RGB frame whose red value tags it.
+    fn frame(tag: u8) -> OwnedFrame {
+        OwnedFrame {
+            format: PixelFormat::Rgb,
+            width: 1,
+            height: 1,
+            planes: vec![vec![tag, 0, 0]],
+            strides: vec![3],
+            yuv: YuvToRgb::default_for_height(1),
+        }
+    }
+
+    fn run(
+        engine: ScriptedEngine,
+        settings: Arc<Mutex<CaptionSettings>>,
+        jobs: Vec<Job>,
+    ) -> Vec<Event> {
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker::spawn(
+            Arc::new(engine),
+            settings,
+            Arc::new(RecordingOutput(Mutex::new(tx))),
+            8,
+        )
+        .unwrap();
+        for job in jobs {
+            assert!(matches!(
+                worker.submit(job, QueuePolicy::Block),
+                Pushed::Queued
+            ));
+        }
+        let mut events = Vec::new();
+        while let Ok(event) = rx.recv_timeout(std::time::Duration::from_secs(5)) {
+            let done = matches!(event, Event::Eos | Event::Error(_));
+            events.push(event);
+            if done {
+                break;
+            }
+        }
+        events
+    }
+
+    fn frame_job(seconds: u64) -> Job {
+        Job::Frame {
+            epoch: 0,
+            job: FrameJob {
+                running_time: seconds * 1000 * MS,
+                next_sample_due: (seconds + 1) * 1000 * MS,
+                arrived: Instant::now(),
+                frame: frame(seconds as u8),
+            },
+        }
+    }
+
+    #[test]
+    fn captions_every_interval_and_once_more_at_eos() {
+        let jobs = (0..5)
+            .map(frame_job)
+            .chain([Job::Eos { epoch: 0 }])
+            .collect();
+        let events = run(
+            ScriptedEngine {
+                panic_on_caption: false,
+            },
+            settings(60_000, 2000),
+            jobs,
+        );
+        assert_eq!(
+            events,
+            vec![
+                Event::Idle(1000),
+                Event::Idle(2000),
+                Event::Caption("q: 0,1,2".into(), 0, 2000, 3, false),
+                Event::Idle(4000),
+                Event::Caption("q: 0,1,2,3,4".into(), 0, 4000, 5, false),
+                Event::Eos,
+            ]
+        );
+    }
+
+    #[test]
+    fn final_caption_covers_frames_since_the_last_one_and_the_window_slides() {
+        let jobs = (0..4)
+            .map(frame_job)
+            .chain([Job::Eos { epoch: 0 }])
+            .collect();
+        let events = run(
+            ScriptedEngine {
+                panic_on_caption: false,
+            },
+            settings(1500, 2000),
+            jobs,
+        );
+        let captions: Vec<&Event> = events
+            .iter()
+            .filter(|e| matches!(e, Event::Caption(..)))
+            .collect();
+        assert_eq!(
+            captions,
+            vec![
+                &Event::Caption("q: 1,2".into(), 1000, 2000, 2, false),
+                &Event::Caption("q: 2,3".into(), 2000, 3000, 2, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_prompt_change_applies_to_the_next_caption() {
+        let settings = settings(60_000, 1000);
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker::spawn(
+            Arc::new(ScriptedEngine {
+                panic_on_caption: false,
+            }),
+            settings.clone(),
+            Arc::new(RecordingOutput(Mutex::new(tx))),
+            8,
+        )
+        .unwrap();
+        worker.submit(frame_job(0), QueuePolicy::Block);
+        worker.submit(frame_job(1), QueuePolicy::Block);
+        let first = loop {
+            if let Event::Caption(text, ..) =
+                rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap()
+            {
+                break text;
+            }
+        };
+        settings.lock().unwrap().prompt = "new".into();
+        worker.submit(frame_job(2), QueuePolicy::Block);
+        let second = loop {
+            if let Event::Caption(text, ..) =
+                rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap()
+            {
+                break text;
+            }
+        };
+        assert!(first.starts_with("q:"));
+        assert!(second.starts_with("new:"), "got {second}");
+    }
+
+    #[test]
+    fn a_panic_in_the_model_becomes_an_error_not_a_crash() {
+        let jobs = vec![frame_job(0), frame_job(5), Job::Eos { epoch: 0 }];
+        let events = run(
+            ScriptedEngine {
+                panic_on_caption: true,
+            },
+            settings(60_000, 1000),
+            jobs,
+        );
+        match events.last() {
+            Some(Event::Error(message)) => assert!(message.contains("model exploded"), "{message}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reset_forgets_the_window() {
+        let jobs = vec![
+            frame_job(0),
+            Job::Reset { epoch: 1 },
+            frame_job(3),
+            Job::Eos { epoch: 1 },
+        ];
+        let events = run(
+            ScriptedEngine {
+                panic_on_caption: false,
+            },
+            settings(60_000, 1000),
+            jobs,
+        );
+        let captions: Vec<&Event> = events
+            .iter()
+            .filter(|e| matches!(e, Event::Caption(..)))
+            .collect();
+        assert_eq!(
+            captions,
+            vec![&Event::Caption("q: 3".into(), 3000, 3000, 1, true)]
+        );
     }
 }

@@ -135,7 +135,7 @@ pub struct LlamaVidCaption {
     caption_settings: Arc<Mutex<CaptionSettings>>,
     shared: Arc<Shared>,
     model: Mutex<Option<Arc<LlamaVid>>>,
-    worker: Mutex<Option<Worker>>,
+    worker: Mutex<Option<Arc<Worker>>>,
 }
 
 /// Device and dtype for a `device` property value.
@@ -299,16 +299,14 @@ impl LlamaVidCaption {
                     ["Cannot start the worker thread: {}", e]
                 )
             })?;
-        *lock(&self.worker) = Some(worker);
+        *lock(&self.worker) = Some(Arc::new(worker));
         Ok(())
     }
 
     fn stop_worker(&self) {
-        // Dropping the worker cancels a running caption and joins the thread.
         let worker = lock(&self.worker).take();
         if let Some(worker) = worker {
-            worker.flush_start();
-            drop(worker);
+            worker.shutdown();
         }
     }
 
@@ -541,7 +539,10 @@ impl LlamaVidCaption {
         };
         let stats = &self.shared.stats;
         stats.frames_sampled.fetch_add(1, Ordering::Relaxed);
-        let pushed = match lock(&self.worker).as_ref() {
+        // Clone the handle out of the lock: `submit` may wait for room (non-live), and a flush
+        // or state change must be able to reach the worker meanwhile.
+        let worker = lock(&self.worker).clone();
+        let pushed = match worker {
             Some(worker) => worker.submit(job, policy),
             None => Pushed::Refused(job),
         };
@@ -621,7 +622,8 @@ impl LlamaVidCaption {
             EventView::FlushStart(_) => {
                 self.shared.flushing.store(true, Ordering::SeqCst);
                 self.shared.signal_eos(None);
-                if let Some(worker) = lock(&self.worker).as_ref() {
+                let worker = lock(&self.worker).clone();
+                if let Some(worker) = worker {
                     worker.flush_start();
                 }
                 self.shared.text.set_flushing(true);
@@ -631,7 +633,8 @@ impl LlamaVidCaption {
             }
             EventView::FlushStop(_) => {
                 let epoch = self.shared.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-                if let Some(worker) = lock(&self.worker).as_ref() {
+                let worker = lock(&self.worker).clone();
+                if let Some(worker) = worker {
                     worker.flush_stop(epoch);
                 }
                 {
