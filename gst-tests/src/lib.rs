@@ -1,12 +1,18 @@
 //! Shared helpers for the `llamavidcaption` integration tests in `tests/`.
 //!
-//! - [`init`] and [`caption_element`]: the element, registered statically, with the tiny
-//!   fixture model and settings that caption fast and deterministically;
-//! - [`video_info`], [`video_frame`]: hand-made frames of every accepted layout;
+//! - [`init`], [`caption_element`], [`configure_caption`]: the element, registered statically,
+//!   with the tiny fixture model and settings that caption fast and deterministically;
+//!   [`copy_fixture`] for tests that damage a model;
+//! - [`CaptionRun`]: the element in a `gst_check::Harness`, with its bus and text recorded;
+//!   [`test_pipeline`]: the element behind `videotestsrc` in a real pipeline;
+//! - [`video_info`], [`padded_info`], [`video_frame`]: hand-made frames of every accepted format
+//!   and memory layout;
 //! - [`Caption`]: the fields of a `llamavid-caption` bus message or `LlamaVidCaptionMeta`;
 //! - [`TextLog`], [`link_text_sink`], [`record_pad`]: what comes out of `text_src`, in order;
-//! - [`BusLog`], [`run_to_eos`], [`set_state_within`], [`within`]: nothing may hang a test;
-//! - [`gst_tool`]: `gst-launch-1.0` and friends with this build of the plugin, killed on timeout.
+//! - [`BusLog`], [`record_bus`], [`run_to_eos`], [`set_state_within`], [`within`],
+//!   [`StopOnDrop`]: nothing may hang a test or leave a pipeline playing;
+//! - [`gst_tool`]: `gst-launch-1.0` and `gst-inspect-1.0` with this build of the plugin, killed
+//!   on timeout.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -131,6 +137,25 @@ pub fn configure_caption(element: &gst::Element) {
     element.set_property("caption-interval", 500u64);
     element.set_property("max-new-tokens", 4u32);
     element.set_property_from_str("frame-policy", "wait");
+}
+
+/// `videotestsrc {source_props} ! {format} 64x48 at 10 fps ! llamavidcaption name=c ! fakesink`
+/// with `c.text_src` to another fakesink, recorded; the element set up by
+/// [`configure_caption`]. Sinks do not sync: the model sets the pace.
+pub fn test_pipeline(source_props: &str, format: &str) -> (gst::Pipeline, gst::Element, TextLog) {
+    init();
+    let pipeline = gst::parse::launch(&format!(
+        "videotestsrc {source_props} \
+         ! video/x-raw,format={format},width=64,height=48,framerate=10/1 \
+         ! llamavidcaption name=c ! fakesink sync=false  c.text_src ! fakesink sync=false"
+    ))
+    .expect("pipeline")
+    .downcast::<gst::Pipeline>()
+    .expect("a pipeline");
+    let caption = pipeline.by_name("c").expect("caption element");
+    configure_caption(&caption);
+    let text = record_pad(&caption.static_pad("text_src").expect("text_src"));
+    (pipeline, caption, text)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -407,6 +432,39 @@ pub enum TextItem {
         text: String,
     },
     Event(gst::Event),
+}
+
+impl TextItem {
+    pub fn event(&self) -> Option<&gst::Event> {
+        match self {
+            TextItem::Event(e) => Some(e),
+            TextItem::Buffer { .. } => None,
+        }
+    }
+}
+
+/// The events among `items`, in order.
+pub fn text_events(items: &[TextItem]) -> Vec<&gst::Event> {
+    items.iter().filter_map(TextItem::event).collect()
+}
+
+/// The first caps event's caps among `items`.
+pub fn text_caps(items: &[TextItem]) -> Option<gst::Caps> {
+    text_events(items).into_iter().find_map(|e| match e.view() {
+        gst::EventView::Caps(c) => Some(c.caps_owned()),
+        _ => None,
+    })
+}
+
+/// The TIME segments among `items`, in order.
+pub fn text_segments(items: &[TextItem]) -> Vec<gst::FormattedSegment<gst::ClockTime>> {
+    text_events(items)
+        .into_iter()
+        .filter_map(|e| match e.view() {
+            gst::EventView::Segment(s) => s.segment().downcast_ref::<gst::ClockTime>().cloned(),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Everything `text_src` pushed, in order, shared with the thread that pushes it.
@@ -695,10 +753,38 @@ pub fn set_state_within(
 /// `timeout`, and always sets the pipeline back to NULL.
 pub fn run_to_eos(pipeline: &gst::Pipeline, timeout: Duration) -> Vec<gst::Message> {
     let bus = pipeline.bus().expect("pipeline bus");
+    let stop = StopOnDrop(pipeline.clone());
     set_state_within(pipeline, gst::State::Playing).expect("pipeline plays");
     let messages = wait_for_message(&bus, timeout, |m| m.type_() == gst::MessageType::Eos);
-    set_state_within(pipeline, gst::State::Null).expect("pipeline stops");
+    drop(stop);
     messages
+}
+
+/// Sets the pipeline to NULL when dropped, also when a test fails (GStreamer complains about
+/// pipelines disposed while playing); gives up after [`TIMEOUT`] rather than hang.
+pub struct StopOnDrop(pub gst::Pipeline);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let pipeline = self.0.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(pipeline.set_state(gst::State::Null));
+        });
+        match rx.recv_timeout(TIMEOUT) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                if !std::thread::panicking() {
+                    panic!("pipeline did not stop: {e}");
+                }
+            }
+            Err(_) => {
+                if !std::thread::panicking() {
+                    panic!("pipeline hung going to NULL");
+                }
+            }
+        }
+    }
 }
 
 /// Pops messages from `bus` until `done` says so; fails on an error message or after `timeout`.
@@ -737,24 +823,21 @@ pub fn wait_for_message(
 // Command-line tools
 // ---------------------------------------------------------------------------------------------
 
-/// A directory holding only this build's `libgstllamavid` (for `GST_PLUGIN_PATH`: pointing it
-/// at `target/debug` would make GStreamer try to load every library there) and a private
-/// registry file (`GST_REGISTRY`), so that the user's registry is never touched.
-struct ToolEnv {
-    dir: tempfile::TempDir,
+/// This build's plugin library, built once per test process.
+fn plugin_library() -> &'static Path {
+    static LIBRARY: OnceLock<PathBuf> = OnceLock::new();
+    LIBRARY.get_or_init(build_plugin_library)
 }
 
-fn tool_env() -> &'static ToolEnv {
-    static ENV: OnceLock<ToolEnv> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let library = build_plugin_library();
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let plugins = dir.path().join("plugins");
-        std::fs::create_dir(&plugins).expect("plugin directory");
-        let name = library.file_name().expect("library file name");
-        std::fs::copy(&library, plugins.join(name)).expect("copy the plugin library");
-        ToolEnv { dir }
-    })
+/// Cargo's scratch directory beside the library, `<target-dir>/tmp`.
+fn scratch_dir() -> PathBuf {
+    let dir = plugin_library()
+        .ancestors()
+        .nth(2)
+        .map(|target| target.join("tmp"))
+        .unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir
 }
 
 /// Builds the plugin's cdylib with the profile and target directory of this test binary
@@ -858,13 +941,32 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> ToolOutput {
 
 /// Runs a GStreamer command-line tool (`gst-launch-1.0`, `gst-inspect-1.0`) that sees this
 /// build of the plugin, killed after `timeout`.
+///
+/// `GST_PLUGIN_PATH` is a temporary directory holding only a hard link to the library
+/// (pointing it at `target/debug` would make GStreamer load every library there; a link is a
+/// snapshot that a concurrent build cannot replace mid-run), and `GST_REGISTRY` a registry of
+/// the tests' own in the target directory, so that the user's registry is never touched.
 pub fn gst_tool(tool: &str, args: &[&str], timeout: Duration) -> ToolOutput {
-    let env = tool_env();
+    let library = plugin_library();
+    let scratch = scratch_dir();
+    let plugins = tempfile::Builder::new()
+        .prefix("llamavid-gst-plugin")
+        .tempdir_in(&scratch)
+        .expect("temporary plugin directory");
+    let linked = plugins
+        .path()
+        .join(library.file_name().expect("library file name"));
+    if std::fs::hard_link(library, &linked).is_err() {
+        std::fs::copy(library, &linked).expect("copy the plugin library");
+    }
     let mut cmd = Command::new(tool);
     cmd.args(args)
-        .env("GST_PLUGIN_PATH", env.dir.path().join("plugins"))
-        .env("GST_REGISTRY", env.dir.path().join("registry.bin"))
-        // A test run must not depend on the caller's debug settings.
+        .env("GST_PLUGIN_PATH", plugins.path())
+        .env(
+            "GST_REGISTRY",
+            scratch.join("llamavid-gst-tests-registry.bin"),
+        )
+        // Debug logs would mix with the output the tests read.
         .env_remove("GST_DEBUG");
     run_with_timeout(cmd, timeout)
 }

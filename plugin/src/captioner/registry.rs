@@ -19,13 +19,14 @@ impl<K: Eq + Hash + Clone, M> Default for Registry<K, M> {
 }
 
 impl<K: Eq + Hash + Clone, M> Registry<K, M> {
-    /// The model for `key`, loading it with `load` unless another user holds it already.
-    /// Two callers asking for the same key at once load it once; other keys load in parallel.
+    /// The model for `key`, loading it with `load` unless another user holds it already; the
+    /// flag says whether this call loaded it. Two callers asking for the same key at once load
+    /// it once; other keys load in parallel.
     pub fn get_or_load<E>(
         &self,
         key: &K,
         load: impl FnOnce() -> Result<M, E>,
-    ) -> Result<Arc<M>, E> {
+    ) -> Result<(Arc<M>, bool), E> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             slots.retain(|_, slot| {
@@ -36,11 +37,11 @@ impl<K: Eq + Hash + Clone, M> Registry<K, M> {
         };
         let mut weak = slot.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(model) = weak.upgrade() {
-            return Ok(model);
+            return Ok((model, false));
         }
         let model = Arc::new(load()?);
         *weak = Arc::downgrade(&model);
-        Ok(model)
+        Ok((model, true))
     }
 
     /// Models currently alive (for tests and statistics).
@@ -66,8 +67,12 @@ mod tests {
             loads.fetch_add(1, Ordering::SeqCst);
             Ok::<_, ()>("model".to_owned())
         };
-        let a = registry.get_or_load(&"m", load).unwrap();
-        let b = registry.get_or_load(&"m", load).unwrap();
+        let (a, loaded_a) = registry.get_or_load(&"m", load).unwrap();
+        let (b, loaded_b) = registry.get_or_load(&"m", load).unwrap();
+        assert!(
+            loaded_a && !loaded_b,
+            "the second user shares the first one's copy"
+        );
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(loads.load(Ordering::SeqCst), 1);
         drop(a);
@@ -85,7 +90,7 @@ mod tests {
     fn a_failed_load_is_not_cached() {
         let registry: Registry<u8, u8> = Registry::default();
         assert!(registry.get_or_load(&1, || Err::<u8, _>("broken")).is_err());
-        assert_eq!(*registry.get_or_load(&1, || Ok::<_, &str>(7)).unwrap(), 7);
+        assert_eq!(*registry.get_or_load(&1, || Ok::<_, &str>(7)).unwrap().0, 7);
     }
 
     #[test]
@@ -103,6 +108,7 @@ mod tests {
                             Ok::<_, ()>(1)
                         })
                         .unwrap()
+                        .0
                 })
             })
             .collect();

@@ -192,7 +192,10 @@ impl<E: CaptionEngine> WorkerLoop<E> {
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.process(job)));
             let failure = match outcome {
                 Ok(Ok(())) | Ok(Err(ModelError::Cancelled)) => None,
-                Ok(Err(e)) => Some(("The captioning model failed".to_owned(), e.to_string())),
+                Ok(Err(e)) => Some((
+                    format!("The captioning model failed: {e}"),
+                    format!("{e:?}"),
+                )),
                 Err(panic) => Some((
                     "Internal error in the captioning worker".to_owned(),
                     format!("panic: {}", panic_message(&*panic)),
@@ -227,7 +230,7 @@ impl<E: CaptionEngine> WorkerLoop<E> {
             Job::Eos { epoch } => {
                 if self.window.fresh() > 0 {
                     let settings = lock(&self.settings).clone();
-                    self.caption(epoch, &settings, true)?;
+                    self.caption(epoch, &settings, settings.caption_interval, true)?;
                 }
                 self.output.eos(epoch);
                 Ok(())
@@ -250,16 +253,16 @@ impl<E: CaptionEngine> WorkerLoop<E> {
         });
         self.output.frame_encoded(epoch);
 
-        let due = *self
-            .next_caption
-            .get_or_insert(job.running_time + settings.caption_interval);
+        let interval = settings.caption_interval.max(1);
+        let due = *self.next_caption.get_or_insert(job.running_time + interval);
         if job.running_time >= due {
-            self.caption(epoch, &settings, false)?;
-            let mut next = due + settings.caption_interval.max(1);
+            // Due times stay on their grid; the caption lasts until the next one is due.
+            let mut next = due + interval;
             if next <= job.running_time {
-                next = job.running_time + settings.caption_interval.max(1);
+                next = job.running_time + interval;
             }
             self.next_caption = Some(next);
+            self.caption(epoch, &settings, next - job.running_time, false)?;
         } else {
             self.output.idle_until(epoch, job.next_sample_due);
         }
@@ -270,6 +273,7 @@ impl<E: CaptionEngine> WorkerLoop<E> {
         &mut self,
         epoch: u64,
         settings: &CaptionSettings,
+        duration: u64,
         is_final: bool,
     ) -> crate::model::Result<()> {
         let Some(tokens) = self.window.tokens()? else {
@@ -293,7 +297,7 @@ impl<E: CaptionEngine> WorkerLoop<E> {
             end: last.0,
             frames,
             latency: last.1.elapsed(),
-            duration: settings.caption_interval,
+            duration,
             prompt: settings.prompt.clone(),
             is_final,
         });
@@ -340,6 +344,21 @@ mod tests {
             let frames: Vec<String> = values.iter().step_by(2).map(|v| v.to_string()).collect();
             Ok(format!("{prompt}: {}", frames.join(",")))
         }
+    }
+
+    impl ScriptedEngine {
+        fn healthy() -> Self {
+            Self {
+                panic_on_caption: false,
+            }
+        }
+    }
+
+    fn captions_of(events: &[Event]) -> Vec<&Event> {
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Caption(..)))
+            .collect()
     }
 
     #[derive(Debug, PartialEq)]
@@ -446,13 +465,7 @@ mod tests {
             .map(frame_job)
             .chain([Job::Eos { epoch: 0 }])
             .collect();
-        let events = run(
-            ScriptedEngine {
-                panic_on_caption: false,
-            },
-            settings(60_000, 2000),
-            jobs,
-        );
+        let events = run(ScriptedEngine::healthy(), settings(60_000, 2000), jobs);
         assert_eq!(
             events,
             vec![
@@ -472,17 +485,8 @@ mod tests {
             .map(frame_job)
             .chain([Job::Eos { epoch: 0 }])
             .collect();
-        let events = run(
-            ScriptedEngine {
-                panic_on_caption: false,
-            },
-            settings(1500, 2000),
-            jobs,
-        );
-        let captions: Vec<&Event> = events
-            .iter()
-            .filter(|e| matches!(e, Event::Caption(..)))
-            .collect();
+        let events = run(ScriptedEngine::healthy(), settings(1500, 2000), jobs);
+        let captions = captions_of(&events);
         assert_eq!(
             captions,
             vec![
@@ -551,17 +555,8 @@ mod tests {
             frame_job(3),
             Job::Eos { epoch: 1 },
         ];
-        let events = run(
-            ScriptedEngine {
-                panic_on_caption: false,
-            },
-            settings(60_000, 1000),
-            jobs,
-        );
-        let captions: Vec<&Event> = events
-            .iter()
-            .filter(|e| matches!(e, Event::Caption(..)))
-            .collect();
+        let events = run(ScriptedEngine::healthy(), settings(60_000, 1000), jobs);
+        let captions = captions_of(&events);
         assert_eq!(
             captions,
             vec![&Event::Caption("q: 3".into(), 3000, 3000, 1, true)]

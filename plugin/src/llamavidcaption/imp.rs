@@ -200,11 +200,11 @@ impl LlamaVidCaption {
         let Some(model_dir) = settings.model.clone() else {
             return Err(gst::error_msg!(
                 gst::LibraryError::Settings,
-                ["No model set: set the `model` property to a LLaMA-VID model directory"]
+                ("No model set: set the `model` property to a LLaMA-VID model directory")
             ));
         };
         let (device, dtype) = parse_device(&settings.device)
-            .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ["{}", e]))?;
+            .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("{}", e)))?;
         let canonical = model_dir
             .canonicalize()
             .unwrap_or_else(|_| model_dir.clone());
@@ -241,19 +241,20 @@ impl LlamaVidCaption {
             LlamaVid::load(&options)
         });
         match loaded {
-            Ok(model) => {
+            Ok((model, loaded_now)) => {
                 for note in model.notes() {
                     gst::warning!(CAT, imp = self, "{note}");
                 }
                 gst::info!(CAT, imp = self, "model ready after {:?}", started.elapsed());
+                let text = if loaded_now {
+                    "LLaMA-VID model loaded"
+                } else {
+                    "LLaMA-VID model shared with another element"
+                };
                 let _ = obj.post_message(
-                    gst::message::Progress::builder(
-                        gst::ProgressType::Complete,
-                        "load",
-                        "LLaMA-VID model loaded",
-                    )
-                    .src(&*obj)
-                    .build(),
+                    gst::message::Progress::builder(gst::ProgressType::Complete, "load", text)
+                        .src(&*obj)
+                        .build(),
                 );
                 *lock(&self.model) = Some(model);
                 Ok(())
@@ -270,11 +271,11 @@ impl LlamaVidCaption {
                 );
                 Err(gst::error_msg!(
                     gst::ResourceError::OpenRead,
-                    [
+                    (
                         "Cannot load the LLaMA-VID model from {}: {}",
                         model_dir.display(),
                         e
-                    ]
+                    )
                 ))
             }
         }
@@ -284,7 +285,7 @@ impl LlamaVidCaption {
         let Some(model) = lock(&self.model).clone() else {
             return Err(gst::error_msg!(
                 gst::CoreError::StateChange,
-                ["No model loaded"]
+                ("No model loaded")
             ));
         };
         *lock(&self.caption_settings) = lock(&self.settings).caption_settings();
@@ -296,7 +297,7 @@ impl LlamaVidCaption {
             .map_err(|e| {
                 gst::error_msg!(
                     gst::CoreError::Thread,
-                    ["Cannot start the worker thread: {}", e]
+                    ("Cannot start the worker thread: {}", e)
                 )
             })?;
         *lock(&self.worker) = Some(Arc::new(worker));
@@ -465,7 +466,7 @@ impl LlamaVidCaption {
                 gst::element_imp_error!(
                     self,
                     gst::CoreError::Negotiation,
-                    ["Received a buffer before caps"]
+                    ("Received a buffer before caps")
                 );
                 return Err(gst::FlowError::NotNegotiated);
             };
@@ -486,12 +487,12 @@ impl LlamaVidCaption {
                             gst::element_imp_error!(
                                 self,
                                 gst::StreamError::Format,
-                                [
+                                (
                                     "Cannot map a {}x{} {:?} frame",
                                     info.width(),
                                     info.height(),
                                     info.format()
-                                ]
+                                )
                             );
                             return Err(gst::FlowError::Error);
                         }
@@ -594,7 +595,7 @@ impl LlamaVidCaption {
                         gst::element_imp_error!(
                             self,
                             gst::CoreError::Negotiation,
-                            ["Unsupported caps {}: use raw RGB, RGBx, BGRx, RGBA, BGRA, I420 or NV12 video", caps.caps()]
+                            ("Unsupported caps {}: use raw RGB, RGBx, BGRx, RGBA, BGRA, I420 or NV12 video", caps.caps())
                         );
                         return false;
                     }
@@ -609,7 +610,7 @@ impl LlamaVidCaption {
                         gst::element_imp_error!(
                             self,
                             gst::StreamError::Format,
-                            ["Only TIME segments are supported"]
+                            ("Only TIME segments are supported")
                         );
                         return false;
                     }
@@ -663,7 +664,9 @@ impl LlamaVidCaption {
                 if submitted {
                     // The final caption goes out before EOS, on both pads.
                     self.shared.wait_eos(epoch);
-                } else {
+                }
+                if !submitted || self.shared.failed.load(Ordering::SeqCst) {
+                    // No worker to finish the text stream: end it here.
                     self.shared.text.push(TextItem::Eos);
                 }
                 self.srcpad.push_event(event)
@@ -1039,7 +1042,7 @@ impl ElementImpl for LlamaVidCaption {
                     gst::element_imp_error!(
                         self,
                         gst::CoreError::Thread,
-                        ["Cannot start the text task: {}", e]
+                        ("Cannot start the text task: {}", e)
                     );
                     return Err(gst::StateChangeError);
                 }

@@ -114,9 +114,40 @@ pub fn caption_structure(name: &str, event: &CaptionEvent, pts: u64) -> gst::Str
         .build()
 }
 
+/// `text` without NUL and other C0/C1 control characters (tabs and newlines are kept).
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .filter(|&c| c == '\n' || c == '\t' || !c.is_control())
+        .collect()
+}
+
 pub struct ElementOutput {
     pub element: glib::WeakRef<super::LlamaVidCaption>,
     pub shared: Arc<Shared>,
+}
+
+impl ElementOutput {
+    fn warn_if_late(&self, element: &super::LlamaVidCaption, event: &CaptionEvent) {
+        let declared = *lock(&self.shared.declared_latency);
+        if event.latency <= declared || event.is_final {
+            return;
+        }
+        let mut last = lock(&self.shared.last_late_warning);
+        // At most one warning every 10 s: a slow machine would otherwise flood the bus.
+        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            *last = Some(Instant::now());
+            gst::element_warning!(
+                element,
+                gst::CoreError::Clock,
+                (
+                    "Caption came {} ms after its last frame, later than the declared latency of {} ms",
+                    event.latency.as_millis(),
+                    declared.as_millis()
+                ),
+                ["raise the `latency` property, lower `max-new-tokens`, or use a faster device"]
+            );
+        }
+    }
 }
 
 impl CaptionOutput for ElementOutput {
@@ -129,43 +160,30 @@ impl CaptionOutput for ElementOutput {
         }
     }
 
-    fn caption(&self, event: CaptionEvent) {
+    fn caption(&self, mut event: CaptionEvent) {
         if !self.shared.current(event.epoch) {
             return;
         }
+        // The model may emit any byte; GStreamer strings cannot hold NUL, and control
+        // characters are noise in subtitles. Every output gets the same cleaned text.
+        event.text = printable(&event.text);
         let (start, duration) = lock(&self.shared.timeline).caption(event.end, event.duration);
         let pts = self.shared.to_pts(start);
         let stats = &self.shared.stats;
         stats.captions.fetch_add(1, Ordering::Relaxed);
         *lock(&stats.last_caption) = (event.text.clone(), event.latency);
-        if let Some(element) = self.element.upgrade() {
-            post_caption_message(&element, &event, pts.nseconds());
-            let declared = *lock(&self.shared.declared_latency);
-            if event.latency > declared && !event.is_final {
-                let mut last = lock(&self.shared.last_late_warning);
-                // At most one warning every 10 s: a slow machine would otherwise flood the bus.
-                if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                    *last = Some(Instant::now());
-                    gst::element_warning!(
-                        element,
-                        gst::CoreError::Clock,
-                        (
-                            "Caption came {} ms after its last frame, later than the declared latency of {} ms",
-                            event.latency.as_millis(),
-                            declared.as_millis()
-                        ),
-                        ["raise the `latency` property, lower `max-new-tokens`, or use a faster device"]
-                    );
-                }
-            }
-        }
-        let text = event.text.clone();
-        *lock(&self.shared.pending_meta) = Some((event, pts.nseconds()));
+        // The meta is pending before the message is posted: an application reacting to the
+        // message finds it on the next video buffer.
+        *lock(&self.shared.pending_meta) = Some((event.clone(), pts.nseconds()));
         self.shared.text.push(TextItem::Caption {
-            text,
+            text: event.text.clone(),
             pts,
             duration: gst::ClockTime::from_nseconds(duration),
         });
+        if let Some(element) = self.element.upgrade() {
+            post_caption_message(&element, &event, pts.nseconds());
+            self.warn_if_late(&element, &event);
+        }
     }
 
     fn idle_until(&self, epoch: u64, until: u64) {
@@ -209,4 +227,15 @@ pub fn post_caption_message(element: &super::LlamaVidCaption, event: &CaptionEve
             .src(element)
             .build(),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn control_characters_are_removed_but_layout_is_kept() {
+        assert_eq!(printable("a\0b\u{17}c\td\ne\u{85}"), "abc\td\ne");
+        assert_eq!(printable("héllo ✓"), "héllo ✓");
+    }
 }
