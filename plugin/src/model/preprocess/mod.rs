@@ -3,6 +3,7 @@
 
 pub mod clip;
 pub mod color;
+pub mod kernel;
 pub mod resize;
 
 pub use clip::{ClipPreprocess, Normalize, ResizeTarget, CLIP_MEAN, CLIP_STD};
