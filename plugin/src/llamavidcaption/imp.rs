@@ -14,11 +14,12 @@ use gst::subclass::prelude::*;
 use super::frames;
 use super::output::{lock, ElementOutput, Shared};
 use super::text::{Popped, TextItem, TextTimeline};
-use super::{FramePolicy, CAPTION_META};
+use super::{Dtype, FramePolicy, CAPTION_META};
 use crate::captioner::registry::Registry;
 use crate::captioner::{
     CaptionSettings, FrameJob, FrameSampler, Job, OwnedFrame, Pushed, QueuePolicy, Worker,
 };
+use crate::model::nn::Precision;
 use crate::model::{GenerationParams, LlamaVid, LoadOptions};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -62,6 +63,7 @@ struct Settings {
     seed: u64,
     latency_ms: u64,
     frame_policy: FramePolicy,
+    dtype: Dtype,
 }
 
 impl Default for Settings {
@@ -80,6 +82,7 @@ impl Default for Settings {
             seed: DEFAULT_SEED,
             latency_ms: DEFAULT_LATENCY_MS,
             frame_policy: FramePolicy::Auto,
+            dtype: Dtype::Auto,
         }
     }
 }
@@ -138,17 +141,26 @@ pub struct LlamaVidCaption {
     worker: Mutex<Option<Arc<Worker>>>,
 }
 
-/// Device and dtype for a `device` property value.
-fn parse_device(device: &str) -> Result<(Device, DType), String> {
+/// Device, compute dtype and CPU precision for the `device` and `dtype` properties.
+fn parse_device(device: &str, dtype: Dtype) -> Result<(Device, DType, Precision), String> {
     let device = device.trim().to_ascii_lowercase();
+    let cpu = || {
+        let precision = match dtype {
+            Dtype::Auto => Precision::Auto,
+            Dtype::F32 => Precision::F32,
+            Dtype::Bf16 => Precision::Bf16,
+            Dtype::Int8 => Precision::Int8,
+        };
+        Ok((Device::Cpu, DType::F32, precision))
+    };
     let cuda_ordinal = match device.as_str() {
-        "cpu" => return Ok((Device::Cpu, DType::F32)),
+        "cpu" => return cpu(),
         "auto" => {
             #[cfg(feature = "cuda")]
             if let Ok(dev) = Device::new_cuda(0) {
-                return Ok((dev, DType::F16));
+                return Ok((dev, cuda_dtype(dtype), Precision::F32));
             }
-            return Ok((Device::Cpu, DType::F32));
+            return cpu();
         }
         "cuda" => 0,
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
@@ -163,7 +175,7 @@ fn parse_device(device: &str) -> Result<(Device, DType), String> {
     #[cfg(feature = "cuda")]
     {
         Device::new_cuda(cuda_ordinal)
-            .map(|dev| (dev, DType::F16))
+            .map(|dev| (dev, cuda_dtype(dtype), Precision::F32))
             .map_err(|e| {
                 format!(
                     "CUDA device {cuda_ordinal} is not available (no NVIDIA GPU or driver?): {e}"
@@ -176,6 +188,16 @@ fn parse_device(device: &str) -> Result<(Device, DType), String> {
             "device cuda:{cuda_ordinal} was asked for, but this build of gst-llamavid has no CUDA \
              support: rebuild with `--features cuda` or set device=cpu"
         ))
+    }
+}
+
+/// Compute dtype on a GPU: half precision unless f32 is asked for (int8 is a CPU mode).
+#[cfg(feature = "cuda")]
+fn cuda_dtype(dtype: Dtype) -> DType {
+    match dtype {
+        Dtype::F32 => DType::F32,
+        Dtype::Bf16 => DType::BF16,
+        Dtype::Auto | Dtype::Int8 => DType::F16,
     }
 }
 
@@ -203,7 +225,7 @@ impl LlamaVidCaption {
                 ("No model set: set the `model` property to a LLaMA-VID model directory")
             ));
         };
-        let (device, dtype) = parse_device(&settings.device)
+        let (device, dtype, precision) = parse_device(&settings.device, settings.dtype)
             .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("{}", e)))?;
         let canonical = model_dir
             .canonicalize()
@@ -212,7 +234,7 @@ impl LlamaVidCaption {
             canonical,
             settings.vision_tower.clone(),
             format!("{device:?}"),
-            format!("{dtype:?}"),
+            format!("{dtype:?}/{}", precision.as_str()),
         );
         let obj = self.obj();
         let _ = obj.post_message(
@@ -238,6 +260,7 @@ impl LlamaVidCaption {
             options.vision_tower = settings.vision_tower.clone();
             options.device = device.clone();
             options.dtype = dtype;
+            options.precision = precision;
             LlamaVid::load(&options)
         });
         match loaded {
@@ -840,6 +863,11 @@ impl ObjectImpl for LlamaVidCaption {
                     .mutable_playing()
                     .build(),
                 ms_property("latency", "Latency", "Processing latency declared to live pipelines for text_src, in ms; a warning is posted when a caption comes later", DEFAULT_LATENCY_MS, 0),
+                glib::ParamSpecEnum::builder_with_default("dtype", Dtype::Auto)
+                    .nick("Data type")
+                    .blurb("Arithmetic of the model: f32 is exact; bf16 and int8 are faster reduced-precision CPU modes (see the README's performance section); auto picks the fastest this build and machine run")
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecEnum::builder_with_default("frame-policy", FramePolicy::Auto)
                     .nick("Frame policy")
                     .blurb("When the model falls behind: drop sampled frames (never stalls video) or wait (every frame encoded)")
@@ -907,6 +935,7 @@ impl ObjectImpl for LlamaVidCaption {
                 return;
             }
             "frame-policy" => settings.frame_policy = value.get().expect("type checked"),
+            "dtype" => settings.dtype = value.get().expect("type checked"),
             other => unreachable!("unknown property {other}"),
         }
         *lock(&self.caption_settings) = settings.caption_settings();
@@ -930,6 +959,7 @@ impl ObjectImpl for LlamaVidCaption {
             "seed" => settings.seed.to_value(),
             "latency" => settings.latency_ms.to_value(),
             "frame-policy" => settings.frame_policy.to_value(),
+            "dtype" => settings.dtype.to_value(),
             "frames-sampled" => stats.frames_sampled.load(Ordering::Relaxed).to_value(),
             "frames-encoded" => stats.frames_encoded.load(Ordering::Relaxed).to_value(),
             "frames-dropped" => stats.frames_dropped.load(Ordering::Relaxed).to_value(),

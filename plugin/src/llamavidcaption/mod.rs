@@ -45,6 +45,26 @@ pub enum FramePolicy {
     Wait = 2,
 }
 
+/// Arithmetic of the model (`dtype` property).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, glib::Enum, Default)]
+#[repr(u32)]
+#[enum_type(name = "GstLlamaVidDtype")]
+pub enum Dtype {
+    /// bf16 on CPUs with AMX (when built with `mkl`), f16 on CUDA, else f32.
+    #[default]
+    #[enum_value(
+        name = "Auto: the fastest mode of this build and machine",
+        nick = "auto"
+    )]
+    Auto = 0,
+    #[enum_value(name = "f32: exact (matches the reference)", nick = "f32")]
+    F32 = 1,
+    #[enum_value(name = "bf16: reduced precision (AMX on CPU)", nick = "bf16")]
+    Bf16 = 2,
+    #[enum_value(name = "int8: 8-bit weights and activations (CPU)", nick = "int8")]
+    Int8 = 3,
+}
+
 glib::wrapper! {
     pub struct LlamaVidCaption(ObjectSubclass<imp::LlamaVidCaption>) @extends gst::Element, gst::Object;
 }
@@ -54,7 +74,10 @@ pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
         gst::meta::CustomMeta::register(CAPTION_META, &[]);
     }
     #[cfg(feature = "doc")]
-    FramePolicy::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+    {
+        FramePolicy::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+        Dtype::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+    }
     gst::Element::register(
         Some(plugin),
         "llamavidcaption",

@@ -11,6 +11,7 @@ use super::config::{read_json, BertConfig, LlavaConfig, VisionOverrides};
 use super::eva::{EvaConfig, EvaVit};
 use super::files::ModelFiles;
 use super::llama::{Llama, LogitsFor};
+use super::nn::{Precision, PrecisionScope};
 use super::preprocess::{ClipPreprocess, FrameView, ResizeTarget};
 use super::prompt::{clean_answer, split_at_image, tokenize_with_image, vicuna_v1_prompt};
 use super::qformer::{QFormerConfig, TextGuidance};
@@ -33,6 +34,9 @@ pub struct LoadOptions {
     /// Compute dtype; weights are converted from whatever the files store.
     pub dtype: DType,
     pub weight_format: WeightFormat,
+    /// Arithmetic of the linear layers on the CPU (f32 is exact; see `Precision`). Applied
+    /// while loading: reduced-precision weights replace the f32 ones layer by layer.
+    pub precision: Precision,
 }
 
 impl LoadOptions {
@@ -44,6 +48,7 @@ impl LoadOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             weight_format: WeightFormat::Auto,
+            precision: Precision::F32,
         }
     }
 }
@@ -88,6 +93,7 @@ pub struct LlamaVid {
     qformer_tokenizer: BertTokenizer,
     device: Device,
     dtype: DType,
+    precision: Precision,
     notes: Vec<String>,
 }
 
@@ -178,6 +184,10 @@ impl LlamaVid {
         )?;
         let mut notes = Vec::new();
         let (device, dtype) = (&options.device, options.dtype);
+        let (precision, note) = options.precision.resolve(device);
+        notes.extend(note);
+        // Every linear layer built from here on converts its weights to `precision`.
+        let _precision_scope = PrecisionScope::enter(precision);
 
         // Vision tower.
         let overrides: VisionOverrides = match &files.vision_overrides {
@@ -275,6 +285,7 @@ impl LlamaVid {
             qformer_tokenizer,
             device: device.clone(),
             dtype,
+            precision,
             notes,
         })
     }
@@ -293,6 +304,11 @@ impl LlamaVid {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The arithmetic of the linear layers, as resolved at load (never `Auto`).
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Things the loader decided that a user may want to know (fallbacks taken).
@@ -345,8 +361,42 @@ impl LlamaVid {
         })
     }
 
+    /// A prompt from ids tokenized elsewhere: the LLM ids with the image placeholder (-200)
+    /// and the Q-Former's BERT ids (benchmarks feed recorded ids this way).
+    pub fn prompt_from_ids(
+        &self,
+        question: &str,
+        input_ids: Vec<i64>,
+        qformer_ids: &[u32],
+    ) -> Result<CaptionPrompt> {
+        let guidance = self.tokens.text_guidance(qformer_ids)?;
+        let parts = split_at_image(&input_ids)?;
+        Ok(CaptionPrompt {
+            question: question.to_owned(),
+            guidance,
+            before: self.llm.embed(&parts.before)?,
+            after: self.llm.embed(&parts.after)?,
+            input_ids,
+        })
+    }
+
     /// Frames to pixels (B, 3, S, S) on the compute device.
     pub fn preprocess(&self, frames: &[FrameView]) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(device) = &self.device {
+            // Only the sampled frame's planes are uploaded; the one-pass kernel does the
+            // conversion, resize, crop and normalisation on the GPU (kernels/preprocess).
+            let mut pixels = Vec::with_capacity(frames.len());
+            for frame in frames {
+                frame.validate()?;
+                let plan = llamavid_kernels::PreprocessPlan::new(
+                    device,
+                    self.preprocess.kernel_params(frame),
+                )?;
+                pixels.push(plan.run_planes(&frame.planes, self.dtype)?);
+            }
+            return Ok(Tensor::stack(&pixels, 0)?);
+        }
         let pixels = self.preprocess.tensor(frames, &self.device)?;
         Ok(pixels.to_dtype(self.dtype)?)
     }

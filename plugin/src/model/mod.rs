@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod eva;
 pub mod files;
@@ -25,4 +26,5 @@ mod llamavid;
 pub use checkpoint::WeightFormat;
 pub use error::{ModelError, Result};
 pub use llamavid::{Caption, CaptionPrompt, Generation, LlamaVid, LoadOptions};
+pub use nn::Precision;
 pub use sampling::GenerationParams;

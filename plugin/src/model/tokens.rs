@@ -188,23 +188,20 @@ impl TokenGenerator {
         let text_queries = self.text_queries(&self.qformer_output(guidance, &visual_input)?)?;
         let patches = self.patches(vision_features)?;
         let keys = self.context_keys(&patches)?;
-        let (context_pooled, content_pooled) =
-            if patches.device().is_cuda() && self.pooling == ContentPooling::Mean {
-                // One fused kernel for attention, softmax and both poolings (kernels/compress).
-                let pooled = llamavid_kernels::compress_with_scale(
-                    &text_queries,
-                    &keys,
-                    &patches,
-                    self.scale,
-                )?;
-                (pooled.context, pooled.content.unsqueeze(1)?)
-            } else {
-                let attention = self.context_attention(&text_queries, &keys)?;
-                (
-                    self.context_pooled(&attention, &patches)?,
-                    self.content_pooled(&patches)?,
-                )
-            };
+        let (context_pooled, content_pooled) = if patches.device().is_cuda()
+            && self.pooling == ContentPooling::Mean
+        {
+            // One fused kernel for attention, softmax and both poolings (kernels/compress).
+            let pooled =
+                llamavid_kernels::compress_with_scale(&text_queries, &keys, &patches, self.scale)?;
+            (pooled.context, pooled.content.unsqueeze(1)?)
+        } else {
+            let attention = self.context_attention(&text_queries, &keys)?;
+            (
+                self.context_pooled(&attention, &patches)?,
+                self.content_pooled(&patches)?,
+            )
+        };
         let context = self.context_tokens(&context_pooled)?;
         let content = self.content_tokens(&content_pooled)?;
         Tensor::cat(&[&context.unsqueeze(1)?, &content], 1)

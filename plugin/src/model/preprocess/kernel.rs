@@ -2,9 +2,7 @@
 //! (and its CPU twin): the same integer YUV coefficients, the same Pillow taps and the same
 //! crop and normalisation as [`ClipPreprocess::pixels`], so that GPU and CPU agree bit for bit.
 
-use llamavid_kernels::{
-    AxisTaps, Normalization, Plane, PreprocessParams, SourceFormat, YuvCoeffs,
-};
+use llamavid_kernels::{AxisTaps, Normalization, Plane, PreprocessParams, SourceFormat, YuvCoeffs};
 
 use super::{AxisCoeffs, ClipPreprocess, FrameView, PixelFormat};
 
@@ -83,7 +81,9 @@ mod tests {
         // An odd-sized NV12 frame with padded strides, shrunk and cropped.
         let (w, h) = (37usize, 23usize);
         let luma: Vec<u8> = (0..40 * h).map(|i| (i * 7 % 251) as u8).collect();
-        let chroma: Vec<u8> = (0..40 * h.div_ceil(2)).map(|i| (i * 13 % 241) as u8).collect();
+        let chroma: Vec<u8> = (0..40 * h.div_ceil(2))
+            .map(|i| (i * 13 % 241) as u8)
+            .collect();
         let frame = FrameView::new(PixelFormat::Nv12, w, h, vec![&luma, &chroma], vec![40, 40])
             .with_yuv(YuvToRgb::default_for_height(h));
         let mut pre = ClipPreprocess::clip_224();

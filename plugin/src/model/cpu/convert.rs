@@ -1,0 +1,232 @@
+//! Element-wise conversions around the reduced-precision products: f32 to bf16 (round to
+//! nearest even, as PyTorch's `.to(torch.bfloat16)`), and per-row symmetric int8
+//! quantisation of activations (stored with a +128 offset as u8, the operand type of
+//! `vpdpbusd` and MKL's `gemm_s8u8s32`).
+
+use rayon::prelude::*;
+
+/// Work below this many elements stays on the calling thread.
+const PAR_MIN: usize = 1 << 15;
+
+#[inline(always)]
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) as u16) | 0x40;
+    }
+    // Round to nearest, ties to even.
+    (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
+#[inline(always)]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+fn to_bf16_serial(src: &[f32], dst: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::CpuFeatures::get().avx512f {
+        // SAFETY: the feature was detected at run time.
+        unsafe { to_bf16_avx512(src, dst) };
+        return;
+    }
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = bf16_bits(s);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [u16]) {
+    if super::CpuFeatures::get().avx512_bf16 {
+        return to_bf16_avx512bf16(src, dst);
+    }
+    // Written as a plain loop: the compiler vectorises it with the enabled features.
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = bf16_bits(s);
+    }
+}
+
+/// `vcvtneps2bf16`: round to nearest even, 16 values per instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn to_bf16_avx512bf16(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let n = src.len();
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut i = 0;
+    while i + 16 <= n {
+        let v: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(s.add(i))));
+        _mm256_storeu_si256(d.add(i) as *mut __m256i, v);
+        i += 16;
+    }
+    for j in i..n {
+        *d.add(j) = bf16_bits(*s.add(j));
+    }
+}
+
+/// `dst[i] = bf16(src[i])`, in parallel for large slices.
+pub fn to_bf16(src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len());
+    if src.len() < PAR_MIN {
+        return to_bf16_serial(src, dst);
+    }
+    let chunk = src.len().div_ceil(rayon::current_num_threads()).max(4096);
+    dst.par_chunks_mut(chunk)
+        .zip(src.par_chunks(chunk))
+        .for_each(|(d, s)| to_bf16_serial(s, d));
+}
+
+/// One row: returns the scale `s` with `x ≈ s · (q - 128)`.
+#[inline(always)]
+fn quantize_row_inner(x: &[f32], q: &mut [u8]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 || !amax.is_finite() {
+        q.fill(128);
+        return if amax.is_finite() { 1.0 } else { f32::NAN };
+    }
+    let scale = amax / 127.0;
+    let inv = 127.0 / amax;
+    for (d, &v) in q.iter_mut().zip(x) {
+        let r = (v * inv).round_ties_even().clamp(-127.0, 127.0);
+        *d = (r as i32 + 128) as u8;
+    }
+    scale
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_row_avx512(x: &[f32], q: &mut [u8]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let px = x.as_ptr();
+    let mask = |len: usize| ((1u32 << len.min(16)) - 1) as u16;
+    let mut m = _mm512_setzero_ps();
+    let mut i = 0;
+    while i < n {
+        let v = _mm512_maskz_loadu_ps(mask(n - i), px.add(i));
+        m = _mm512_max_ps(m, _mm512_abs_ps(v));
+        i += 16;
+    }
+    let amax = _mm512_reduce_max_ps(m);
+    if amax == 0.0 || !amax.is_finite() {
+        return quantize_row_inner(x, q);
+    }
+    let inv = _mm512_set1_ps(127.0 / amax);
+    let (lo, hi, off) = (
+        _mm512_set1_epi32(-127),
+        _mm512_set1_epi32(127),
+        _mm512_set1_epi32(128),
+    );
+    let pq = q.as_mut_ptr();
+    let mut i = 0;
+    while i < n {
+        let k = mask(n - i);
+        let v = _mm512_maskz_loadu_ps(k, px.add(i));
+        // Round to nearest even (the default MXCSR mode), clamp, shift to u8.
+        let r = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+        let r = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(r, lo), hi), off);
+        _mm512_mask_cvtepi32_storeu_epi8(pq.add(i) as *mut i8, k, r);
+        i += 16;
+    }
+    amax / 127.0
+}
+
+fn quantize_row(x: &[f32], q: &mut [u8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::CpuFeatures::get().avx512f {
+        // SAFETY: the feature was detected at run time.
+        return unsafe { quantize_row_avx512(x, q) };
+    }
+    quantize_row_inner(x, q)
+}
+
+/// Quantises each row of `x` (rows of `k`) to u8 with its own symmetric scale.
+pub fn quantize_rows(x: &[f32], k: usize, q: &mut [u8], scales: &mut [f32]) {
+    assert_eq!(x.len(), q.len());
+    assert_eq!(x.len(), scales.len() * k);
+    if x.len() < PAR_MIN {
+        for ((row, qrow), s) in x.chunks(k).zip(q.chunks_mut(k)).zip(scales.iter_mut()) {
+            *s = quantize_row(row, qrow);
+        }
+        return;
+    }
+    q.par_chunks_mut(k)
+        .zip(x.par_chunks(k))
+        .zip(scales.par_iter_mut())
+        .for_each(|((qrow, row), s)| *s = quantize_row(row, qrow));
+}
+
+/// Per-output-channel symmetric int8 weights: row `j` of `w` (rows of `k`) becomes
+/// `scale[j] · q[j, :]` with `q` in [-127, 127]. Returns (q, scales, -128 · row sums of q).
+pub fn quantize_weights(w: &[f32], k: usize) -> (Vec<i8>, Vec<f32>, Vec<i32>) {
+    let n = w.len() / k;
+    let mut q = vec![0i8; w.len()];
+    let mut scales = vec![0f32; n];
+    let mut offsets = vec![0i32; n];
+    q.par_chunks_mut(k)
+        .zip(w.par_chunks(k))
+        .zip(scales.par_iter_mut().zip(offsets.par_iter_mut()))
+        .for_each(|((qrow, row), (s, o))| {
+            let (scale, sum) = quantize_weight_row(row, qrow);
+            *s = scale;
+            *o = -128 * sum;
+        });
+    (q, scales, offsets)
+}
+
+super::dispatch_avx512! {
+    /// One weight row to int8 with its scale; returns (scale, Σ q).
+    fn quantize_weight_row(row: &[f32], q: &mut [i8]) -> (f32, i32) {
+        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+        let inv = 1.0 / scale;
+        let mut sum = 0i32;
+        for (d, &v) in q.iter_mut().zip(row) {
+            let r = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i32;
+            *d = r as i8;
+            sum += r;
+        }
+        (scale, sum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(bf16_bits(1.0), 0x3F80);
+        // 1 + 2^-8 is halfway between two bf16 values: ties go to the even one (1.0).
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3F80);
+        // 1 + 3·2^-8 is halfway too: ties go up to the even 1 + 2^-6.
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3F82);
+        assert_eq!(bf16_to_f32(bf16_bits(-2.5)), -2.5);
+        assert!(bf16_to_f32(bf16_bits(f32::NAN)).is_nan());
+        let src: Vec<f32> = (0..100_000).map(|i| i as f32 * 0.37 - 5000.0).collect();
+        let mut fast = vec![0u16; src.len()];
+        to_bf16(&src, &mut fast);
+        assert!(fast.iter().zip(&src).all(|(&b, &s)| b == bf16_bits(s)));
+    }
+
+    #[test]
+    fn row_quantisation_round_trips_within_half_a_step() {
+        let x: Vec<f32> = (0..64).map(|i| (i as f32 - 20.0) * 0.3).collect();
+        let mut q = vec![0u8; 64];
+        let mut s = vec![0f32; 2];
+        quantize_rows(&x, 32, &mut q, &mut s);
+        for (row, (qrow, scale)) in x.chunks(32).zip(q.chunks(32).zip(&s)) {
+            for (&v, &qv) in row.iter().zip(qrow) {
+                let back = (qv as i32 - 128) as f32 * scale;
+                assert!((back - v).abs() <= scale * 0.5 + 1e-6, "{v} vs {back}");
+            }
+        }
+        let (wq, ws, wo) = quantize_weights(&x, 32);
+        assert_eq!(
+            wo[0],
+            -128 * wq[..32].iter().map(|&v| v as i32).sum::<i32>()
+        );
+        assert!((ws[1] * 127.0 - x[32..].iter().fold(0f32, |m, v| m.max(v.abs()))).abs() < 1e-5);
+    }
+}
