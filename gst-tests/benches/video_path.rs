@@ -110,10 +110,11 @@ fn run(element: &str, o: &Options) -> Run {
             0
         }
     };
+    let in_element = std::mem::take(&mut *spent.lock().unwrap());
     let run = Run {
         wall,
-        frames: spent.lock().unwrap().len(),
-        in_element: std::mem::take(&mut *spent.lock().unwrap()),
+        frames: in_element.len(),
+        in_element,
         captions: stat("captions"),
         sampled: stat("frames-sampled"),
         dropped: stat("frames-dropped"),
