@@ -18,6 +18,9 @@ mod mkl {
     /// The CBLAS entry points `src/model/cpu/mkl.rs` declares.
     const SYMBOLS: &[&str] = &[
         "cblas_sgemm",
+        "cblas_sgemm_pack_get_size",
+        "cblas_sgemm_pack",
+        "cblas_sgemm_compute",
         "cblas_gemm_bf16bf16f32",
         "cblas_gemm_s8u8s32",
     ];

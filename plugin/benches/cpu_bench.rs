@@ -22,7 +22,8 @@ use gstllamavid::model::{CaptionPrompt, LlamaVid, LoadOptions, Precision, Weight
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: cpu_bench --model DIR [--dtype f32|bf16|int8|auto] [--shape FILE] \
-[--repeats N] [--threads N] [--json FILE] [--only encode,encode1,encode8,caption,baseline] [--skip-baseline]";
+[--repeats N] [--threads N] [--json FILE] [--only encode,encode1,encode8,caption,baseline] [--skip-baseline]
+       cpu_bench --accuracy [--fixture DIR] [--json FILE]   (errors of every precision per stage)";
 
 struct Args {
     model: PathBuf,
@@ -32,6 +33,8 @@ struct Args {
     threads: usize,
     json: Option<PathBuf>,
     only: Option<Vec<String>>,
+    /// Accuracy mode: errors per stage on this fixture instead of timings.
+    accuracy: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -43,6 +46,7 @@ fn parse_args() -> Result<Args, String> {
     let mut threads = 2;
     let mut json = None;
     let mut only: Option<Vec<String>> = None;
+    let mut accuracy = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value\n{USAGE}"));
@@ -54,6 +58,8 @@ fn parse_args() -> Result<Args, String> {
             "--threads" => threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?,
             "--json" => json = Some(PathBuf::from(value()?)),
             "--only" => only = Some(value()?.split(',').map(str::to_owned).collect()),
+            "--accuracy" => accuracy = Some(repo.join("../shared/fixtures/llamavid-tiny-a")),
+            "--fixture" => accuracy = Some(PathBuf::from(value()?)),
             "--skip-baseline" => {
                 only = Some(vec!["encode".into(), "caption".into(), "load".into()])
             }
@@ -66,6 +72,9 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
     }
+    if accuracy.is_some() && model.is_none() {
+        model = Some(PathBuf::new());
+    }
     Ok(Args {
         model: model.ok_or(format!("--model is required\n{USAGE}"))?,
         precision,
@@ -74,6 +83,7 @@ fn parse_args() -> Result<Args, String> {
         threads: threads.max(1),
         json,
         only,
+        accuracy,
     })
 }
 
@@ -297,6 +307,9 @@ fn run() -> Result<(), String> {
     let args = parse_args()?;
     // Candle's gemm and rayon read the thread count from here; set it before either starts.
     std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
+    if let Some(fixture) = &args.accuracy {
+        return accuracy(fixture, args.json.as_deref());
+    }
     let e = |e: candle_core::Error| e.to_string();
     let shape: Value = serde_json::from_str(
         &std::fs::read_to_string(&args.shape)
@@ -525,4 +538,152 @@ fn stage_profile(table: &mut Vec<(String, f64, &'static str)>, frames: f64) {
 
 fn rayon_threads() -> usize {
     rayon::current_num_threads()
+}
+
+/// Largest |a - b| and that error relative to max(1, max |b|) (the fixture tests' measure).
+fn error(ours: &Tensor, reference: &Tensor) -> candle_core::Result<(f64, f64)> {
+    let ours = ours.to_dtype(candle_core::DType::F32)?.flatten_all()?;
+    let reference = reference.to_dtype(candle_core::DType::F32)?.flatten_all()?;
+    let err = (ours - &reference)?.abs()?.max(0)?.to_scalar::<f32>()? as f64;
+    let scale = reference.abs()?.max(0)?.to_scalar::<f32>()?.max(1.0) as f64;
+    Ok((err, err / scale))
+}
+
+/// Loads the fixture at every precision and compares each stage, fed with the reference
+/// input of that stage, with the reference implementation's tensors (as the fixture tests do).
+fn accuracy(fixture: &Path, json_path: Option<&Path>) -> Result<(), String> {
+    let e = |e: candle_core::Error| e.to_string();
+    let reference =
+        candle_core::safetensors::load(fixture.join("reference.safetensors"), &Device::Cpu)
+            .map_err(|e| format!("{}: {e}", fixture.display()))?;
+    let r = |name: &str| {
+        reference
+            .get(name)
+            .cloned()
+            .ok_or(format!("reference has no {name}"))
+    };
+    let prompt_json: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture.join("prompt.json")).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let question = prompt_json["question"].as_str().unwrap_or("").to_owned();
+    let ids = |name: &str| -> Result<Vec<u32>, String> {
+        Ok(r(name)?
+            .flatten_all()
+            .and_then(|t| t.to_dtype(candle_core::DType::I64))
+            .and_then(|t| t.to_vec1::<i64>())
+            .map_err(e)?
+            .into_iter()
+            .map(|v| v as u32)
+            .collect())
+    };
+    let model_dir = std::fs::read_dir(fixture)
+        .map_err(|e| e.to_string())?
+        .filter_map(|d| d.ok().map(|d| d.path()))
+        .find(|p| p.join("pytorch_model.bin.index.json").is_file())
+        .ok_or("fixture has no model directory")?;
+    let stages = [
+        "vision_features",
+        "qformer_output",
+        "video_tokens",
+        "logits",
+        "step_logits",
+    ];
+    // f32 tolerances of the fixture tests (relative to max(1, max|ref|)).
+    let tolerance = [1e-4, 1e-4, 1e-3, 1e-4, 1e-4];
+    let mut out = serde_json::Map::new();
+    println!(
+        "{:<8} {:<16} {:>12} {:>12} {:>14}",
+        "dtype", "stage", "max abs err", "relative", "x f32 tolerance"
+    );
+    for precision in [Precision::F32, Precision::Bf16, Precision::Int8] {
+        let mut options = LoadOptions::new(&model_dir);
+        options.weight_format = WeightFormat::Pickle;
+        options.precision = precision;
+        let model = LlamaVid::load(&options).map_err(|e| e.to_string())?;
+        let tg = model.token_generator();
+        let prompt = model.prompt(&question).map_err(|e| e.to_string())?;
+        let pixels = r("pixel_values")?;
+        let guidance = tg.text_guidance(&ids("qformer_input_ids")?).map_err(e)?;
+        let tokens = model
+            .encode_pixels(&pixels, &prompt)
+            .map_err(|e| e.to_string())?;
+        let frames = tokens.dim(0).map_err(e)?;
+        let mut cache = model
+            .llm()
+            .new_cache(r("inputs_embeds")?.dim(1).map_err(e)?);
+        let logits = model
+            .llm()
+            .forward(
+                &r("inputs_embeds")?,
+                &mut cache,
+                LogitsFor::AllPositions,
+                None,
+            )
+            .map_err(e)?;
+        let expected_ids = ids("generated_ids")?;
+        let params = gstllamavid::model::GenerationParams {
+            max_new_tokens: expected_ids.len(),
+            ..Default::default()
+        };
+        let generation = model
+            .generate(&r("inputs_embeds")?, &params, true, None)
+            .map_err(|e| e.to_string())?;
+        let ours = [
+            model.vision().forward(&pixels).map_err(e)?,
+            tg.qformer_output(&guidance, &r("qformer_visual_input")?)
+                .map_err(e)?,
+            tokens
+                .reshape((frames * tokens.dim(1).map_err(e)?, ()))
+                .map_err(e)?,
+            logits,
+            Tensor::stack(&generation.step_logits, 0).map_err(e)?,
+        ];
+        let matching = generation
+            .token_ids
+            .iter()
+            .zip(&expected_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let mut entry = serde_json::Map::new();
+        for ((stage, ours), tol) in stages.iter().zip(&ours).zip(tolerance) {
+            let (abs, rel) = error(ours, &r(stage)?).map_err(e)?;
+            println!(
+                "{:<8} {:<16} {:>12.3e} {:>12.3e} {:>14.1}",
+                model.precision().as_str(),
+                stage,
+                abs,
+                rel,
+                rel / tol
+            );
+            entry.insert(
+                stage.to_string(),
+                json!({"max_abs": abs, "relative": rel, "tolerance": tol}),
+            );
+        }
+        println!(
+            "{:<8} {:<16} {matching} of {} greedy ids as the reference{}",
+            model.precision().as_str(),
+            "generated ids",
+            expected_ids.len(),
+            if generation.token_ids == expected_ids {
+                " (all)"
+            } else {
+                ""
+            }
+        );
+        entry.insert(
+            "greedy_ids_matching_prefix".into(),
+            json!({"matching": matching, "of": expected_ids.len()}),
+        );
+        out.insert(model.precision().as_str().into(), Value::Object(entry));
+    }
+    if let Some(path) = json_path {
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&Value::Object(out)).unwrap(),
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
 }

@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
-use super::nn::{linear, Linear};
+use super::nn::{fused_vit_block, linear, Linear, PackScope};
 
 /// Sizes of the tower. Width, patch size, grid and MLP width come from the weights; the head
 /// count and the number of blocks used are not stored anywhere (see `VisionOverrides`).
@@ -140,6 +140,22 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // On the CPU, the whole block runs in our kernels (no intermediate tensors; reduced
+        // precision when the model was loaded so); elsewhere, the candle ops below.
+        let attn = &self.attn;
+        if let Some(out) = fused_vit_block(
+            x,
+            &self.norm1,
+            &attn.qkv,
+            &attn.proj,
+            attn.num_heads,
+            attn.scale,
+            &self.norm2,
+            &self.mlp.fc1,
+            &self.mlp.fc2,
+        )? {
+            return Ok(out);
+        }
         let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
         &x + self.mlp.forward(&self.norm2.forward(&x)?)?
     }
@@ -157,6 +173,9 @@ pub struct EvaVit {
 impl EvaVit {
     pub fn new(cfg: &EvaConfig, vb: VarBuilder) -> Result<Self> {
         let w = cfg.width;
+        // The tower only ever runs whole frames (1 + patches rows each): its f32 weights can
+        // live in the packed layout of the CPU's matrix library.
+        let _packed = PackScope::enter(1 + cfg.num_patches());
         let blocks = (0..cfg.depth)
             .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
             .collect::<Result<Vec<_>>>()?;

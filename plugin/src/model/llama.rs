@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
 
-use super::nn::{linear_no_bias, Linear};
+use super::nn::{fused_llama_layer, linear_no_bias, Linear};
 
 use super::config::LlavaConfig;
 
@@ -178,6 +178,29 @@ impl DecoderLayer {
         rotary: &Rotary,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        // On the CPU, the whole layer runs in our kernels; elsewhere, the candle ops below.
+        let (attn, mlp) = (&self.self_attn, &self.mlp);
+        if let Some(out) = fused_llama_layer(
+            x,
+            start,
+            &rotary.cos,
+            &rotary.sin,
+            &self.input_layernorm,
+            &attn.q_proj,
+            &attn.k_proj,
+            &attn.v_proj,
+            &attn.o_proj,
+            attn.num_heads,
+            attn.num_kv_heads,
+            attn.head_dim,
+            &self.post_attention_layernorm,
+            &mlp.gate_proj,
+            &mlp.up_proj,
+            &mlp.down_proj,
+            cache,
+        )? {
+            return Ok(out);
+        }
         let attended =
             self.self_attn
                 .forward(&self.input_layernorm.forward(x)?, start, rotary, cache)?;

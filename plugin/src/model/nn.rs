@@ -142,6 +142,35 @@ pub fn load_precision() -> Precision {
     LOAD_PRECISION.with(Cell::get)
 }
 
+thread_local! {
+    static LOAD_PACK_ROWS: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// While alive, f32 `Linear` layers built on this thread keep their weights only in MKL's
+/// packed layout, tuned for products of about `rows` rows (feature `mkl`; no effect without
+/// it). For layers that only ever see many rows at once, such as the vision tower's (257 per
+/// frame): a one-frame encode no longer re-packs 4 GB of weights.
+pub struct PackScope {
+    previous: Option<usize>,
+}
+
+impl PackScope {
+    pub fn enter(rows: usize) -> Self {
+        let previous = LOAD_PACK_ROWS.with(|p| p.replace(Some(rows)));
+        Self { previous }
+    }
+}
+
+impl Drop for PackScope {
+    fn drop(&mut self) {
+        LOAD_PACK_ROWS.with(|p| p.set(self.previous));
+    }
+}
+
+fn load_pack_rows() -> Option<usize> {
+    LOAD_PACK_ROWS.with(Cell::get)
+}
+
 #[derive(Clone)]
 enum Backend {
     Candle(candle_nn::Linear),
@@ -229,7 +258,7 @@ impl Linear {
                     CpuLinear::Int8(cpu::Int8Linear::new(&w, n, k, b))
                 }
             }
-            _ => match cpu::F32Linear::new(weight.clone(), b) {
+            _ => match cpu::F32Linear::new(weight.clone(), b, load_pack_rows()) {
                 Ok(l) => CpuLinear::F32(l),
                 Err(_) => return Err((weight, bias)),
             },
@@ -255,7 +284,7 @@ impl Linear {
         match &self.backend {
             Backend::Candle(l) => Some(l.weight()),
             Backend::Cpu { kernel, .. } => match &**kernel {
-                CpuLinear::F32(l) => Some(l.weight()),
+                CpuLinear::F32(l) => l.weight(),
                 _ => None,
             },
         }

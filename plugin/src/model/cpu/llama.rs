@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{math, CpuLinear, Scratch, SharedMut};
+use super::{math, CpuLinear, Epilogue, Scratch, SharedMut};
 
 /// The weights of one layer.
 pub struct LlamaLayer<'a> {
@@ -89,10 +89,8 @@ impl LlamaLayer<'_> {
             values,
             &mut att,
         );
-        let mut y = Scratch::<f32>::new(len * hidden);
-        self.o.forward_into(&att, len, &mut y);
+        self.o.forward_with(&att, len, x, Epilogue::Accumulate);
         drop(att);
-        math::add_assign(x, &y);
         let mut h = Scratch::<f32>::new(len * hidden);
         math::rms_norm(x, self.post_norm, self.eps, &mut h);
         let inter = self.gate.out_features();
@@ -102,8 +100,7 @@ impl LlamaLayer<'_> {
         self.up.forward_into(&h, len, &mut u);
         math::silu_mul(&mut g, &u);
         drop(u);
-        self.down.forward_into(&g, len, &mut y);
-        math::add_assign(x, &y);
+        self.down.forward_with(&g, len, x, Epilogue::Accumulate);
     }
 }
 
@@ -160,7 +157,6 @@ fn attention(
         let mut scores = Scratch::<f32>::new(rows * seen);
         // Capture the whole pointer wrapper (Send + Sync), not its raw field.
         #[allow(clippy::redundant_locals)]
-        let out_ptr = out_ptr;
         // SAFETY: q rows r0..r1 of this head (row stride `width`), `seen` key and value rows
         // (stride token_stride) inside the cache, scores (rows, seen); the output rows r0..r1
         // and columns of head h are written by this task only.
@@ -191,7 +187,7 @@ fn attention(
                 v.as_ptr(),
                 values.token_stride,
                 false,
-                out_ptr.0.add(r0 * width + h * d),
+                out_ptr.get().add(r0 * width + h * d),
                 width,
             );
         }

@@ -31,6 +31,34 @@ extern "C" {
         c: *mut f32,
         ldc: c_int,
     );
+    fn cblas_sgemm_pack_get_size(identifier: c_int, m: c_int, n: c_int, k: c_int) -> usize;
+    fn cblas_sgemm_pack(
+        layout: c_int,
+        identifier: c_int,
+        trans: c_int,
+        m: c_int,
+        n: c_int,
+        k: c_int,
+        alpha: f32,
+        src: *const f32,
+        ld: c_int,
+        dest: *mut f32,
+    );
+    fn cblas_sgemm_compute(
+        layout: c_int,
+        transa: c_int,
+        transb: c_int,
+        m: c_int,
+        n: c_int,
+        k: c_int,
+        a: *const f32,
+        lda: c_int,
+        b: *const f32,
+        ldb: c_int,
+        beta: f32,
+        c: *mut f32,
+        ldc: c_int,
+    );
     fn cblas_gemm_bf16bf16f32(
         layout: c_int,
         transa: c_int,
@@ -67,6 +95,71 @@ extern "C" {
         ldc: c_int,
         co: *const i32,
     );
+}
+
+/// `cblas_?gemm_compute`'s marker for an operand in MKL's packed format.
+const PACKED: c_int = 151;
+/// `cblas_?gemm_pack`'s identifier of the B operand.
+const B_MATRIX: c_int = 162;
+
+/// A weight matrix `W[n, k]` (used as `Wᵀ`, the B of `A · Wᵀ`) in MKL's internal packed
+/// layout, so that a product does not re-pack it on every call. MKL forbids moving the packed
+/// data; the heap buffer of the `Vec` never moves.
+pub struct PackedF32 {
+    data: Vec<f32>,
+    n: usize,
+    k: usize,
+}
+
+impl PackedF32 {
+    /// Packs `w` (n rows of k at row stride `ldw`) for products of about `m_hint` rows.
+    ///
+    /// # Safety
+    /// `w` must address n rows of k floats at stride `ldw`.
+    pub unsafe fn new(m_hint: usize, n: usize, k: usize, w: *const f32, ldw: usize) -> Self {
+        let bytes = cblas_sgemm_pack_get_size(B_MATRIX, int(m_hint), int(n), int(k));
+        let mut data = vec![0f32; bytes.div_ceil(4)];
+        cblas_sgemm_pack(
+            ROW_MAJOR,
+            B_MATRIX,
+            TRANS,
+            int(m_hint),
+            int(n),
+            int(k),
+            1.0,
+            w,
+            int(ldw),
+            data.as_mut_ptr(),
+        );
+        Self { data, n, k }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    /// `C[m, n] (row stride ldc) = A[m, k] · Wᵀ + beta · C`.
+    ///
+    /// # Safety
+    /// `a` must address m rows of k floats, `c` m rows of n floats at stride `ldc`.
+    pub unsafe fn product(&self, m: usize, a: *const f32, beta: f32, c: *mut f32, ldc: usize) {
+        cblas_sgemm_compute(
+            ROW_MAJOR,
+            NO_TRANS,
+            PACKED,
+            int(m),
+            int(self.n),
+            int(self.k),
+            a,
+            int(self.k),
+            self.data.as_ptr(),
+            int(self.k),
+            beta,
+            c,
+            int(ldc),
+        );
+    }
 }
 
 fn int(v: usize) -> c_int {
@@ -124,6 +217,40 @@ pub unsafe fn sgemm_strided(
     ldc: usize,
 ) {
     cblas_sgemm(
+        ROW_MAJOR,
+        NO_TRANS,
+        if b_rows_are_columns { TRANS } else { NO_TRANS },
+        int(m),
+        int(n),
+        int(k),
+        1.0,
+        a,
+        int(lda),
+        b,
+        int(ldb),
+        0.0,
+        c,
+        int(ldc),
+    );
+}
+
+/// As [`sgemm_strided`] with bf16 inputs and f32 output.
+///
+/// # Safety
+/// As for [`sgemm_nt`].
+pub unsafe fn bf16_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const u16,
+    lda: usize,
+    b: *const u16,
+    ldb: usize,
+    b_rows_are_columns: bool,
+    c: *mut f32,
+    ldc: usize,
+) {
+    cblas_gemm_bf16bf16f32(
         ROW_MAJOR,
         NO_TRANS,
         if b_rows_are_columns { TRANS } else { NO_TRANS },

@@ -53,6 +53,13 @@ pub(crate) struct SharedMut<T>(pub(crate) *mut T);
 unsafe impl<T> Send for SharedMut<T> {}
 unsafe impl<T> Sync for SharedMut<T> {}
 
+impl<T> SharedMut<T> {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// Element types of the scratch buffers.
 pub trait ScratchElem: Copy + Default + 'static {
     fn pool() -> &'static std::thread::LocalKey<std::cell::RefCell<Vec<Vec<Self>>>>;
@@ -248,6 +255,118 @@ pub fn candle_only() -> bool {
     *CANDLE.get_or_init(|| std::env::var("LLAMAVID_LINEAR").is_ok_and(|v| v == "candle"))
 }
 
+/// What a linear layer does with its result `y = x · Wᵀ + b`. The large-batch reduced-precision
+/// paths apply it to each block of rows right after the block's product, while the block is
+/// still in cache, instead of in one more pass over the whole output (a 257-token frame's MLP
+/// activations are 6 MB per layer: those passes were memory-bound, about a tenth of an encode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `out = y`.
+    Store,
+    /// `out = gelu_erf(y)`: a transformer MLP's first layer.
+    Gelu,
+    /// `out += y`: a residual connection, `out` holding the residual stream.
+    Accumulate,
+}
+
+impl Epilogue {
+    /// Applies the epilogue as separate passes, for paths that do not fuse it: `compute`
+    /// writes `y` into the slice it is given.
+    fn unfused(self, out: &mut [f32], compute: impl FnOnce(&mut [f32])) {
+        match self {
+            Self::Store => compute(out),
+            Self::Gelu => {
+                compute(out);
+                math::gelu(out);
+            }
+            Self::Accumulate => {
+                let mut y = Scratch::<f32>::new(out.len());
+                compute(&mut y);
+                math::add_assign(out, &y);
+            }
+        }
+    }
+}
+
+/// Rows per block of the blocked products: one frame's tokens (257 for EVA at 224 px) per
+/// block. Measured on the benchmark's vision tower (int8, 2 threads, per frame): blocks of 128
+/// rows 0.531 s for one frame / 0.446 s in a batch of 8, one block per whole product 0.478 /
+/// 0.465 s, blocks of up to 300 rows 0.424 / 0.432 s. `LLAMAVID_ROW_BLOCK` overrides it.
+#[cfg(feature = "mkl")]
+fn row_block() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("LLAMAVID_ROW_BLOCK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&r| r > 0)
+            .unwrap_or(320)
+    })
+}
+
+/// Calls `tile(i0, i1, j0, j1)` for blocks of rows `i0..i1` and columns `j0..j1` covering an
+/// (m, n) output: the columns are split between the threads, each thread walks its columns'
+/// row blocks in order. Tiles never overlap.
+#[cfg(feature = "mkl")]
+fn for_tiles(m: usize, n: usize, tile: impl Fn(usize, usize, usize, usize) + Sync) {
+    // Equal blocks of at most `row_block()` rows: 257 rows are 3 × 86, not 128 + 128 + 1 (a
+    // one-row product costs MKL nearly as much as a full block).
+    let rows = m.div_ceil(m.div_ceil(row_block()).max(1)).max(1);
+    column_split(n, rayon::current_num_threads())
+        .into_par_iter()
+        .for_each(|(j0, j1)| {
+            for i0 in (0..m).step_by(rows) {
+                tile(i0, (i0 + rows).min(m), j0, j1);
+            }
+        });
+}
+
+/// Before a product accumulates into the tile (rows of `cols` at stride `ld`): the bias is
+/// written (or added, when the tile already holds a residual). Returns the `beta` the product
+/// then needs.
+///
+/// # Safety
+/// `c` must point at `rows` rows of `cols` writable floats at stride `ld`.
+#[cfg(feature = "mkl")]
+unsafe fn prepare_tile(
+    c: *mut f32,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+) -> f32 {
+    let accumulate = epilogue == Epilogue::Accumulate;
+    if let Some(b) = bias {
+        for r in 0..rows {
+            let row = std::slice::from_raw_parts_mut(c.add(r * ld), cols);
+            if accumulate {
+                math::add_assign(row, b);
+            } else {
+                row.copy_from_slice(b);
+            }
+        }
+    }
+    if accumulate || bias.is_some() {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// After a product wrote the tile: the GELU, when asked for.
+///
+/// # Safety
+/// As for [`prepare_tile`].
+#[cfg(feature = "mkl")]
+unsafe fn finish_tile(c: *mut f32, rows: usize, cols: usize, ld: usize, epilogue: Epilogue) {
+    if epilogue == Epilogue::Gelu {
+        for r in 0..rows {
+            math::gelu(std::slice::from_raw_parts_mut(c.add(r * ld), cols));
+        }
+    }
+}
+
 /// A linear layer's weights in the layout of one CPU kernel.
 pub enum CpuLinear {
     F32(F32Linear),
@@ -274,12 +393,17 @@ impl CpuLinear {
 
     /// `out = x · Wᵀ + b` for `x` (m, k) row-major f32 and `out` (m, n).
     pub fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        self.forward_with(x, m, out, Epilogue::Store);
+    }
+
+    /// `y = x · Wᵀ + b`, then `out` receives `y` as `epilogue` says.
+    pub fn forward_with(&self, x: &[f32], m: usize, out: &mut [f32], epilogue: Epilogue) {
         assert_eq!(x.len(), m * self.in_features());
         assert_eq!(out.len(), m * self.out_features());
         match self {
-            Self::F32(l) => l.forward_into(x, m, out),
-            Self::Bf16(l) => l.forward_into(x, m, out),
-            Self::Int8(l) => l.forward_into(x, m, out),
+            Self::F32(l) => l.forward_with(x, m, out, epilogue),
+            Self::Bf16(l) => l.forward_with(x, m, out, epilogue),
+            Self::Int8(l) => l.forward_with(x, m, out, epilogue),
         }
     }
 
@@ -293,7 +417,11 @@ impl CpuLinear {
     /// Bytes of weight storage (for reports).
     pub fn weight_bytes(&self) -> usize {
         match self {
-            Self::F32(l) => l.n * l.k * 4,
+            Self::F32(l) => match &l.weights {
+                F32Weights::Plain(_) => l.n * l.k * 4,
+                #[cfg(feature = "mkl")]
+                F32Weights::Packed(parts) => parts.iter().map(|(_, _, p)| p.bytes()).sum(),
+            },
             Self::Bf16(l) => l.w.len() * 2,
             Self::Int8(l) => l.w.len() + l.scale.len() * 8,
         }
@@ -310,63 +438,194 @@ dispatch_avx512! {
     }
 }
 
-/// f32 weights: our AVX-512 kernel for a few rows, else MKL's sgemm (feature `mkl`) or the
-/// `gemm` crate (candle's own matrix-product library).
+/// f32 weights, the checkpoint's tensor itself: our AVX-512 kernel for a few rows, else MKL's
+/// sgemm (feature `mkl`) or the `gemm` crate (candle's own matrix-product library).
 pub struct F32Linear {
-    /// (n, k) row-major; the checkpoint's tensor itself, not a copy.
-    w: Tensor,
+    weights: F32Weights,
     bias: Option<Vec<f32>>,
     n: usize,
     k: usize,
 }
 
+enum F32Weights {
+    /// (n, k) row-major: the checkpoint's tensor itself.
+    Plain(Tensor),
+    /// In MKL's packed layout, one part per column range of the threads' split (then MKL
+    /// does not re-pack the weights on every product: 10% of a one-frame encode).
+    #[cfg(feature = "mkl")]
+    Packed(Vec<(usize, usize, mkl::PackedF32)>),
+}
+
 impl F32Linear {
-    /// `w` must be a contiguous (n, k) f32 tensor on the CPU.
-    pub fn new(w: Tensor, bias: Option<Vec<f32>>) -> candle_core::Result<Self> {
+    /// `w` is an (n, k) f32 tensor on the CPU. With `pack_rows` (and the `mkl` feature), the
+    /// weights are kept only in MKL's packed layout, tuned for products of about that many
+    /// rows: for layers only ever applied to many rows at once.
+    pub fn new(
+        w: Tensor,
+        bias: Option<Vec<f32>>,
+        pack_rows: Option<usize>,
+    ) -> candle_core::Result<Self> {
         let (n, k) = w.dims2()?;
         let w = w.contiguous()?;
-        Ok(Self { w, bias, n, k })
+        #[allow(unused_mut)]
+        let mut layer = Self {
+            weights: F32Weights::Plain(w),
+            bias,
+            n,
+            k,
+        };
+        #[cfg(feature = "mkl")]
+        if let Some(rows) = pack_rows {
+            let ranges = column_split(n, rayon::current_num_threads());
+            let packed = layer.with_weights(|w| {
+                ranges
+                    .iter()
+                    .map(|&(j0, j1)| {
+                        // SAFETY: rows j0..j1 of the (n, k) weights.
+                        let part = unsafe {
+                            mkl::PackedF32::new(rows, j1 - j0, k, w.as_ptr().add(j0 * k), k)
+                        };
+                        (j0, j1, part)
+                    })
+                    .collect()
+            });
+            // The plain tensor goes now: only the packed copy stays.
+            layer.weights = F32Weights::Packed(packed);
+        }
+        #[cfg(not(feature = "mkl"))]
+        let _ = pack_rows;
+        Ok(layer)
     }
 
-    /// The weight tensor (n, k).
-    pub fn weight(&self) -> &Tensor {
-        &self.w
+    /// The weight tensor (n, k), unless the weights are packed.
+    pub fn weight(&self) -> Option<&Tensor> {
+        match &self.weights {
+            F32Weights::Plain(w) => Some(w),
+            #[cfg(feature = "mkl")]
+            F32Weights::Packed(_) => None,
+        }
+    }
+
+    fn forward_with(&self, x: &[f32], m: usize, out: &mut [f32], epilogue: Epilogue) {
+        #[cfg(feature = "mkl")]
+        if let F32Weights::Packed(packed) = &self.weights {
+            let (n, k) = (self.n, self.k);
+            let c = SharedMut(out.as_mut_ptr());
+            let rows = m.div_ceil(m.div_ceil(row_block()).max(1)).max(1);
+            packed.par_iter().for_each(|(j0, j1, p)| {
+                let (j0, j1) = (*j0, *j1);
+                let cols = j1 - j0;
+                for i0 in (0..m).step_by(rows) {
+                    let i1 = (i0 + rows).min(m);
+                    // SAFETY: as in `Bf16Linear::forward_bf16`.
+                    unsafe {
+                        let tile = c.get().add(i0 * n + j0);
+                        let bias = self.bias.as_deref().map(|b| &b[j0..j1]);
+                        let beta = prepare_tile(tile, i1 - i0, cols, n, bias, epilogue);
+                        p.product(i1 - i0, x.as_ptr().add(i0 * k), beta, tile, n);
+                        finish_tile(tile, i1 - i0, cols, n, epilogue);
+                    }
+                }
+            });
+            return;
+        }
+        #[cfg(feature = "mkl")]
+        if m > gemv::MAX_ROWS {
+            let (n, k) = (self.n, self.k);
+            let c = SharedMut(out.as_mut_ptr());
+            return self.with_weights(|w| {
+                for_tiles(m, n, |i0, i1, j0, j1| {
+                    let (rows, cols) = (i1 - i0, j1 - j0);
+                    // SAFETY: as in `Bf16Linear::forward_bf16`.
+                    unsafe {
+                        let tile = c.get().add(i0 * n + j0);
+                        let bias = self.bias.as_deref().map(|b| &b[j0..j1]);
+                        let beta = prepare_tile(tile, rows, cols, n, bias, epilogue);
+                        mkl::sgemm_nt(
+                            rows,
+                            cols,
+                            k,
+                            x.as_ptr().add(i0 * k),
+                            w.as_ptr().add(j0 * k),
+                            k,
+                            beta,
+                            tile,
+                            n,
+                        );
+                        finish_tile(tile, rows, cols, n, epilogue);
+                    }
+                })
+            });
+        }
+        match epilogue {
+            // The product itself accumulates into the residual stream.
+            Epilogue::Accumulate if m > gemv::MAX_ROWS => {
+                if let Some(b) = &self.bias {
+                    out.chunks_mut(self.n)
+                        .for_each(|row| math::add_assign(row, b));
+                }
+                self.product(x, m, out, true)
+            }
+            _ => epilogue.unfused(out, |y| self.forward_into(x, m, y)),
+        }
     }
 
     fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32]) {
         let (n, k) = (self.n, self.k);
-        let (storage, layout) = self.w.storage_and_layout();
-        let Storage::Cpu(storage) = &*storage else {
-            unreachable!("F32Linear holds a CPU tensor")
-        };
-        let w = &storage.as_slice::<f32>().expect("f32 weights")[layout.start_offset()..][..n * k];
-        let f = CpuFeatures::get();
-        if m <= gemv::MAX_ROWS && f.avx512f {
-            for (rows_x, rows_out) in x
-                .chunks(gemv::MAX_ROWS * k)
-                .zip(out.chunks_mut(gemv::MAX_ROWS * n))
-            {
-                gemv::f32(
-                    rows_x,
-                    rows_x.len() / k,
-                    w,
-                    n,
-                    k,
-                    self.bias.as_deref(),
-                    rows_out,
-                );
-            }
+        if m <= gemv::MAX_ROWS && CpuFeatures::get().avx512f {
+            self.with_weights(|w| {
+                for (rows_x, rows_out) in x
+                    .chunks(gemv::MAX_ROWS * k)
+                    .zip(out.chunks_mut(gemv::MAX_ROWS * n))
+                {
+                    gemv::f32(
+                        rows_x,
+                        rows_x.len() / k,
+                        w,
+                        n,
+                        k,
+                        self.bias.as_deref(),
+                        rows_out,
+                    );
+                }
+            });
             return;
         }
         fill_bias(self.bias.as_deref(), out);
-        let accumulate = self.bias.is_some();
+        self.product(x, m, out, self.bias.is_some());
+    }
+
+    /// Calls `f` with the plain (n, k) weights as a slice (packed weights never get here).
+    fn with_weights<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
+        #[allow(clippy::infallible_destructuring_match)] // without `mkl`, one variant
+        let w = match &self.weights {
+            F32Weights::Plain(w) => w,
+            #[cfg(feature = "mkl")]
+            F32Weights::Packed(_) => unreachable!("packed weights take their own path"),
+        };
+        let (storage, layout) = w.storage_and_layout();
+        let Storage::Cpu(storage) = &*storage else {
+            unreachable!("F32Linear holds a CPU tensor")
+        };
+        f(
+            &storage.as_slice::<f32>().expect("f32 weights")[layout.start_offset()..]
+                [..self.n * self.k],
+        )
+    }
+
+    /// `out = x · Wᵀ (+ out when accumulate)` for many rows.
+    fn product(&self, x: &[f32], m: usize, out: &mut [f32], accumulate: bool) {
+        self.with_weights(|w| self.product_with(w, x, m, out, accumulate))
+    }
+
+    fn product_with(&self, w: &[f32], x: &[f32], m: usize, out: &mut [f32], accumulate: bool) {
+        let (n, k) = (self.n, self.k);
         #[cfg(feature = "mkl")]
         {
             let c = SharedMut(out.as_mut_ptr());
             column_split(n, rayon::current_num_threads())
                 .into_par_iter()
                 .for_each(|(j0, j1)| {
-                    let c = c;
                     // SAFETY: A is (m, k), B rows j0..j1 of the (n, k) weights, C columns
                     // j0..j1 of the (m, n) output; tasks write disjoint columns.
                     unsafe {
@@ -378,7 +637,7 @@ impl F32Linear {
                             w.as_ptr().add(j0 * k),
                             k,
                             if accumulate { 1.0 } else { 0.0 },
-                            c.0.add(j0),
+                            c.get().add(j0),
                             n,
                         )
                     }
@@ -442,57 +701,60 @@ impl Bf16Linear {
         }
     }
 
-    fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32]) {
+    fn forward_with(&self, x: &[f32], m: usize, out: &mut [f32], epilogue: Epilogue) {
         let k = self.k;
         let mut xb = Scratch::<u16>::new(m * k);
         convert::to_bf16(x, &mut xb);
-        self.forward_bf16(&xb, m, out);
+        self.forward_bf16(&xb, m, out, epilogue);
     }
 
     /// The product for activations already in bf16.
-    pub fn forward_bf16(&self, xb: &[u16], m: usize, out: &mut [f32]) {
+    pub fn forward_bf16(&self, xb: &[u16], m: usize, out: &mut [f32], epilogue: Epilogue) {
         let (n, k) = (self.n, self.k);
         if m <= gemv::MAX_ROWS || !HAS_MKL {
-            for (rows_x, rows_out) in xb
-                .chunks(gemv::MAX_ROWS * k)
-                .zip(out.chunks_mut(gemv::MAX_ROWS * n))
-            {
-                gemv::bf16(
-                    rows_x,
-                    rows_x.len() / k,
-                    &self.w,
-                    n,
-                    k,
-                    self.bias.as_deref(),
-                    rows_out,
-                );
-            }
-            return;
+            return epilogue.unfused(out, |out| {
+                for (rows_x, rows_out) in xb
+                    .chunks(gemv::MAX_ROWS * k)
+                    .zip(out.chunks_mut(gemv::MAX_ROWS * n))
+                {
+                    gemv::bf16(
+                        rows_x,
+                        rows_x.len() / k,
+                        &self.w,
+                        n,
+                        k,
+                        self.bias.as_deref(),
+                        rows_out,
+                    );
+                }
+            });
         }
         #[cfg(feature = "mkl")]
         {
-            fill_bias(self.bias.as_deref(), out);
-            let beta = if self.bias.is_some() { 1.0 } else { 0.0 };
             let c = SharedMut(out.as_mut_ptr());
-            column_split(n, rayon::current_num_threads())
-                .into_par_iter()
-                .for_each(|(j0, j1)| {
-                    let c = c;
-                    // SAFETY: as in `F32Linear::forward_into`.
-                    unsafe {
-                        mkl::bf16_nt(
-                            m,
-                            j1 - j0,
-                            k,
-                            xb.as_ptr(),
-                            self.w.as_ptr().add(j0 * k),
-                            k,
-                            beta,
-                            c.0.add(j0),
-                            n,
-                        )
-                    }
-                });
+            for_tiles(m, n, |i0, i1, j0, j1| {
+                let (rows, cols) = (i1 - i0, j1 - j0);
+                // SAFETY: A rows i0..i1 of the (m, k) activations, B rows j0..j1 of the (n, k)
+                // weights, C the (rows, cols) tile at (i0, j0) of the (m, n) output, which no
+                // other tile touches.
+                unsafe {
+                    let tile = c.get().add(i0 * n + j0);
+                    let bias = self.bias.as_deref().map(|b| &b[j0..j1]);
+                    let beta = prepare_tile(tile, rows, cols, n, bias, epilogue);
+                    mkl::bf16_nt(
+                        rows,
+                        cols,
+                        k,
+                        xb.as_ptr().add(i0 * k),
+                        self.w.as_ptr().add(j0 * k),
+                        k,
+                        beta,
+                        tile,
+                        n,
+                    );
+                    finish_tile(tile, rows, cols, n, epilogue);
+                }
+            });
         }
     }
 }
@@ -524,93 +786,115 @@ impl Int8Linear {
         }
     }
 
-    fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32]) {
+    fn forward_with(&self, x: &[f32], m: usize, out: &mut [f32], epilogue: Epilogue) {
         let k = self.k;
         let mut xq = Scratch::<u8>::new(m * k);
         let mut xs = Scratch::<f32>::new(m);
         convert::quantize_rows(x, k, &mut xq, &mut xs);
-        self.forward_quantized(&xq, &xs, m, out);
+        self.forward_quantized(&xq, &xs, m, out, epilogue);
     }
 
     /// The product for activations already quantised (u8 with +128 offset, per-row scales).
-    pub fn forward_quantized(&self, xq: &[u8], xs: &[f32], m: usize, out: &mut [f32]) {
+    pub fn forward_quantized(
+        &self,
+        xq: &[u8],
+        xs: &[f32],
+        m: usize,
+        out: &mut [f32],
+        epilogue: Epilogue,
+    ) {
         let (n, k) = (self.n, self.k);
         if m <= gemv::MAX_ROWS || !HAS_MKL {
-            for ((rows_x, rows_s), rows_out) in xq
-                .chunks(gemv::MAX_ROWS * k)
-                .zip(xs.chunks(gemv::MAX_ROWS))
-                .zip(out.chunks_mut(gemv::MAX_ROWS * n))
-            {
-                gemv::int8(
-                    rows_x,
-                    rows_s,
-                    rows_s.len(),
-                    &self.w,
-                    &self.scale,
-                    &self.offset,
-                    n,
-                    k,
-                    self.bias.as_deref(),
-                    rows_out,
-                );
-            }
-            return;
+            return epilogue.unfused(out, |out| {
+                for ((rows_x, rows_s), rows_out) in xq
+                    .chunks(gemv::MAX_ROWS * k)
+                    .zip(xs.chunks(gemv::MAX_ROWS))
+                    .zip(out.chunks_mut(gemv::MAX_ROWS * n))
+                {
+                    gemv::int8(
+                        rows_x,
+                        rows_s,
+                        rows_s.len(),
+                        &self.w,
+                        &self.scale,
+                        &self.offset,
+                        n,
+                        k,
+                        self.bias.as_deref(),
+                        rows_out,
+                    );
+                }
+            });
         }
         #[cfg(feature = "mkl")]
         {
-            let mut acc = Scratch::<i32>::new(m * n);
-            let c = SharedMut(acc.as_mut_ptr());
             let y = SharedMut(out.as_mut_ptr());
-            column_split(n, rayon::current_num_threads())
-                .into_par_iter()
-                .for_each(|(j0, j1)| {
-                    let (c, y) = (c, y);
-                    // SAFETY: as in `F32Linear::forward_into`; each task reads and writes only
-                    // columns j0..j1 of the (m, n) buffers.
-                    unsafe {
-                        mkl::u8s8_nt(
-                            m,
-                            j1 - j0,
-                            k,
-                            xq.as_ptr(),
-                            self.w.as_ptr().add(j0 * k),
-                            k,
-                            c.0.add(j0),
-                            n,
-                            self.offset.as_ptr().add(j0),
+            for_tiles(m, n, |i0, i1, j0, j1| {
+                let (rows, cols) = (i1 - i0, j1 - j0);
+                let mut acc = Scratch::<i32>::new(rows * cols);
+                let bias = self.bias.as_deref().map(|b| &b[j0..j1]);
+                // SAFETY: A rows i0..i1 of the (m, k) activations, B rows j0..j1 of the (n, k)
+                // weights, the int32 products into this task's (rows, cols) scratch; then the
+                // output tile at (i0, j0), which no other tile touches.
+                unsafe {
+                    mkl::u8s8_nt(
+                        rows,
+                        cols,
+                        k,
+                        xq.as_ptr().add(i0 * k),
+                        self.w.as_ptr().add(j0 * k),
+                        k,
+                        acc.as_mut_ptr(),
+                        cols,
+                        self.offset.as_ptr().add(j0),
+                    );
+                    for (r, acc_row) in acc.chunks(cols).enumerate() {
+                        let out_row =
+                            std::slice::from_raw_parts_mut(y.get().add((i0 + r) * n + j0), cols);
+                        rescale_row(
+                            acc_row,
+                            xs[i0 + r],
+                            &self.scale[j0..j1],
+                            bias,
+                            epilogue == Epilogue::Accumulate,
+                            out_row,
                         );
-                        for i in 0..m {
-                            let acc_row = std::slice::from_raw_parts(c.0.add(i * n + j0), j1 - j0);
-                            let out_row =
-                                std::slice::from_raw_parts_mut(y.0.add(i * n + j0), j1 - j0);
-                            rescale_row(
-                                acc_row,
-                                xs[i],
-                                &self.scale[j0..j1],
-                                self.bias.as_deref().map(|b| &b[j0..j1]),
-                                out_row,
-                            );
+                        if epilogue == Epilogue::Gelu {
+                            math::gelu(out_row);
                         }
                     }
-                });
+                }
+            });
         }
     }
 }
 
 dispatch_avx512! {
+    /// One output row of the int8 product: `y = acc · xs · ws + bias`, stored or added.
     #[cfg(feature = "mkl")]
-    fn rescale_row(acc: &[i32], xs: f32, ws: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
-        match bias {
-            Some(b) => {
-                for (((o, &a), &s), &b) in out.iter_mut().zip(acc).zip(ws).zip(b) {
-                    *o = a as f32 * xs * s + b;
+    fn rescale_row(
+        acc: &[i32],
+        xs: f32,
+        ws: &[f32],
+        bias: Option<&[f32]>,
+        accumulate: bool,
+        out: &mut [f32],
+    ) {
+        // Four plain loops (rather than one with branches inside) so that each vectorises.
+        let products = acc.iter().zip(ws).map(|(&a, &s)| a as f32 * xs * s);
+        match (bias, accumulate) {
+            (Some(b), false) => {
+                for ((o, p), &b) in out.iter_mut().zip(products).zip(b) {
+                    *o = p + b;
                 }
             }
-            None => {
-                for ((o, &a), &s) in out.iter_mut().zip(acc).zip(ws) {
-                    *o = a as f32 * xs * s;
+            (Some(b), true) => {
+                for ((o, p), &b) in out.iter_mut().zip(products).zip(b) {
+                    *o += p + b;
                 }
             }
+            (None, false) => out.iter_mut().zip(products).for_each(|(o, p)| *o = p),
+            (None, true) => out.iter_mut().zip(products).for_each(|(o, p)| *o += p),
         }
     }
 }
@@ -671,26 +955,49 @@ mod tests {
         let (n, k) = (37, 200);
         let w = data(n * k, 1);
         let bias = data(n, 2);
-        let f32l = F32Linear::new(
-            Tensor::from_vec(w.clone(), (n, k), &candle_core::Device::Cpu).unwrap(),
-            Some(bias.clone()),
-        )
-        .unwrap();
-        let bf16 = CpuLinear::Bf16(Bf16Linear::new(&w, n, k, Some(bias.clone())));
-        let int8 = CpuLinear::Int8(Int8Linear::new(&w, n, k, Some(bias.clone())));
-        for m in [1, 3, 4, 5, 9, 40] {
+        let f32_layer = |pack_rows| {
+            let w = Tensor::from_vec(w.clone(), (n, k), &candle_core::Device::Cpu).unwrap();
+            CpuLinear::F32(F32Linear::new(w, Some(bias.clone()), pack_rows).unwrap())
+        };
+        // (layer, name, bound): |x|, |w| <= 1 and k = 200, so bf16 rounding (2^-9 relative on
+        // each operand) bounds the error by about 200 · 2 · 2^-9 ≈ 0.8 in the worst case,
+        // 0.05 typically; int8 by about twice that.
+        let layers = [
+            (f32_layer(None), "f32", 1e-4),
+            // Packed for 17 rows, used for other row counts too (MKL builds only).
+            (f32_layer(Some(17)), "f32 packed", 1e-4),
+            (
+                CpuLinear::Bf16(Bf16Linear::new(&w, n, k, Some(bias.clone()))),
+                "bf16",
+                0.1,
+            ),
+            (
+                CpuLinear::Int8(Int8Linear::new(&w, n, k, Some(bias.clone()))),
+                "int8",
+                0.2,
+            ),
+        ];
+        // Row counts of the small-batch kernels, of MKL's products, and of several row blocks.
+        for m in [1, 3, 4, 5, 9, 40, 700] {
             let x = data(m * k, 3 + m as u32);
             let exact = reference(&x, &w, Some(&bias), m, n, k);
-            let mut y = vec![0f32; m * n];
-            f32l.forward_into(&x, m, &mut y);
-            let e = max_err(&y, &exact);
-            assert!(e < 1e-4, "f32 m={m}: {e}");
-            // |x|, |w| <= 1 and k = 200: bf16 rounding (2^-9 relative on each operand) bounds
-            // the error by about 200 · 2 · 2^-9 ≈ 0.8 in the worst case, 0.05 typically.
-            let e = max_err(&bf16.forward(&x, m), &exact);
-            assert!(e < 0.1, "bf16 m={m}: {e}");
-            let e = max_err(&int8.forward(&x, m), &exact);
-            assert!(e < 0.2, "int8 m={m}: {e}");
+            let mut exact_gelu = exact.clone();
+            math::gelu(&mut exact_gelu);
+            let residual = data(m * n, 99);
+            let exact_sum: Vec<f32> = residual.iter().zip(&exact).map(|(r, y)| r + y).collect();
+            for (layer, name, bound) in &layers {
+                let mut y = vec![f32::NAN; m * n];
+                layer.forward_into(&x, m, &mut y);
+                let e = max_err(&y, &exact);
+                assert!(e < *bound, "{name} m={m}: {e}");
+                layer.forward_with(&x, m, &mut y, Epilogue::Gelu);
+                let e = max_err(&y, &exact_gelu);
+                assert!(e < *bound, "{name} + gelu m={m}: {e}");
+                let mut y = residual.clone();
+                layer.forward_with(&x, m, &mut y, Epilogue::Accumulate);
+                let e = max_err(&y, &exact_sum);
+                assert!(e < *bound, "{name} + residual m={m}: {e}");
+            }
         }
     }
 

@@ -8,25 +8,23 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use super::{math, CpuLinear, Scratch, SharedMut};
+use super::{math, CpuLinear, Epilogue, Scratch, SharedMut};
 
 /// Nanoseconds spent per stage of the fused blocks since the last `take_profile` (for the
-/// benchmark's breakdown): norms, qkv, attention, proj, residuals, fc1, gelu, fc2.
-static PROFILE: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
-pub const PROFILE_STAGES: [&str; 8] = [
+/// benchmark's breakdown). The GELU and the residual adds are fused into the products.
+static PROFILE: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+pub const PROFILE_STAGES: [&str; 6] = [
     "layer norms",
     "qkv",
     "attention",
-    "proj",
-    "residual adds",
-    "fc1",
-    "gelu",
-    "fc2",
+    "proj + residual",
+    "fc1 + gelu",
+    "fc2 + residual",
 ];
 
 /// Returns and resets the per-stage seconds of the fused ViT blocks.
-pub fn take_profile() -> [f64; 8] {
-    let mut out = [0.0; 8];
+pub fn take_profile() -> [f64; 6] {
+    let mut out = [0.0; 6];
     for (o, p) in out.iter_mut().zip(&PROFILE) {
         *o = p.swap(0, Ordering::Relaxed) as f64 * 1e-9;
     }
@@ -83,7 +81,12 @@ impl VitBlock<'_> {
         let mut qkv = Scratch::<f32>::new(rows * 3 * width);
         self.qkv.forward_into(&h, rows, &mut qkv);
         t.lap(1);
-        attention(
+        // Reduced-precision blocks also run the attention's two products in bf16.
+        let attend = match self.qkv {
+            CpuLinear::F32(_) => attention,
+            _ => attention_bf16,
+        };
+        attend(
             &qkv,
             batch,
             tokens,
@@ -93,12 +96,9 @@ impl VitBlock<'_> {
             &mut h,
         );
         t.lap(2);
-        let mut y = Scratch::<f32>::new(rows * width);
-        self.proj.forward_into(&h, rows, &mut y);
         drop(qkv);
+        self.proj.forward_with(&h, rows, x, Epilogue::Accumulate);
         t.lap(3);
-        math::add_assign(x, &y);
-        t.lap(4);
         math::layer_norm(
             x,
             self.norm2.weight,
@@ -108,14 +108,10 @@ impl VitBlock<'_> {
         );
         t.lap(0);
         let mut mid = Scratch::<f32>::new(rows * self.fc1.out_features());
-        self.fc1.forward_into(&h, rows, &mut mid);
-        t.lap(5);
-        math::gelu(&mut mid);
-        t.lap(6);
-        self.fc2.forward_into(&mid, rows, &mut y);
-        t.lap(7);
-        math::add_assign(x, &y);
+        self.fc1.forward_with(&h, rows, &mut mid, Epilogue::Gelu);
         t.lap(4);
+        self.fc2.forward_with(&mid, rows, x, Epilogue::Accumulate);
+        t.lap(5);
     }
 }
 
@@ -142,7 +138,6 @@ pub fn attention(
         let mut scores = Scratch::<f32>::new(tokens * tokens);
         // Capture the whole pointer wrapper (Send + Sync), not its raw field.
         #[allow(clippy::redundant_locals)]
-        let out_ptr = out_ptr;
         // SAFETY: Q, K, V are `tokens` rows of `d` at row stride `ld` inside `qkv`; the output
         // block (rows of this frame, columns of this head) is written by this task only.
         unsafe {
@@ -161,7 +156,7 @@ pub fn attention(
             for row in scores.chunks_mut(tokens) {
                 math::softmax_row(row, scale);
             }
-            let o = out_ptr.0.add(b * tokens * width + h * d);
+            let o = out_ptr.get().add(b * tokens * width + h * d);
             super::sgemm_single(
                 tokens,
                 d,
@@ -176,4 +171,70 @@ pub fn attention(
             );
         }
     });
+}
+
+/// [`attention`] with both products in bf16 on MKL's AMX kernels (f32 accumulation, f32
+/// softmax): Q, K, V are converted once, the probabilities per task. Without MKL it is
+/// [`attention`].
+pub fn attention_bf16(
+    qkv: &[f32],
+    batch: usize,
+    tokens: usize,
+    width: usize,
+    heads: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    #[cfg(not(feature = "mkl"))]
+    attention(qkv, batch, tokens, width, heads, scale, out);
+    #[cfg(feature = "mkl")]
+    {
+        let d = width / heads;
+        let ld = 3 * width;
+        let mut qkv_b = Scratch::<u16>::new(qkv.len());
+        super::convert::to_bf16(qkv, &mut qkv_b);
+        let qkv_b = &*qkv_b;
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        (0..batch * heads).into_par_iter().for_each(|task| {
+            let (b, h) = (task / heads, task % heads);
+            let base = b * tokens * ld + h * d;
+            let mut scores = Scratch::<f32>::new(tokens * tokens);
+            let mut probs = Scratch::<u16>::new(tokens * tokens);
+            // SAFETY: as in `attention`, on the bf16 copy of `qkv`.
+            unsafe {
+                let q = qkv_b.as_ptr().add(base);
+                let k = qkv_b.as_ptr().add(base + width);
+                let v = qkv_b.as_ptr().add(base + 2 * width);
+                super::mkl::bf16_strided(
+                    tokens,
+                    tokens,
+                    d,
+                    q,
+                    ld,
+                    k,
+                    ld,
+                    true,
+                    scores.as_mut_ptr(),
+                    tokens,
+                );
+                for row in scores.chunks_mut(tokens) {
+                    math::softmax_row(row, scale);
+                }
+                super::convert::to_bf16(&scores, &mut probs);
+                let o = out_ptr.get().add(b * tokens * width + h * d);
+                super::mkl::bf16_strided(
+                    tokens,
+                    d,
+                    tokens,
+                    probs.as_ptr(),
+                    tokens,
+                    v,
+                    ld,
+                    false,
+                    o,
+                    width,
+                );
+            }
+        });
+    }
 }
