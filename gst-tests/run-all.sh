@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Every check of the project, as CI runs it: formatting, lints, unit and fixture tests,
-# pipelines through GStreamer, the meson build, and the compile-only CUDA check.
+# pipelines through GStreamer, the meson build, the MKL build with its kernel tests, and the
+# compile-only CUDA check.
 #   gst-tests/run-all.sh
 # Needs ../shared/fixtures beside the repository (or LLAMAVID_FIXTURE). Set
-# LLAMAVID_SKIP_CUDA_CHECK=1 to skip the CUDA build (it installs nvcc from PyPI, ~10 min).
+# LLAMAVID_SKIP_CUDA_CHECK=1 to skip the CUDA build (it installs nvcc from PyPI, ~10 min),
+# LLAMAVID_SKIP_MKL_CHECK=1 to skip the MKL build (it installs MKL from PyPI, ~3 min).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -27,6 +29,11 @@ rm -rf builddir-test
 meson setup builddir-test --buildtype=debug >/dev/null
 meson test -C builddir-test --print-errorlogs
 rm -rf builddir-test
+
+if [ "${LLAMAVID_SKIP_MKL_CHECK:-0}" != 1 ]; then
+  step "MKL build and CPU kernel tests (feature mkl)"
+  plugin/scripts/check-mkl-build.sh
+fi
 
 if [ "${LLAMAVID_SKIP_CUDA_CHECK:-0}" != 1 ] && [ -x kernels/check-cuda-build.sh ]; then
   step "CUDA compile-only check"

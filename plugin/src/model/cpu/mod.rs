@@ -28,7 +28,6 @@ pub mod mkl;
 pub mod vit;
 
 use candle_core::{Storage, Tensor};
-#[cfg(feature = "mkl")]
 use rayon::prelude::*;
 
 pub use detect::CpuFeatures;
@@ -37,7 +36,6 @@ pub use detect::CpuFeatures;
 pub const HAS_MKL: bool = cfg!(feature = "mkl");
 
 /// Column boundaries of `parts` tasks over `n` output columns, multiples of 64.
-#[cfg(any(feature = "mkl", test))]
 fn column_split(n: usize, parts: usize) -> Vec<(usize, usize)> {
     let per = n.div_ceil(parts).next_multiple_of(64);
     (0..parts)
@@ -292,7 +290,6 @@ impl Epilogue {
 /// block. Measured on the benchmark's vision tower (int8, 2 threads, per frame): blocks of 128
 /// rows 0.531 s for one frame / 0.446 s in a batch of 8, one block per whole product 0.478 /
 /// 0.465 s, blocks of up to 300 rows 0.424 / 0.432 s. `LLAMAVID_ROW_BLOCK` overrides it.
-#[cfg(feature = "mkl")]
 fn row_block() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
@@ -304,14 +301,17 @@ fn row_block() -> usize {
     })
 }
 
+/// Equal blocks of at most `row_block()` rows: 257 rows are 3 × 86, not 128 + 128 + 1 (a
+/// one-row product costs nearly as much as a full block).
+fn rows_per_block(m: usize) -> usize {
+    m.div_ceil(m.div_ceil(row_block()).max(1)).max(1)
+}
+
 /// Calls `tile(i0, i1, j0, j1)` for blocks of rows `i0..i1` and columns `j0..j1` covering an
 /// (m, n) output: the columns are split between the threads, each thread walks its columns'
 /// row blocks in order. Tiles never overlap.
-#[cfg(feature = "mkl")]
 fn for_tiles(m: usize, n: usize, tile: impl Fn(usize, usize, usize, usize) + Sync) {
-    // Equal blocks of at most `row_block()` rows: 257 rows are 3 × 86, not 128 + 128 + 1 (a
-    // one-row product costs MKL nearly as much as a full block).
-    let rows = m.div_ceil(m.div_ceil(row_block()).max(1)).max(1);
+    let rows = rows_per_block(m);
     column_split(n, rayon::current_num_threads())
         .into_par_iter()
         .for_each(|(j0, j1)| {
@@ -327,7 +327,6 @@ fn for_tiles(m: usize, n: usize, tile: impl Fn(usize, usize, usize, usize) + Syn
 ///
 /// # Safety
 /// `c` must point at `rows` rows of `cols` writable floats at stride `ld`.
-#[cfg(feature = "mkl")]
 unsafe fn prepare_tile(
     c: *mut f32,
     rows: usize,
@@ -358,7 +357,6 @@ unsafe fn prepare_tile(
 ///
 /// # Safety
 /// As for [`prepare_tile`].
-#[cfg(feature = "mkl")]
 unsafe fn finish_tile(c: *mut f32, rows: usize, cols: usize, ld: usize, epilogue: Epilogue) {
     if epilogue == Epilogue::Gelu {
         for r in 0..rows {
@@ -424,16 +422,6 @@ impl CpuLinear {
             },
             Self::Bf16(l) => l.w.len() * 2,
             Self::Int8(l) => l.w.len() + l.scale.len() * 8,
-        }
-    }
-}
-
-dispatch_avx512! {
-    /// Fills the rows of `out` (rows of `bias.len()`) with the bias, or zeros.
-    fn fill_bias(bias: Option<&[f32]>, out: &mut [f32]) {
-        match bias {
-            Some(b) => out.chunks_mut(b.len()).for_each(|r| r.copy_from_slice(b)),
-            None => out.fill(0.0),
         }
     }
 }
@@ -507,92 +495,69 @@ impl F32Linear {
     }
 
     fn forward_with(&self, x: &[f32], m: usize, out: &mut [f32], epilogue: Epilogue) {
+        let (n, k) = (self.n, self.k);
+        let c = SharedMut(out.as_mut_ptr());
         #[cfg(feature = "mkl")]
         if let F32Weights::Packed(packed) = &self.weights {
-            let (n, k) = (self.n, self.k);
-            let c = SharedMut(out.as_mut_ptr());
-            let rows = m.div_ceil(m.div_ceil(row_block()).max(1)).max(1);
-            packed.par_iter().for_each(|(j0, j1, p)| {
-                let (j0, j1) = (*j0, *j1);
-                let cols = j1 - j0;
+            let rows = rows_per_block(m);
+            packed.par_iter().for_each(|&(j0, j1, ref part)| {
                 for i0 in (0..m).step_by(rows) {
                     let i1 = (i0 + rows).min(m);
                     // SAFETY: as in `Bf16Linear::forward_bf16`.
                     unsafe {
                         let tile = c.get().add(i0 * n + j0);
                         let bias = self.bias.as_deref().map(|b| &b[j0..j1]);
-                        let beta = prepare_tile(tile, i1 - i0, cols, n, bias, epilogue);
-                        p.product(i1 - i0, x.as_ptr().add(i0 * k), beta, tile, n);
-                        finish_tile(tile, i1 - i0, cols, n, epilogue);
+                        let beta = prepare_tile(tile, i1 - i0, j1 - j0, n, bias, epilogue);
+                        part.product(i1 - i0, x.as_ptr().add(i0 * k), beta, tile, n);
+                        finish_tile(tile, i1 - i0, j1 - j0, n, epilogue);
                     }
                 }
             });
             return;
         }
-        #[cfg(feature = "mkl")]
-        if m > gemv::MAX_ROWS {
-            let (n, k) = (self.n, self.k);
-            let c = SharedMut(out.as_mut_ptr());
-            return self.with_weights(|w| {
-                for_tiles(m, n, |i0, i1, j0, j1| {
-                    let (rows, cols) = (i1 - i0, j1 - j0);
-                    // SAFETY: as in `Bf16Linear::forward_bf16`.
-                    unsafe {
-                        let tile = c.get().add(i0 * n + j0);
-                        let bias = self.bias.as_deref().map(|b| &b[j0..j1]);
-                        let beta = prepare_tile(tile, rows, cols, n, bias, epilogue);
-                        mkl::sgemm_nt(
-                            rows,
-                            cols,
-                            k,
-                            x.as_ptr().add(i0 * k),
-                            w.as_ptr().add(j0 * k),
-                            k,
-                            beta,
-                            tile,
+        self.with_weights(|w| {
+            if m <= gemv::MAX_ROWS && CpuFeatures::get().avx512f {
+                return epilogue.unfused(out, |out| {
+                    for (rows_x, rows_out) in x
+                        .chunks(gemv::MAX_ROWS * k)
+                        .zip(out.chunks_mut(gemv::MAX_ROWS * n))
+                    {
+                        gemv::f32(
+                            rows_x,
+                            rows_x.len() / k,
+                            w,
                             n,
+                            k,
+                            self.bias.as_deref(),
+                            rows_out,
                         );
-                        finish_tile(tile, rows, cols, n, epilogue);
                     }
-                })
-            });
-        }
-        match epilogue {
-            // The product itself accumulates into the residual stream.
-            Epilogue::Accumulate if m > gemv::MAX_ROWS => {
-                if let Some(b) = &self.bias {
-                    out.chunks_mut(self.n)
-                        .for_each(|row| math::add_assign(row, b));
-                }
-                self.product(x, m, out, true)
+                });
             }
-            _ => epilogue.unfused(out, |y| self.forward_into(x, m, y)),
-        }
-    }
-
-    fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        let (n, k) = (self.n, self.k);
-        if m <= gemv::MAX_ROWS && CpuFeatures::get().avx512f {
-            self.with_weights(|w| {
-                for (rows_x, rows_out) in x
-                    .chunks(gemv::MAX_ROWS * k)
-                    .zip(out.chunks_mut(gemv::MAX_ROWS * n))
-                {
-                    gemv::f32(
-                        rows_x,
-                        rows_x.len() / k,
-                        w,
-                        n,
+            for_tiles(m, n, |i0, i1, j0, j1| {
+                let (rows, cols) = (i1 - i0, j1 - j0);
+                // SAFETY: A rows i0..i1 of the (m, k) activations, B rows j0..j1 of the (n, k)
+                // weights, C the (rows, cols) tile at (i0, j0) of the (m, n) output, which no
+                // other tile touches.
+                unsafe {
+                    let tile = c.get().add(i0 * n + j0);
+                    let bias = self.bias.as_deref().map(|b| &b[j0..j1]);
+                    let beta = prepare_tile(tile, rows, cols, n, bias, epilogue);
+                    sgemm_nt_single(
+                        rows,
+                        cols,
                         k,
-                        self.bias.as_deref(),
-                        rows_out,
+                        x.as_ptr().add(i0 * k),
+                        w.as_ptr().add(j0 * k),
+                        k,
+                        beta,
+                        tile,
+                        n,
                     );
+                    finish_tile(tile, rows, cols, n, epilogue);
                 }
-            });
-            return;
-        }
-        fill_bias(self.bias.as_deref(), out);
-        self.product(x, m, out, self.bias.is_some());
+            })
+        })
     }
 
     /// Calls `f` with the plain (n, k) weights as a slice (packed weights never get here).
@@ -612,71 +577,50 @@ impl F32Linear {
                 [..self.n * self.k],
         )
     }
+}
 
-    /// `out = x · Wᵀ (+ out when accumulate)` for many rows.
-    fn product(&self, x: &[f32], m: usize, out: &mut [f32], accumulate: bool) {
-        self.with_weights(|w| self.product_with(w, x, m, out, accumulate))
-    }
-
-    fn product_with(&self, w: &[f32], x: &[f32], m: usize, out: &mut [f32], accumulate: bool) {
-        let (n, k) = (self.n, self.k);
-        #[cfg(feature = "mkl")]
-        {
-            let c = SharedMut(out.as_mut_ptr());
-            column_split(n, rayon::current_num_threads())
-                .into_par_iter()
-                .for_each(|(j0, j1)| {
-                    // SAFETY: A is (m, k), B rows j0..j1 of the (n, k) weights, C columns
-                    // j0..j1 of the (m, n) output; tasks write disjoint columns.
-                    unsafe {
-                        mkl::sgemm_nt(
-                            m,
-                            j1 - j0,
-                            k,
-                            x.as_ptr(),
-                            w.as_ptr().add(j0 * k),
-                            k,
-                            if accumulate { 1.0 } else { 0.0 },
-                            c.get().add(j0),
-                            n,
-                        )
-                    }
-                });
-        }
-        #[cfg(not(feature = "mkl"))]
-        {
-            let threads = rayon::current_num_threads();
-            // SAFETY: dst (m, n) row-major, lhs x (m, k) row-major, rhs Wᵀ (k, n) read from the
-            // (n, k) row-major weights; gemm computes dst = alpha·dst + beta·lhs·rhs.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    out.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    accumulate,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    w.as_ptr(),
-                    k as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    if threads > 1 {
-                        gemm::Parallelism::Rayon(threads)
-                    } else {
-                        gemm::Parallelism::None
-                    },
-                )
-            }
-        }
-    }
+/// `C[m, n] (row stride ldc) = A[m, k] · B[n, k]ᵀ + beta · C` (beta 0 or 1), f32 on the
+/// calling thread: MKL's sgemm, else the `gemm` crate (candle's matrix-product library).
+///
+/// # Safety
+/// The pointers must address matrices of these sizes and strides; C must not alias A or B.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_nt_single(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    b: *const f32,
+    ldb: usize,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    #[cfg(feature = "mkl")]
+    mkl::sgemm_nt(m, n, k, a, b, ldb, beta, c, ldc);
+    #[cfg(not(feature = "mkl"))]
+    // gemm computes dst = alpha·dst + beta·lhs·rhs, reading dst only when asked.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        ldc as isize,
+        beta != 0.0,
+        a,
+        1,
+        k as isize,
+        b,
+        ldb as isize,
+        1,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
 }
 
 pub struct Bf16Linear {

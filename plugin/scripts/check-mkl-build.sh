@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds and tests the `mkl` feature (oneMKL's AMX bf16/int8 and f32 products, linked
+# statically): lints, the CPU kernels against their f64 references (every epilogue, packed
+# weights, row blocks), and the model against the reference fixtures through those kernels.
+#   plugin/scripts/check-mkl-build.sh
+# Installs MKL from PyPI into .venv-mkl unless MKLROOT points at one (plugin/scripts/mkl-env.sh).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$repo"
+# shellcheck source=mkl-env.sh
+. plugin/scripts/mkl-env.sh
+
+cargo clippy -p gst-plugin-llamavid --all-targets --features mkl -- -D warnings
+cargo test -p gst-plugin-llamavid --features mkl --no-fail-fast \
+    --lib --test model_stages --test model_errors --test kernel_twins
