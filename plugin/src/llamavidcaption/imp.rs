@@ -865,7 +865,7 @@ impl ObjectImpl for LlamaVidCaption {
                 ms_property("latency", "Latency", "Processing latency declared to live pipelines for text_src, in ms; a warning is posted when a caption comes later", DEFAULT_LATENCY_MS, 0),
                 glib::ParamSpecEnum::builder_with_default("dtype", Dtype::Auto)
                     .nick("Data type")
-                    .blurb("Arithmetic of the model: f32 is exact; bf16 and int8 are faster reduced-precision CPU modes (see the README's performance section); auto picks the fastest this build and machine run")
+                    .blurb("Arithmetic of the model: f32 is exact; bf16 and int8 are faster reduced-precision CPU modes (int8 keeps up with a camera on 2 cores; see the README's performance section); auto is bf16 on AMX CPUs in an mkl build, f16 on CUDA, else f32")
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecEnum::builder_with_default("frame-policy", FramePolicy::Auto)

@@ -53,7 +53,7 @@ pub enum Dtype {
     /// bf16 on CPUs with AMX (when built with `mkl`), f16 on CUDA, else f32.
     #[default]
     #[enum_value(
-        name = "Auto: the fastest mode of this build and machine",
+        name = "Auto: bf16 on AMX CPUs in an mkl build, f16 on CUDA, else f32",
         nick = "auto"
     )]
     Auto = 0,
@@ -61,7 +61,10 @@ pub enum Dtype {
     F32 = 1,
     #[enum_value(name = "bf16: reduced precision (AMX on CPU)", nick = "bf16")]
     Bf16 = 2,
-    #[enum_value(name = "int8: 8-bit weights and activations (CPU)", nick = "int8")]
+    #[enum_value(
+        name = "int8: 8-bit weights and activations (CPU; fastest, least exact)",
+        nick = "int8"
+    )]
     Int8 = 3,
 }
 
