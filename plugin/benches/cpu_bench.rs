@@ -324,6 +324,9 @@ fn run() -> Result<(), String> {
             .is_none_or(|o| o.iter().any(|x| x == what))
     };
 
+    // The machine's speed right now, before and after the run: these machines are shared, and
+    // the reference figures were taken on an idle one (2048³ bf16 in 12.4 ms on 2 threads).
+    let speed_at_start = machine_speed();
     let cpu_at_start = cpu_seconds();
     let wall_start = Instant::now();
     let rss_before = proc_status_kib("VmRSS:").unwrap_or(0);
@@ -478,6 +481,19 @@ fn run() -> Result<(), String> {
         own_cpu / wall,
         foreign_cpu.max(0.0) / wall
     );
+    let speed_at_end = machine_speed();
+    for (when, [f32_ms, bf16_ms, gbps]) in [("start", speed_at_start), ("end", speed_at_end)] {
+        println!(
+            "machine speed at the {when}: 2048³ products f32 {f32_ms:.1} ms ({:.0} GFLOP/s), \
+             bf16 {bf16_ms:.1} ms ({:.0} GFLOP/s; reference machine 12.4 ms), memory read {gbps:.1} GB/s",
+            GEMM_FLOP / f32_ms * 1e-6,
+            GEMM_FLOP / bf16_ms * 1e-6,
+        );
+        results.insert(
+            format!("machine_speed_{when}"),
+            json!({"f32_2048_ms": f32_ms, "bf16_2048_ms": bf16_ms, "read_gb_per_s": gbps}),
+        );
+    }
     results.insert("own_cpu_cores".into(), json!(own_cpu / wall));
     results.insert(
         "foreign_cpu_cores".into(),
@@ -520,6 +536,53 @@ fn run() -> Result<(), String> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Floating-point operations of one 2048³ matrix product.
+const GEMM_FLOP: f64 = 2.0 * 2048.0 * 2048.0 * 2048.0;
+
+/// The machine's speed now, through the same kernels the model uses: best of 5 of a 2048³
+/// product in f32 and in bf16 (ms), and the rate of reading 512 MiB on all threads (GB/s).
+fn machine_speed() -> [f64; 3] {
+    use gstllamavid::model::cpu::{Bf16Linear, CpuLinear, F32Linear};
+    use rayon::prelude::*;
+    let n = 2048;
+    let w: Vec<f32> = (0..n * n)
+        .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+        .collect();
+    let f32_layer = CpuLinear::F32(
+        F32Linear::new(
+            Tensor::from_vec(w.clone(), (n, n), &Device::Cpu).expect("tensor"),
+            None,
+            None,
+        )
+        .expect("f32 layer"),
+    );
+    let bf16_layer = CpuLinear::Bf16(Bf16Linear::new(&w, n, n, None));
+    let mut out = vec![0f32; n * n];
+    let mut best_ms = |layer: &CpuLinear| {
+        layer.forward_into(&w, n, &mut out);
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                layer.forward_into(&w, n, &mut out);
+                secs(t) * 1e3
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    let (f32_ms, bf16_ms) = (best_ms(&f32_layer), best_ms(&bf16_layer));
+    let words = vec![1u64; 64 << 20];
+    let read = |words: &[u64]| {
+        words
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().sum::<u64>())
+            .sum::<u64>()
+    };
+    std::hint::black_box(read(&words));
+    let t = Instant::now();
+    std::hint::black_box(read(&words));
+    let gbps = (words.len() * 8) as f64 / secs(t) * 1e-9;
+    [f32_ms, bf16_ms, gbps]
 }
 
 /// The fused ViT blocks' time per stage and frame, when they ran (`LLAMAVID_BENCH_STAGES=1`).
