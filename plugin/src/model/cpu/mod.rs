@@ -253,10 +253,10 @@ pub fn candle_only() -> bool {
     *CANDLE.get_or_init(|| std::env::var("LLAMAVID_LINEAR").is_ok_and(|v| v == "candle"))
 }
 
-/// What a linear layer does with its result `y = x · Wᵀ + b`. The large-batch reduced-precision
-/// paths apply it to each block of rows right after the block's product, while the block is
-/// still in cache, instead of in one more pass over the whole output (a 257-token frame's MLP
-/// activations are 6 MB per layer: those passes were memory-bound, about a tenth of an encode).
+/// What a linear layer does with its result `y = x · Wᵀ + b`. The many-row paths apply it to
+/// each block of rows right after the block's product, while the block is still in cache,
+/// instead of in one more pass over the whole output (a 257-token frame's MLP activations are
+/// 6 MB per layer: those passes were memory-bound, about a tenth of an int8 encode).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Epilogue {
     /// `out = y`.
