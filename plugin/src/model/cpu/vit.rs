@@ -238,3 +238,63 @@ pub fn attention_bf16(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// softmax(q·kᵀ·scale)·v per (frame, head) in f64.
+    fn reference(qkv: &[f32], batch: usize, tokens: usize, width: usize, heads: usize) -> Vec<f64> {
+        let d = width / heads;
+        let scale = (d as f64).powf(-0.5);
+        let at = |b: usize, t: usize, part: usize, h: usize, i: usize| {
+            qkv[(b * tokens + t) * 3 * width + part * width + h * d + i] as f64
+        };
+        let mut out = vec![0f64; batch * tokens * width];
+        for b in 0..batch {
+            for h in 0..heads {
+                for t in 0..tokens {
+                    let scores: Vec<f64> = (0..tokens)
+                        .map(|s| {
+                            (0..d)
+                                .map(|i| at(b, t, 0, h, i) * at(b, s, 1, h, i))
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for i in 0..d {
+                        out[(b * tokens + t) * width + h * d + i] =
+                            (0..tokens).map(|s| e[s] / sum * at(b, s, 2, h, i)).sum();
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_in_f32_and_bf16_match_the_formula() {
+        let (batch, tokens, width, heads) = (2, 19, 48, 3);
+        let qkv: Vec<f32> = (0..batch * tokens * 3 * width)
+            .map(|i| ((i * 7919) % 997) as f32 / 997.0 * 2.0 - 1.0)
+            .collect();
+        let exact = reference(&qkv, batch, tokens, width, heads);
+        let scale = ((width / heads) as f32).powf(-0.5);
+        // bf16 rounds Q, K, V and the probabilities to 8 significant bits.
+        type Attend = fn(&[f32], usize, usize, usize, usize, f32, &mut [f32]);
+        let modes: [(Attend, f64); 2] = [(attention, 1e-5), (attention_bf16, 2e-2)];
+        for (attend, bound) in modes {
+            let mut out = vec![f32::NAN; batch * tokens * width];
+            attend(&qkv, batch, tokens, width, heads, scale, &mut out);
+            let err = out
+                .iter()
+                .zip(&exact)
+                .map(|(&a, &b)| (a as f64 - b).abs())
+                .fold(0.0, f64::max);
+            assert!(err < bound, "attention error {err} (bound {bound})");
+        }
+    }
+}
