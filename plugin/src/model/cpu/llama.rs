@@ -170,6 +170,7 @@ fn attention(
                 k.as_ptr(),
                 keys.token_stride,
                 true,
+                false,
                 scores.as_mut_ptr(),
                 seen,
             );
@@ -186,6 +187,7 @@ fn attention(
                 seen,
                 v.as_ptr(),
                 values.token_stride,
+                false,
                 false,
                 out_ptr.get().add(r0 * width + h * d),
                 width,

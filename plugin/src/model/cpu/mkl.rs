@@ -166,44 +166,11 @@ fn int(v: usize) -> c_int {
     c_int::try_from(v).expect("matrix dimension fits MKL's 32-bit integers")
 }
 
-/// `C[m, n] (row stride ldc) = A[m, k] · B[n, k]ᵀ + beta · C`, f32.
+/// `C[m, n] = A[m, k] · op(B) + beta · C` with row strides, f32, where `op(B)` is `B[n, k]ᵀ`
+/// when `b_rows_are_columns`, else `B[k, n]`.
 ///
 /// # Safety
 /// The pointers must address matrices of the given sizes and strides.
-pub unsafe fn sgemm_nt(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    b: *const f32,
-    ldb: usize,
-    beta: f32,
-    c: *mut f32,
-    ldc: usize,
-) {
-    cblas_sgemm(
-        ROW_MAJOR,
-        NO_TRANS,
-        TRANS,
-        int(m),
-        int(n),
-        int(k),
-        1.0,
-        a,
-        int(k),
-        b,
-        int(ldb),
-        beta,
-        c,
-        int(ldc),
-    );
-}
-
-/// `C[m, n] = A[m, k] · op(B)` with row strides, f32, where `op(B)` is `B[n, k]ᵀ` when
-/// `b_rows_are_columns`, else `B[k, n]`.
-///
-/// # Safety
-/// As for [`sgemm_nt`].
 pub unsafe fn sgemm_strided(
     m: usize,
     n: usize,
@@ -213,6 +180,7 @@ pub unsafe fn sgemm_strided(
     b: *const f32,
     ldb: usize,
     b_rows_are_columns: bool,
+    beta: f32,
     c: *mut f32,
     ldc: usize,
 ) {
@@ -228,7 +196,7 @@ pub unsafe fn sgemm_strided(
         int(lda),
         b,
         int(ldb),
-        0.0,
+        beta,
         c,
         int(ldc),
     );
@@ -237,7 +205,7 @@ pub unsafe fn sgemm_strided(
 /// As [`sgemm_strided`] with bf16 inputs and f32 output.
 ///
 /// # Safety
-/// As for [`sgemm_nt`].
+/// As for [`sgemm_strided`].
 pub unsafe fn bf16_strided(
     m: usize,
     n: usize,
@@ -271,7 +239,7 @@ pub unsafe fn bf16_strided(
 /// `C[m, n] = A[m, k] · B[n, k]ᵀ + beta · C`, bf16 inputs, f32 accumulation and output.
 ///
 /// # Safety
-/// As for [`sgemm_nt`].
+/// As for [`sgemm_strided`].
 pub unsafe fn bf16_nt(
     m: usize,
     n: usize,

@@ -174,8 +174,9 @@ macro_rules! dispatch_avx512 {
 }
 pub(crate) use dispatch_avx512;
 
-/// `C[m, n] (row stride ldc) = A[m, k] (row stride lda) · op(B)`, f32 on the calling thread,
-/// where `op(B)` is `B[n, k]ᵀ` when `b_rows_are_columns`, else `B[k, n]` (row stride ldb).
+/// `C[m, n] (row stride ldc) = A[m, k] (row stride lda) · op(B) (+ C when accumulate)`, f32 on
+/// the calling thread, where `op(B)` is `B[n, k]ᵀ` when `b_rows_are_columns`, else `B[k, n]`
+/// (row stride ldb): MKL's sgemm, else the `gemm` crate (candle's matrix-product library).
 ///
 /// # Safety
 /// The pointers must address matrices of these sizes and strides; C must not alias A or B.
@@ -189,11 +190,24 @@ pub(crate) unsafe fn sgemm_single(
     b: *const f32,
     ldb: usize,
     b_rows_are_columns: bool,
+    accumulate: bool,
     c: *mut f32,
     ldc: usize,
 ) {
     #[cfg(feature = "mkl")]
-    mkl::sgemm_strided(m, n, k, a, lda, b, ldb, b_rows_are_columns, c, ldc);
+    mkl::sgemm_strided(
+        m,
+        n,
+        k,
+        a,
+        lda,
+        b,
+        ldb,
+        b_rows_are_columns,
+        if accumulate { 1.0 } else { 0.0 },
+        c,
+        ldc,
+    );
     #[cfg(not(feature = "mkl"))]
     {
         let (rhs_cs, rhs_rs) = if b_rows_are_columns {
@@ -208,14 +222,15 @@ pub(crate) unsafe fn sgemm_single(
             c,
             1,
             ldc as isize,
-            false,
+            accumulate,
             a,
             1,
             lda as isize,
             b,
             rhs_cs,
             rhs_rs,
-            0.0,
+            // dst = alpha·dst + beta·lhs·rhs; dst is read only when accumulating.
+            1.0,
             1.0,
             false,
             false,
@@ -311,14 +326,19 @@ fn rows_per_block(m: usize) -> usize {
 /// (m, n) output: the columns are split between the threads, each thread walks its columns'
 /// row blocks in order. Tiles never overlap.
 fn for_tiles(m: usize, n: usize, tile: impl Fn(usize, usize, usize, usize) + Sync) {
+    let columns = column_split(n, rayon::current_num_threads());
+    for_row_blocks(m, &columns, |i0, i1, &(j0, j1)| tile(i0, i1, j0, j1));
+}
+
+/// Calls `block(i0, i1, part)` for blocks of rows `i0..i1` covering `m` rows, for every part
+/// (one task per part, in parallel; each walks its row blocks in order).
+fn for_row_blocks<P: Sync>(m: usize, parts: &[P], block: impl Fn(usize, usize, &P) + Sync) {
     let rows = rows_per_block(m);
-    column_split(n, rayon::current_num_threads())
-        .into_par_iter()
-        .for_each(|(j0, j1)| {
-            for i0 in (0..m).step_by(rows) {
-                tile(i0, (i0 + rows).min(m), j0, j1);
-            }
-        });
+    parts.par_iter().for_each(|part| {
+        for i0 in (0..m).step_by(rows) {
+            block(i0, (i0 + rows).min(m), part);
+        }
+    });
 }
 
 /// Before a product accumulates into the tile (rows of `cols` at stride `ld`): the bias is
@@ -499,18 +519,14 @@ impl F32Linear {
         let c = SharedMut(out.as_mut_ptr());
         #[cfg(feature = "mkl")]
         if let F32Weights::Packed(packed) = &self.weights {
-            let rows = rows_per_block(m);
-            packed.par_iter().for_each(|&(j0, j1, ref part)| {
-                for i0 in (0..m).step_by(rows) {
-                    let i1 = (i0 + rows).min(m);
-                    // SAFETY: as in `Bf16Linear::forward_bf16`.
-                    unsafe {
-                        let tile = c.get().add(i0 * n + j0);
-                        let bias = self.bias.as_deref().map(|b| &b[j0..j1]);
-                        let beta = prepare_tile(tile, i1 - i0, j1 - j0, n, bias, epilogue);
-                        part.product(i1 - i0, x.as_ptr().add(i0 * k), beta, tile, n);
-                        finish_tile(tile, i1 - i0, j1 - j0, n, epilogue);
-                    }
+            for_row_blocks(m, packed, |i0, i1, &(j0, j1, ref part)| {
+                // SAFETY: as in `Bf16Linear::forward_bf16`.
+                unsafe {
+                    let tile = c.get().add(i0 * n + j0);
+                    let bias = self.bias.as_deref().map(|b| &b[j0..j1]);
+                    let beta = prepare_tile(tile, i1 - i0, j1 - j0, n, bias, epilogue);
+                    part.product(i1 - i0, x.as_ptr().add(i0 * k), beta, tile, n);
+                    finish_tile(tile, i1 - i0, j1 - j0, n, epilogue);
                 }
             });
             return;
@@ -543,14 +559,16 @@ impl F32Linear {
                     let tile = c.get().add(i0 * n + j0);
                     let bias = self.bias.as_deref().map(|b| &b[j0..j1]);
                     let beta = prepare_tile(tile, rows, cols, n, bias, epilogue);
-                    sgemm_nt_single(
+                    sgemm_single(
                         rows,
                         cols,
                         k,
                         x.as_ptr().add(i0 * k),
+                        k,
                         w.as_ptr().add(j0 * k),
                         k,
-                        beta,
+                        true,
+                        beta != 0.0,
                         tile,
                         n,
                     );
@@ -577,50 +595,6 @@ impl F32Linear {
                 [..self.n * self.k],
         )
     }
-}
-
-/// `C[m, n] (row stride ldc) = A[m, k] · B[n, k]ᵀ + beta · C` (beta 0 or 1), f32 on the
-/// calling thread: MKL's sgemm, else the `gemm` crate (candle's matrix-product library).
-///
-/// # Safety
-/// The pointers must address matrices of these sizes and strides; C must not alias A or B.
-#[allow(clippy::too_many_arguments)]
-unsafe fn sgemm_nt_single(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    b: *const f32,
-    ldb: usize,
-    beta: f32,
-    c: *mut f32,
-    ldc: usize,
-) {
-    #[cfg(feature = "mkl")]
-    mkl::sgemm_nt(m, n, k, a, b, ldb, beta, c, ldc);
-    #[cfg(not(feature = "mkl"))]
-    // gemm computes dst = alpha·dst + beta·lhs·rhs, reading dst only when asked.
-    gemm::gemm(
-        m,
-        n,
-        k,
-        c,
-        1,
-        ldc as isize,
-        beta != 0.0,
-        a,
-        1,
-        k as isize,
-        b,
-        ldb as isize,
-        1,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
 }
 
 pub struct Bf16Linear {

@@ -150,6 +150,7 @@ pub fn attention(
                 k,
                 ld,
                 true,
+                false,
                 scores.as_mut_ptr(),
                 tokens,
             );
@@ -165,6 +166,7 @@ pub fn attention(
                 tokens,
                 v,
                 ld,
+                false,
                 false,
                 o,
                 width,
