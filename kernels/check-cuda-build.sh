@@ -4,7 +4,7 @@
 #   kernels/check-cuda-build.sh
 #
 # 1. Installs nvcc/ptxas and the CUDA 13.4 libraries from PyPI wheels into a private venv
-#    (${LLAMAVID_CUDA_VENV:-<repo>/.venv-cuda}); CUDA 13.4 because cudarc 0.19 refuses newer ones.
+#    (a venv cached outside the repository, examples/scripts/tool-venv.sh); CUDA 13.4 because cudarc 0.19 refuses newer ones.
 # 2. Builds a link-time stub of the driver library (libcuda.so.1, which no wheel ships) from the
 #    driver API names cudarc's bindings declare, and adds the unversioned .so names the linker
 #    looks for. (Steps 1 and 2 are kernels/cuda-env.sh, shared with kernels/gpu-check.sh.)
@@ -29,7 +29,7 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-80}"
 elapsed() { echo $(($(date +%s) - start)); }
 step() { printf '\n==> [%4ss] %s\n' "$(elapsed)" "$*"; }
 
-step "CUDA toolkit wheels into ${LLAMAVID_CUDA_VENV:-$repo/.venv-cuda}, libcuda link-time stub"
+step "CUDA toolkit wheels (cached venv), libcuda link-time stub"
 # shellcheck source=kernels/cuda-env.sh
 . "$repo/kernels/cuda-env.sh"
 summary=("${cuda_env_summary[@]}")

@@ -2,8 +2,8 @@
 # a CUDA 13.4 toolkit from PyPI wheels in a private venv, usable for building the `cuda` feature
 # without a system CUDA install.
 #
-# * installs the pinned wheels into ${LLAMAVID_CUDA_VENV:-<repo>/.venv-cuda} (python3 with venv
-#   and pip needed; PYTHON overrides the interpreter);
+# * installs the pinned wheels into $LLAMAVID_CUDA_VENV, by default a venv cached outside the
+#   repository (examples/scripts/tool-venv.sh);
 # * exports CUDA_HOME, PATH (nvcc, ptxas) and LD_LIBRARY_PATH (cuBLAS, cuRAND, NVRTC, cudart);
 # * adds the unversioned .so names the linker looks for (the wheels ship only versioned ones);
 # * builds lib/stubs/libcuda.so, a link-time stand-in for the driver library, exporting every
@@ -25,9 +25,14 @@ cuda_env_wheels=(
 )
 cuda_env_summary=()
 
-cuda_env_venv="${LLAMAVID_CUDA_VENV:-$repo/.venv-cuda}"
-if [ ! -x "$cuda_env_venv/bin/python" ]; then
-    "${PYTHON:-python3}" -m venv "$cuda_env_venv"
+if [ -n "${LLAMAVID_CUDA_VENV:-}" ]; then
+    cuda_env_venv="$LLAMAVID_CUDA_VENV"
+    [ -x "$cuda_env_venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$cuda_env_venv"
+else
+    # shellcheck source=../examples/scripts/tool-venv.sh
+    . "$repo/examples/scripts/tool-venv.sh"
+    llamavid_tool_venv cuda 13.4.92
+    cuda_env_venv="$llamavid_venv"
 fi
 "$cuda_env_venv/bin/python" -m pip install --quiet --disable-pip-version-check "${cuda_env_wheels[@]}"
 cuda_env_site="$("$cuda_env_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"

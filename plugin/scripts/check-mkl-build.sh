@@ -3,7 +3,7 @@
 # statically): lints, the CPU kernels against their f64 references (every epilogue, packed
 # weights, row blocks), and the model against the reference fixtures through those kernels.
 #   plugin/scripts/check-mkl-build.sh
-# Installs MKL from PyPI into .venv-mkl unless MKLROOT points at one (plugin/scripts/mkl-env.sh).
+# Installs MKL from PyPI into a cached venv unless MKLROOT points at one (plugin/scripts/mkl-env.sh).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$repo"
