@@ -5,7 +5,9 @@
 
 use rayon::prelude::*;
 
-use super::{math, CpuLinear, Epilogue, Scratch, SharedMut};
+use super::blas::{self, Mat};
+use super::parallel::{for_rows, SharedMut};
+use super::{math, CpuLinear, Epilogue, Isa, Scratch};
 
 /// The weights of one layer.
 pub struct LlamaLayer<'a> {
@@ -39,6 +41,10 @@ pub struct CacheView<'a> {
 const ROW_BLOCK: usize = 128;
 
 impl LlamaLayer<'_> {
+    fn isa(&self) -> Isa {
+        self.q.kernels().isa()
+    }
+
     /// Attention input: `h = rmsnorm(x)`, then Q, K, V with RoPE applied to Q and K for
     /// positions `start..start + len`. Returns (q, k, v), rows of heads·head_dim.
     pub fn qkv(
@@ -52,7 +58,7 @@ impl LlamaLayer<'_> {
         let hidden = self.input_norm.len();
         let d = self.head_dim;
         let mut h = Scratch::<f32>::new(len * hidden);
-        math::rms_norm(x, self.input_norm, self.eps, &mut h);
+        math::rms_norm(self.isa(), x, self.input_norm, self.eps, &mut h);
         let mut q = Scratch::<f32>::new(len * self.num_heads * d);
         self.q.forward_into(&h, len, &mut q);
         let mut k = vec![0f32; len * self.num_kv_heads * d];
@@ -79,6 +85,7 @@ impl LlamaLayer<'_> {
         let width = self.num_heads * self.head_dim;
         let mut att = Scratch::<f32>::new(len * width);
         attention(
+            self.isa(),
             q,
             len,
             start,
@@ -92,13 +99,13 @@ impl LlamaLayer<'_> {
         self.o.forward_with(&att, len, x, Epilogue::Accumulate);
         drop(att);
         let mut h = Scratch::<f32>::new(len * hidden);
-        math::rms_norm(x, self.post_norm, self.eps, &mut h);
+        math::rms_norm(self.isa(), x, self.post_norm, self.eps, &mut h);
         let inter = self.gate.out_features();
         let mut g = Scratch::<f32>::new(len * inter);
         self.gate.forward_into(&h, len, &mut g);
         let mut u = Scratch::<f32>::new(len * inter);
         self.up.forward_into(&h, len, &mut u);
-        math::silu_mul(&mut g, &u);
+        math::silu_mul(self.isa(), &mut g, &u);
         drop(u);
         self.down.forward_with(&g, len, x, Epilogue::Accumulate);
     }
@@ -108,7 +115,7 @@ impl LlamaLayer<'_> {
 /// the tables (positions, d/2).
 fn rope(x: &mut [f32], heads: usize, d: usize, start: usize, cos: &[f32], sin: &[f32]) {
     let half = d / 2;
-    math::for_rows(x, heads * d, |t, row| {
+    for_rows(x, heads * d, |t, row| {
         let pos = start + t;
         let (c, s) = (
             &cos[pos * half..(pos + 1) * half],
@@ -129,6 +136,7 @@ fn rope(x: &mut [f32], heads: usize, d: usize, start: usize, cos: &[f32], sin: &
 /// `0..=start + i`. `q` and `out` have rows of heads·d; heads share kv heads in groups.
 #[allow(clippy::too_many_arguments)]
 fn attention(
+    isa: Isa,
     q: &[f32],
     len: usize,
     start: usize,
@@ -142,7 +150,7 @@ fn attention(
     let width = heads * d;
     let group = heads / kv_heads;
     let scale = (d as f32).powf(-0.5);
-    let out_ptr = SharedMut(out.as_mut_ptr());
+    let out_ptr = SharedMut::new(out);
     let blocks = len.div_ceil(ROW_BLOCK);
     (0..heads * blocks).into_par_iter().for_each(|task| {
         let (h, block) = (task / blocks, task % blocks);
@@ -155,39 +163,31 @@ fn attention(
         let k = &keys.data[keys.offset + kv * keys.head_stride..];
         let v = &values.data[values.offset + kv * values.head_stride..];
         let mut scores = Scratch::<f32>::new(rows * seen);
-        // Capture the whole pointer wrapper (Send + Sync), not its raw field.
-        #[allow(clippy::redundant_locals)]
         // SAFETY: q rows r0..r1 of this head (row stride `width`), `seen` key and value rows
         // (stride token_stride) inside the cache, scores (rows, seen); the output rows r0..r1
         // and columns of head h are written by this task only.
         unsafe {
-            super::sgemm_single(
+            blas::sgemm(
                 rows,
                 seen,
                 d,
-                q.as_ptr().add(r0 * width + h * d),
-                width,
-                k.as_ptr(),
-                keys.token_stride,
-                true,
+                Mat::rows(q.as_ptr().add(r0 * width + h * d), width),
+                Mat::columns(k.as_ptr(), keys.token_stride),
                 false,
                 scores.as_mut_ptr(),
                 seen,
             );
             for (i, row) in scores.chunks_mut(seen).enumerate() {
                 let visible = start + r0 + i + 1;
-                math::softmax_row(&mut row[..visible], scale);
+                math::softmax_row(isa, &mut row[..visible], scale);
                 row[visible..].fill(0.0);
             }
-            super::sgemm_single(
+            blas::sgemm(
                 rows,
                 d,
                 seen,
-                scores.as_ptr(),
-                seen,
-                v.as_ptr(),
-                values.token_stride,
-                false,
+                Mat::rows(scores.as_ptr(), seen),
+                Mat::rows(v.as_ptr(), values.token_stride),
                 false,
                 out_ptr.get().add(r0 * width + h * d),
                 width,

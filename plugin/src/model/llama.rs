@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
 
-use super::nn::{fused_llama_layer, linear_no_bias, Linear};
+use super::nn::{fused_llama_layer, linear_no_bias, Linear, LoadContext};
 
 use super::config::LlavaConfig;
 
@@ -53,15 +53,15 @@ struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &LlavaConfig, vb: VarBuilder, ctx: &LoadContext) -> Result<Self> {
         let h = cfg.hidden_size;
         let head_dim = h / cfg.num_attention_heads;
         let kv = cfg.num_kv_heads() * head_dim;
         Ok(Self {
-            q_proj: linear_no_bias(h, h, vb.pp("q_proj"))?,
-            k_proj: linear_no_bias(h, kv, vb.pp("k_proj"))?,
-            v_proj: linear_no_bias(h, kv, vb.pp("v_proj"))?,
-            o_proj: linear_no_bias(h, h, vb.pp("o_proj"))?,
+            q_proj: linear_no_bias(h, h, vb.pp("q_proj"), ctx)?,
+            k_proj: linear_no_bias(h, kv, vb.pp("k_proj"), ctx)?,
+            v_proj: linear_no_bias(h, kv, vb.pp("v_proj"), ctx)?,
+            o_proj: linear_no_bias(h, h, vb.pp("o_proj"), ctx)?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_kv_heads(),
             head_dim,
@@ -152,21 +152,21 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &LlavaConfig, vb: VarBuilder, ctx: &LoadContext) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let mlp = vb.pp("mlp");
         Ok(Self {
             input_layernorm: rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
-            self_attn: SelfAttention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: SelfAttention::new(cfg, vb.pp("self_attn"), ctx)?,
             post_attention_layernorm: rms_norm(
                 h,
                 cfg.rms_norm_eps,
                 vb.pp("post_attention_layernorm"),
             )?,
             mlp: Mlp {
-                gate_proj: linear_no_bias(h, i, mlp.pp("gate_proj"))?,
-                up_proj: linear_no_bias(h, i, mlp.pp("up_proj"))?,
-                down_proj: linear_no_bias(i, h, mlp.pp("down_proj"))?,
+                gate_proj: linear_no_bias(h, i, mlp.pp("gate_proj"), ctx)?,
+                up_proj: linear_no_bias(h, i, mlp.pp("up_proj"), ctx)?,
+                down_proj: linear_no_bias(i, h, mlp.pp("down_proj"), ctx)?,
             },
         })
     }
@@ -248,17 +248,17 @@ pub struct Llama {
 
 impl Llama {
     /// `vb` points at the checkpoint root (`model.*` and `lm_head.*`).
-    pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &LlavaConfig, vb: VarBuilder, ctx: &LoadContext) -> Result<Self> {
         let h = cfg.hidden_size;
         let model = vb.pp("model");
         let embed_tokens = embedding(cfg.vocab_size, h, model.pp("embed_tokens"))?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            ctx.linear(embed_tokens.embeddings().clone(), None)
         } else {
-            linear_no_bias(h, cfg.vocab_size, vb.pp("lm_head"))?
+            linear_no_bias(h, cfg.vocab_size, vb.pp("lm_head"), ctx)?
         };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, model.pp(format!("layers.{i}"))))
+            .map(|i| DecoderLayer::new(cfg, model.pp(format!("layers.{i}")), ctx))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed_tokens,
@@ -282,6 +282,13 @@ impl Llama {
             max_positions: cfg.max_position_embeddings,
             hidden: h,
         })
+    }
+
+    /// The first layer's query projection and the `lm_head` (to say which kernels the
+    /// products take), when the decoder is loaded.
+    pub fn sample_layers(&self) -> Option<(&Linear, &Linear)> {
+        let first = self.layers.first()?;
+        Some((&first.self_attn.q_proj, &self.head.as_ref()?.1))
     }
 
     /// Whether the decoder (layers, norm, `lm_head`) is loaded.

@@ -1,17 +1,22 @@
 //! The loaded model and the three operations the element needs: prepare a prompt once,
 //! encode frames into their tokens, caption a window of tokens.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use llamavid_kernels::cpu::vit::VitProfile;
+use llamavid_kernels::cpu::{host, CpuKernels, Isa};
 
-use super::checkpoint::{Checkpoint, WeightFormat};
+use super::checkpoint::Checkpoint;
 use super::config::{read_json, BertConfig, LlavaConfig, VisionOverrides};
 use super::eva::{EvaConfig, EvaVit};
 use super::files::ModelFiles;
 use super::llama::{Llama, LogitsFor};
-use super::nn::{Precision, PrecisionScope};
+use super::nn::{LoadContext, Precision};
+use super::options::{CpuLayers, LanguageModelWeights, LoadOptions};
+use super::pool::ComputePool;
 use super::preprocess::{ClipPreprocess, FrameView, ResizeTarget};
 use super::prompt::{clean_answer, split_at_image, tokenize_with_image, vicuna_v1_prompt};
 use super::qformer::{QFormerConfig, TextGuidance};
@@ -19,55 +24,6 @@ use super::sampling::{GenerationParams, Sampler};
 use super::tokenizer::{BertTokenizer, LlamaTokenizer};
 use super::tokens::{TokenConfig, TokenGenerator};
 use super::{ModelError, Result};
-
-/// What to load and where to run it.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    /// The HF model directory (`config.json`, weights, tokenizer).
-    pub model_dir: PathBuf,
-    /// EVA weights; default: `mm_vision_tower` of `config.json`, resolved beside the model.
-    pub vision_tower: Option<PathBuf>,
-    /// Folder with the Q-Former's `config.json` and `vocab.txt`; default: `bert-base-uncased`
-    /// beside the model.
-    pub bert_dir: Option<PathBuf>,
-    pub device: Device,
-    /// Compute dtype; weights are converted from whatever the files store.
-    pub dtype: DType,
-    pub weight_format: WeightFormat,
-    /// Arithmetic of the linear layers on the CPU (f32 is exact; see `Precision`). Applied
-    /// while loading: reduced-precision weights replace the f32 ones layer by layer.
-    pub precision: Precision,
-    /// Which language-model weights to load: all of them, or only the token embedding table
-    /// when a server generates the captions (`LlamaVid::caption_remote`).
-    pub language_model: LanguageModelWeights,
-}
-
-/// The language-model weights a loaded model holds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum LanguageModelWeights {
-    /// Everything: captions are generated locally.
-    #[default]
-    All,
-    /// The token embedding table only (the prompt's text tokens must be embedded exactly as
-    /// the local model would); the decoder layers, final norm and `lm_head` stay on disk, and
-    /// [`LlamaVid::generate`] refuses to run.
-    EmbeddingsOnly,
-}
-
-impl LoadOptions {
-    pub fn new(model_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            model_dir: model_dir.into(),
-            vision_tower: None,
-            bert_dir: None,
-            device: Device::Cpu,
-            dtype: DType::F32,
-            weight_format: WeightFormat::Auto,
-            precision: Precision::F32,
-            language_model: LanguageModelWeights::All,
-        }
-    }
-}
 
 /// A question prepared for captioning: its Q-Former guidance (used when encoding frames) and
 /// the embedded prompt around the `<image>` placeholder (used when captioning).
@@ -111,6 +67,10 @@ pub struct LlamaVid {
     dtype: DType,
     precision: Precision,
     notes: Vec<String>,
+    /// Where all of the model's CPU work runs.
+    pool: Arc<ComputePool>,
+    /// What runs the model, in words (see [`LlamaVid::compute`]).
+    compute: String,
 }
 
 fn eva_config(eva: &Checkpoint, overrides: &VisionOverrides, path: &Path) -> Result<EvaConfig> {
@@ -170,8 +130,102 @@ fn eva_config(eva: &Checkpoint, overrides: &VisionOverrides, path: &Path) -> Res
     })
 }
 
+/// The CPU kernels a load asks for, with AMX permission requested only when bf16/int8
+/// products will use it (a process-wide effect, see the README).
+fn cpu_kernels(options: &LoadOptions, notes: &mut Vec<String>) -> CpuKernels {
+    let mut isa = Isa::detect(options.cpu_isa);
+    let reduced = options.precision != Precision::F32;
+    if isa.amx() && reduced && llamavid_kernels::cpu::HAS_MKL {
+        isa = isa.request_amx();
+        if !isa.amx() {
+            notes.push(
+                "the operating system refused this process the AMX tile state; bf16/int8 \
+                 products run without AMX"
+                    .into(),
+            );
+        }
+    } else {
+        // Not needed: never ask.
+        isa = isa.narrow(llamavid_kernels::cpu::IsaLimit::Avx512);
+    }
+    let kernels = CpuKernels::new(isa);
+    match options.row_block {
+        Some(rows) => kernels.with_row_block(rows),
+        None => kernels,
+    }
+}
+
+/// What the modules are built with, and the precision they run (resolved, never `Auto`).
+fn load_context(options: &LoadOptions, notes: &mut Vec<String>) -> (LoadContext, Precision) {
+    let device = &options.device;
+    let kernels = (device.is_cpu() && options.cpu_layers == CpuLayers::Fused)
+        .then(|| cpu_kernels(options, notes));
+    let (precision, note) = options.precision.resolve(device, kernels);
+    notes.extend(note);
+    if !device.is_cpu() {
+        return (LoadContext::candle(), precision);
+    }
+    if options.tune_allocator {
+        host::tune_allocator();
+    }
+    let Some(kernels) = kernels else {
+        return (LoadContext::candle(), precision);
+    };
+    let ctx = LoadContext::cpu(precision, kernels);
+    let ctx = if options.profile {
+        ctx.with_vit_profile(Arc::new(VitProfile::default()))
+    } else {
+        ctx
+    };
+    (ctx, precision)
+}
+
+/// The compute of a loaded model in words, for logs.
+fn describe_compute(options: &LoadOptions, ctx: &LoadContext, pool: &ComputePool) -> String {
+    let threads = format!(
+        "{} thread{}{}",
+        pool.threads(),
+        if pool.threads() == 1 { "" } else { "s" },
+        if pool.lowered_priority() {
+            " at lowered priority"
+        } else {
+            ""
+        }
+    );
+    match ctx.cpu_kernels() {
+        _ if !options.device.is_cpu() => {
+            format!(
+                "{:?} in {:?}; CPU work on {threads}",
+                options.device, options.dtype
+            )
+        }
+        None => format!("CPU, candle's layers in f32, {threads}"),
+        Some(k) => format!(
+            "CPU, {} products on the {} kernels{}, {threads}",
+            ctx.precision(),
+            k.isa(),
+            if llamavid_kernels::cpu::HAS_MKL {
+                " with MKL"
+            } else {
+                ""
+            }
+        ),
+    }
+}
+
 impl LlamaVid {
+    /// Loads the model. Everything it computes while loading (weight conversions) and later
+    /// runs in its own thread pool (see [`LoadOptions::threads`]).
     pub fn load(options: &LoadOptions) -> Result<Self> {
+        let pool = Arc::new(ComputePool::new(
+            options.threads,
+            options.lower_thread_priority,
+        )?);
+        let model_pool = pool.clone();
+        pool.install(move || Self::load_in_pool(options, model_pool))
+    }
+
+    fn load_in_pool(options: &LoadOptions, pool: Arc<ComputePool>) -> Result<Self> {
         let model_dir = &options.model_dir;
         if !model_dir.is_dir() {
             return Err(ModelError::MissingFile {
@@ -200,10 +254,9 @@ impl LlamaVid {
         )?;
         let mut notes = Vec::new();
         let (device, dtype) = (&options.device, options.dtype);
-        let (precision, note) = options.precision.resolve(device);
-        notes.extend(note);
-        // Every linear layer built from here on converts its weights to `precision`.
-        let _precision_scope = PrecisionScope::enter(precision);
+        // Every linear layer built with `ctx` converts its weights to `precision`.
+        let (ctx, precision) = load_context(options, &mut notes);
+        let compute = describe_compute(options, &ctx, &pool);
 
         // Vision tower.
         let overrides: VisionOverrides = match &files.vision_overrides {
@@ -223,7 +276,7 @@ impl LlamaVid {
                 ),
             ));
         }
-        let vision = EvaVit::new(&eva_cfg, eva_file.var_builder(dtype, device))?;
+        let vision = EvaVit::new(&eva_cfg, eva_file.var_builder(dtype, device), &ctx)?;
 
         // Preprocessing must produce the image size the position embedding was trained for.
         let preprocess = match &files.preprocessor_config {
@@ -284,9 +337,9 @@ impl LlamaVid {
             projector_type: config.mm_projector_type.clone(),
         };
         let vb = hf.var_builder(dtype, device);
-        let tokens = TokenGenerator::new(&token_cfg, vb.pp("model"))?;
+        let tokens = TokenGenerator::new(&token_cfg, vb.pp("model"), &ctx)?;
         let llm = match options.language_model {
-            LanguageModelWeights::All => Llama::new(&config, vb)?,
+            LanguageModelWeights::All => Llama::new(&config, vb, &ctx)?,
             LanguageModelWeights::EmbeddingsOnly => Llama::embeddings_only(&config, vb)?,
         };
 
@@ -306,7 +359,45 @@ impl LlamaVid {
             dtype,
             precision,
             notes,
+            pool,
+            compute,
         })
+    }
+
+    /// Runs `f` in the model's thread pool: for callers that drive its parts (`vision()`,
+    /// `token_generator()`, `llm()`) directly; the operations of `LlamaVid` itself do so already.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
+    /// The kernel each kind of product takes on this CPU, in words (benchmarks, logs).
+    pub fn product_paths(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let frame = 1 + self.vision.config().num_patches();
+        if let Some(qkv) = self.vision.first_qkv() {
+            out.push(format!(
+                "vision tower ({frame} rows per frame): {}",
+                qkv.path(frame)
+            ));
+        }
+        if let Some((q, lm_head)) = self.llm.sample_layers() {
+            // Any product of more rows than the few-row kernels take goes the same way.
+            out.push(format!("LLaMA prefill (many rows): {}", q.path(frame)));
+            out.push(format!("LLaMA decode (1 row): {}", q.path(1)));
+            out.push(format!("lm_head (1 row): {}", lm_head.path(1)));
+        }
+        out
+    }
+
+    /// The model's thread pool.
+    pub fn pool(&self) -> &ComputePool {
+        &self.pool
+    }
+
+    /// What runs the model, in words: device, precision, the CPU kernels chosen for this CPU,
+    /// threads (for the element's log).
+    pub fn compute(&self) -> &str {
+        &self.compute
     }
 
     pub fn files(&self) -> &ModelFiles {
@@ -368,16 +459,8 @@ impl LlamaVid {
     /// tokenized chunk by chunk around `<image>` and embedded.
     pub fn prompt(&self, question: &str) -> Result<CaptionPrompt> {
         let qformer_ids = self.qformer_tokenizer.encode_question(question)?;
-        let guidance = self.tokens.text_guidance(&qformer_ids)?;
         let input_ids = tokenize_with_image(&self.llm_tokenizer, &vicuna_v1_prompt(question))?;
-        let parts = split_at_image(&input_ids)?;
-        Ok(CaptionPrompt {
-            question: question.to_owned(),
-            guidance,
-            before: self.llm.embed(&parts.before)?,
-            after: self.llm.embed(&parts.after)?,
-            input_ids,
-        })
+        self.prompt_from_ids(question, input_ids, &qformer_ids)
     }
 
     /// A prompt from ids tokenized elsewhere: the LLM ids with the image placeholder (-200)
@@ -388,19 +471,25 @@ impl LlamaVid {
         input_ids: Vec<i64>,
         qformer_ids: &[u32],
     ) -> Result<CaptionPrompt> {
-        let guidance = self.tokens.text_guidance(qformer_ids)?;
-        let parts = split_at_image(&input_ids)?;
-        Ok(CaptionPrompt {
-            question: question.to_owned(),
-            guidance,
-            before: self.llm.embed(&parts.before)?,
-            after: self.llm.embed(&parts.after)?,
-            input_ids,
+        self.install(|| {
+            let guidance = self.tokens.text_guidance(qformer_ids)?;
+            let parts = split_at_image(&input_ids)?;
+            Ok(CaptionPrompt {
+                question: question.to_owned(),
+                guidance,
+                before: self.llm.embed(&parts.before)?,
+                after: self.llm.embed(&parts.after)?,
+                input_ids,
+            })
         })
     }
 
     /// Frames to pixels (B, 3, S, S) on the compute device.
     pub fn preprocess(&self, frames: &[FrameView]) -> Result<Tensor> {
+        self.install(|| self.preprocess_in_pool(frames))
+    }
+
+    fn preprocess_in_pool(&self, frames: &[FrameView]) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(device) = &self.device {
             // Only the sampled frame's planes are uploaded; the one-pass kernel does the
@@ -422,8 +511,10 @@ impl LlamaVid {
 
     /// Pixels (B, 3, S, S) to frame tokens (B, tokens_per_frame, H): context token first.
     pub fn encode_pixels(&self, pixels: &Tensor, prompt: &CaptionPrompt) -> Result<Tensor> {
-        let features = self.vision.forward(&pixels.to_dtype(self.dtype)?)?;
-        Ok(self.tokens.forward(&prompt.guidance, &features)?)
+        self.install(|| {
+            let features = self.vision.forward(&pixels.to_dtype(self.dtype)?)?;
+            Ok(self.tokens.forward(&prompt.guidance, &features)?)
+        })
     }
 
     /// Raw frames to frame tokens (B, tokens_per_frame, H).
@@ -437,13 +528,25 @@ impl LlamaVid {
         prompt: &CaptionPrompt,
         video_tokens: &Tensor,
     ) -> Result<Tensor> {
-        let video = video_tokens.to_dtype(self.dtype)?.unsqueeze(0)?;
-        Ok(Tensor::cat(&[&prompt.before, &video, &prompt.after], 1)?)
+        self.install(|| {
+            let video = video_tokens.to_dtype(self.dtype)?.unsqueeze(0)?;
+            Ok(Tensor::cat(&[&prompt.before, &video, &prompt.after], 1)?)
+        })
     }
 
     /// Prefill on `embeddings` (1, S, H) then decode token by token with the KV cache until
     /// EOS, `max_new_tokens` or the context is full. `cancel` is checked between tokens.
     pub fn generate(
+        &self,
+        embeddings: &Tensor,
+        params: &GenerationParams,
+        keep_step_logits: bool,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Generation> {
+        self.install(|| self.generate_in_pool(embeddings, params, keep_step_logits, cancel))
+    }
+
+    fn generate_in_pool(
         &self,
         embeddings: &Tensor,
         params: &GenerationParams,

@@ -13,6 +13,8 @@ pub mod eva;
 pub mod files;
 pub mod llama;
 pub mod nn;
+pub mod options;
+pub mod pool;
 pub mod preprocess;
 pub mod prompt;
 pub mod qformer;
@@ -26,8 +28,8 @@ mod llamavid;
 
 pub use checkpoint::WeightFormat;
 pub use error::{ModelError, Result};
-pub use llamavid::{
-    Caption, CaptionPrompt, Generation, LanguageModelWeights, LlamaVid, LoadOptions,
-};
+pub use llamavid::{Caption, CaptionPrompt, Generation, LlamaVid};
+pub use llamavid_kernels::cpu::IsaLimit;
 pub use nn::Precision;
+pub use options::{CpuLayers, LanguageModelWeights, LoadOptions};
 pub use sampling::GenerationParams;
