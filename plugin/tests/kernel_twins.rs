@@ -1,6 +1,6 @@
 //! The CPU twins of the `llamavid-kernels` CUDA kernels against the model's own CPU path:
 //!
-//! * preprocessing: the twin, fed with the model's integer resampling weights (`AxisCoeffs`),
+//! * preprocessing: the twin, fed with the model's integer resampling weights (`AxisTaps`),
 //!   YUV coefficients and `ClipPreprocess` settings, must give the model's
 //!   `ClipPreprocess::pixels` bit for bit (and its uint8 stage byte for byte), on the fixture
 //!   frames and on random frames of odd sizes, in every pixel format, with padded strides and
@@ -20,13 +20,13 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, model_dir, reference, STAGE_TOL};
 use gstllamavid::model::preprocess::{
-    resize_bicubic, AxisCoeffs, ClipPreprocess, FrameView, Normalize, PixelFormat, ResizeTarget,
-    RgbImage, YuvMatrix, YuvRange, YuvToRgb,
+    resize_bicubic, ClipPreprocess, FrameView, Normalize, PixelFormat, ResizeTarget, RgbImage,
+    YuvMatrix, YuvRange, YuvToRgb,
 };
 use gstllamavid::model::{LlamaVid, LoadOptions};
 use llamavid_kernels::compress::{self, CompressShape};
-use llamavid_kernels::preprocess::{cpu as twin, KernelArgs};
-use llamavid_kernels::{AxisTaps, Normalization, Plane, PreprocessParams, SourceFormat, YuvCoeffs};
+use llamavid_kernels::preprocess::{centre_crop_offset, cpu as twin, KernelArgs};
+use llamavid_kernels::{Plane, PreprocessParams};
 
 // ---------------------------------------------------------------------------------------------
 // Shared helpers
@@ -70,78 +70,14 @@ impl Rng {
     }
 }
 
-fn source_format(format: PixelFormat) -> SourceFormat {
-    match format {
-        PixelFormat::Rgb => SourceFormat::Rgb,
-        PixelFormat::Rgbx => SourceFormat::Rgbx,
-        PixelFormat::Bgrx => SourceFormat::Bgrx,
-        PixelFormat::Rgba => SourceFormat::Rgba,
-        PixelFormat::Bgra => SourceFormat::Bgra,
-        PixelFormat::I420 => SourceFormat::I420,
-        PixelFormat::Nv12 => SourceFormat::Nv12,
-    }
-}
+const ALL_FORMATS: [PixelFormat; 7] = PixelFormat::ALL;
 
-const ALL_FORMATS: [PixelFormat; 7] = [
-    PixelFormat::Rgb,
-    PixelFormat::Rgbx,
-    PixelFormat::Bgrx,
-    PixelFormat::Rgba,
-    PixelFormat::Bgra,
-    PixelFormat::I420,
-    PixelFormat::Nv12,
-];
-
-fn taps(c: AxisCoeffs, in_size: usize) -> AxisTaps {
-    AxisTaps {
-        in_size,
-        ksize: c.ksize,
-        starts: c.starts,
-        counts: c.counts,
-        weights: c.weights,
-    }
-}
-
-/// The model's weights for one axis: Pillow leaves an unchanged axis unfiltered.
-fn axis(in_size: usize, out_size: usize) -> AxisTaps {
-    if in_size == out_size {
-        AxisTaps::identity(in_size)
-    } else {
-        taps(AxisCoeffs::bicubic(in_size, out_size), in_size)
-    }
-}
-
-/// The kernel parameters of one frame, built from the model's own preprocessing settings and
-/// coefficients: this is what the element will do when it wires the kernel in.
+/// The kernel parameters of one frame in one buffer (planes at their offsets), built by the
+/// model's own code: this is what the element does when the kernel runs.
 fn kernel_params(pre: &ClipPreprocess, frame: &FrameLayout, yuv: YuvToRgb) -> PreprocessParams {
-    let (w, h) = (frame.width, frame.height);
-    let (rh, rw) = pre.resized_size(w, h);
-    let (oh, ow) = pre.crop.unwrap_or((rh, rw));
-    let c = yuv.coefficients();
-    PreprocessParams {
-        format: source_format(frame.format),
-        width: w,
-        height: h,
-        planes: frame.planes.clone(),
-        yuv: YuvCoeffs {
-            y_offset: c.y_offset,
-            y_gain: c.y_gain,
-            r_v: c.r_v,
-            g_u: c.g_u,
-            g_v: c.g_v,
-            b_u: c.b_u,
-        },
-        horizontal: axis(w, rw),
-        vertical: axis(h, rh),
-        crop_left: PreprocessParams::centre_crop_offset(rw, ow),
-        crop_top: PreprocessParams::centre_crop_offset(rh, oh),
-        out_width: ow,
-        out_height: oh,
-        normalization: Normalization {
-            rescale: pre.rescale,
-            mean_std: pre.normalize.map(|n| (n.mean, n.std)),
-        },
-    }
+    let mut params = pre.kernel_params(&frame.view(yuv));
+    params.planes = frame.planes.clone();
+    params
 }
 
 /// One frame in one buffer: planes at `offset`s (with gaps), rows `stride` apart (padded).
@@ -156,11 +92,10 @@ struct FrameLayout {
 impl FrameLayout {
     /// Random bytes everywhere (padding included), planes placed after random gaps.
     fn random(format: PixelFormat, width: usize, height: usize, rng: &mut Rng) -> Self {
-        let sf = source_format(format);
         let mut planes = Vec::new();
         let mut end = rng.below(19);
-        for i in 0..sf.plane_count() {
-            let (row_bytes, rows) = sf.plane_extent(i, width, height);
+        for i in 0..format.plane_count() {
+            let (row_bytes, rows) = format.plane_extent(i, width, height);
             let stride = row_bytes + [0, 1, 3, 7, 64][rng.below(5)];
             planes.push(Plane {
                 offset: end,
@@ -265,8 +200,8 @@ fn model_u8_stage(pre: &ClipPreprocess, rgb: &RgbImage) -> Vec<u8> {
         resize_bicubic(rgb, rw, rh)
     };
     let (oh, ow) = pre.crop.unwrap_or((rh, rw));
-    let left = PreprocessParams::centre_crop_offset(rw, ow);
-    let top = PreprocessParams::centre_crop_offset(rh, oh);
+    let left = centre_crop_offset(rw, ow);
+    let top = centre_crop_offset(rh, oh);
     let mut out = vec![0u8; 3 * oh * ow];
     for y in 0..oh {
         for x in 0..ow {
@@ -520,7 +455,7 @@ fn preprocess_params_are_validated() {
     );
 
     let mut p = good.clone();
-    p.vertical = axis(18, p.vertical.out_size());
+    p.vertical = llamavid_kernels::AxisTaps::for_resize(18, p.vertical.out_size());
     assert!(
         twin::preprocess(&p, &frame.data).is_err(),
         "taps for another height"
