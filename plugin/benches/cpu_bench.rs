@@ -19,7 +19,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use gstllamavid::model::llama::LogitsFor;
 use gstllamavid::model::{CaptionPrompt, IsaLimit, LlamaVid, LoadOptions, Precision, WeightFormat};
-use llamavid_kernels::cpu::{CpuFeatures, CpuKernels, CpuLinear, Isa};
+use llamavid_kernels::cpu::{CpuFeatures, CpuKernels, CpuLinear, Isa, WeightType};
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: cpu_bench --model DIR [--dtype f32|bf16|int8|auto] [--shape FILE] \
@@ -590,7 +590,7 @@ fn machine_speed(threads: usize) -> [f64; 3] {
         let kernels = CpuKernels::new(Isa::detect(IsaLimit::Best).request_amx());
         let tensor = Tensor::from_vec(w.clone(), (n, n), &Device::Cpu).expect("tensor");
         let f32_layer = CpuLinear::f32(tensor, None, kernels, None).expect("f32 layer");
-        let bf16_layer = CpuLinear::bf16(&w, n, n, None, kernels);
+        let bf16_layer = CpuLinear::from_f32(WeightType::Bf16, &w, n, n, None, kernels);
         let mut out = vec![0f32; n * n];
         let mut best_ms = |layer: &CpuLinear| {
             layer.forward_into(&w, n, &mut out);

@@ -18,7 +18,7 @@ mod common;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, model_dir, reference, STAGE_TOL};
+use common::{assert_close, model_dir, reference_tensor, STAGE_TOL};
 use gstllamavid::model::preprocess::{
     resize_bicubic, ClipPreprocess, FrameView, Normalize, PixelFormat, ResizeTarget, RgbImage,
     YuvMatrix, YuvRange, YuvToRgb,
@@ -35,11 +35,6 @@ use llamavid_kernels::{Plane, PreprocessParams};
 fn model() -> &'static LlamaVid {
     static MODEL: OnceLock<LlamaVid> = OnceLock::new();
     MODEL.get_or_init(|| LlamaVid::load(&LoadOptions::new(model_dir())).expect("fixture model"))
-}
-
-fn reference_tensor(name: &str) -> Tensor {
-    static REFERENCE: OnceLock<std::collections::HashMap<String, Tensor>> = OnceLock::new();
-    REFERENCE.get_or_init(reference)[name].clone()
 }
 
 /// SplitMix64: a small deterministic generator, so failures reproduce.

@@ -31,24 +31,30 @@ impl<T> Mat<T> {
     }
 }
 
-/// `C[m, n] (row stride ldc) = A[m, k] · op(B)[k, n] (+ C when accumulate)` in f32 on the
-/// calling thread.
+/// The sizes of one product `C[m, n] = A[m, k] · op(B)[k, n]`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// The output of a product: `m` rows of `n` f32 at row stride `ld`.
+#[derive(Clone, Copy)]
+pub(crate) struct Out {
+    pub ptr: *mut f32,
+    pub ld: usize,
+}
+
+/// `C = A · op(B) (+ C when accumulate)` in f32 on the calling thread: MKL's sgemm under the
+/// `mkl` feature, else the `gemm` crate.
 ///
 /// # Safety
 /// The operands must address matrices of these sizes and strides; C must not alias A or B.
-pub(crate) unsafe fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Mat<f32>,
-    b: Mat<f32>,
-    accumulate: bool,
-    c: *mut f32,
-    ldc: usize,
-) {
+pub(crate) unsafe fn sgemm(d: Dims, a: Mat<f32>, b: Mat<f32>, c: Out, accumulate: bool) {
     debug_assert!(!a.transposed);
     #[cfg(feature = "mkl")]
-    super::mkl::sgemm(m, n, k, a, b, if accumulate { 1.0 } else { 0.0 }, c, ldc);
+    super::mkl::gemm(d, a, b, c, if accumulate { 1.0 } else { 0.0 });
     #[cfg(not(feature = "mkl"))]
     {
         // (column stride, row stride) of op(B) as the gemm crate wants them.
@@ -58,12 +64,12 @@ pub(crate) unsafe fn sgemm(
             (1, b.ld as isize)
         };
         gemm::gemm(
-            m,
-            n,
-            k,
-            c,
+            d.m,
+            d.n,
+            d.k,
+            c.ptr,
             1,
-            ldc as isize,
+            c.ld as isize,
             accumulate,
             a.ptr,
             1,

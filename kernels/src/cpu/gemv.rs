@@ -129,31 +129,88 @@ struct Int8Scales<'a> {
     offset: &'a [i32],
 }
 
+/// A vector of partial dot products, and its sum.
+trait Accumulator: Copy {
+    type Sum;
+    unsafe fn zero() -> Self;
+    unsafe fn sum(self) -> Self::Sum;
+}
+
+/// Turns an activation row's and a weight row's finished dot product into the output (without
+/// the bias): f32 sums as they are, int8 sums through the scales.
+trait Finish<Sum>: Sync {
+    fn finish(&self, sum: Sum, i: usize, j: usize) -> f32;
+}
+
+impl Finish<f32> for () {
+    #[inline(always)]
+    fn finish(&self, sum: f32, _: usize, _: usize) -> f32 {
+        sum
+    }
+}
+
+impl Finish<i32> for Int8Scales<'_> {
+    /// Exact in i32 until the offset is removed.
+    #[inline(always)]
+    fn finish(&self, dot: i32, i: usize, j: usize) -> f32 {
+        (dot + self.offset[j]) as f32 * self.xs[i] * self.ws[j]
+    }
+}
+
 /// One vector width and operand pairing of the few-row kernels.
 trait Lanes {
+    /// Activation and weight elements (the same size).
     type X: Copy + Sync;
     type W: Copy + Sync;
-    type XV: Copy;
-    type WV: Copy;
-    type Acc: Copy;
+    /// A vector of either, loaded.
+    type V: Copy;
+    type Acc: Accumulator;
     /// What turns a finished dot product into the output (scales for int8).
-    type Scales<'s>: Sync;
+    type Scales<'s>: Finish<<Self::Acc as Accumulator>::Sum>;
     /// Elements of k per vector.
     const STEP: usize;
 
-    unsafe fn zero() -> Self::Acc;
-    /// `STEP` elements from `p`, or the first `tail` of them (the rest zero) when `tail > 0`.
-    unsafe fn load_x(p: *const Self::X, tail: usize) -> Self::XV;
-    unsafe fn load_w(p: *const Self::W, tail: usize) -> Self::WV;
-    unsafe fn madd(acc: Self::Acc, x: Self::XV, w: Self::WV) -> Self::Acc;
-    /// The output of activation row `i` and weight row `j` (without the bias).
-    unsafe fn finish(acc: Self::Acc, i: usize, j: usize, scales: &Self::Scales<'_>) -> f32;
+    /// `STEP` activations from `p` (the first's bytes), or the first `tail` of them (the rest
+    /// zero) when `tail > 0`.
+    unsafe fn load(p: *const u8, tail: usize) -> Self::V;
+    /// The same for weights (different only where their type's bits read differently).
+    unsafe fn load_w(p: *const u8, tail: usize) -> Self::V {
+        Self::load(p, tail)
+    }
+    unsafe fn madd(acc: Self::Acc, x: Self::V, w: Self::V) -> Self::Acc;
 }
 
-/// The output of an int8 dot product: exact in i32 until the offset is removed.
-#[inline(always)]
-fn int8_output(dot: i32, i: usize, j: usize, s: &Int8Scales) -> f32 {
-    (dot + s.offset[j]) as f32 * s.xs[i] * s.ws[j]
+/// No scales: f32 sums are the outputs.
+type NoScales<'s> = ();
+
+/// Declares a [`Lanes`] type from its element types, vector, accumulator, scales, step, load
+/// and multiply-add (the table of every pairing the kernels support).
+macro_rules! lanes {
+    ($(#[$m:meta])* $name:ident {
+        x: $x:ty, w: $w:ty, vector: $v:ty, acc: $acc:ty, scales: $s:ident, step: $step:expr,
+        load($p:ident, $tail:ident) $load:block
+        $(load_w($pw:ident, $tw:ident) $load_w:block)?
+        madd($a:ident, $xv:ident, $wv:ident) $madd:block
+    }) => {
+        $(#[$m])*
+        pub struct $name;
+        impl Lanes for $name {
+            type X = $x;
+            type W = $w;
+            type V = $v;
+            type Acc = $acc;
+            type Scales<'s> = $s<'s>;
+            const STEP: usize = $step;
+            #[inline(always)]
+            unsafe fn load($p: *const u8, $tail: usize) -> $v $load
+            $(
+                #[inline(always)]
+                unsafe fn load_w($pw: *const u8, $tw: usize) -> $v $load_w
+            )?
+            #[inline(always)]
+            unsafe fn madd($a: $acc, $xv: $v, $wv: $v) -> $acc $madd
+        }
+    };
 }
 
 /// Splits the columns over the pool and runs `kernel` on each range.
@@ -195,15 +252,15 @@ unsafe fn block<L: Lanes, const M: usize>(t: &Tile<L::X, L::W>, scales: &L::Scal
     let mut j = t.j0;
     while j < t.j1 {
         let rows = (t.j1 - j).min(4);
-        let mut acc = [[L::zero(); 4]; M];
+        let mut acc = [[L::Acc::zero(); 4]; M];
         // Rows past the end repeat the last one (their sums are not stored).
         let wrow = |r: usize| w.add((j + r.min(rows - 1)) * k);
         for c in 0..full + (tail > 0) as usize {
             let len = if c == full { tail } else { 0 };
             let off = c * L::STEP;
-            let wv = [0, 1, 2, 3].map(|r| L::load_w(wrow(r).add(off), len));
+            let wv = [0, 1, 2, 3].map(|r| L::load_w(wrow(r).add(off) as *const u8, len));
             for (i, a) in acc.iter_mut().enumerate() {
-                let xv = L::load_x(x.add(i * k + off), len);
+                let xv = L::load(x.add(i * k + off) as *const u8, len);
                 for (a, &wv) in a.iter_mut().zip(&wv) {
                     *a = L::madd(*a, xv, wv);
                 }
@@ -212,7 +269,7 @@ unsafe fn block<L: Lanes, const M: usize>(t: &Tile<L::X, L::W>, scales: &L::Scal
         for (i, a) in acc.iter().enumerate() {
             for (r, &v) in a.iter().enumerate().take(rows) {
                 let b = bias.map_or(0.0, |b| b[j + r]);
-                *out.add(i * n + j + r) = L::finish(v, i, j + r, scales) + b;
+                *out.add(i * n + j + r) = scales.finish(v.sum(), i, j + r) + b;
             }
         }
         j += rows;
@@ -255,12 +312,12 @@ unsafe fn avx512_vnni<L: Lanes>(t: &Tile<L::X, L::W>, scales: &L::Scales<'_>) {
 /// Portable lanes: eight elements in plain arrays (the compiler vectorises them for its
 /// baseline). bf16 products are exact in f32 (8-bit significands); int8 sums exact in i32.
 mod scalar {
-    use super::{int8_output, Int8Scales, Lanes};
+    use super::{Accumulator, Int8Scales, Lanes, NoScales};
 
     const STEP: usize = 8;
 
     #[inline(always)]
-    unsafe fn load<T: Copy + Default, V: Copy + Default>(
+    unsafe fn load<T: Copy, V: Copy + Default>(
         p: *const T,
         tail: usize,
         f: impl Fn(T) -> V,
@@ -273,104 +330,49 @@ mod scalar {
         v
     }
 
-    pub struct F32;
-    impl Lanes for F32 {
-        type X = f32;
-        type W = f32;
-        type XV = [f32; STEP];
-        type WV = [f32; STEP];
-        type Acc = [f32; STEP];
-        type Scales<'s> = ();
-        const STEP: usize = STEP;
+    #[inline(always)]
+    fn madd<V: Copy + std::ops::Mul<Output = V> + std::ops::AddAssign>(
+        mut acc: [V; STEP],
+        x: [V; STEP],
+        w: [V; STEP],
+    ) -> [V; STEP] {
+        for i in 0..STEP {
+            acc[i] += x[i] * w[i];
+        }
+        acc
+    }
+
+    impl<V: Copy + Default + std::iter::Sum> Accumulator for [V; STEP] {
+        type Sum = V;
         #[inline(always)]
-        unsafe fn zero() -> Self::Acc {
-            [0.0; STEP]
+        unsafe fn zero() -> Self {
+            [V::default(); STEP]
         }
         #[inline(always)]
-        unsafe fn load_x(p: *const f32, tail: usize) -> Self::XV {
-            load(p, tail, |v| v)
-        }
-        #[inline(always)]
-        unsafe fn load_w(p: *const f32, tail: usize) -> Self::WV {
-            load(p, tail, |v| v)
-        }
-        #[inline(always)]
-        unsafe fn madd(mut acc: Self::Acc, x: Self::XV, w: Self::WV) -> Self::Acc {
-            for i in 0..STEP {
-                acc[i] += x[i] * w[i];
-            }
-            acc
-        }
-        #[inline(always)]
-        unsafe fn finish(acc: Self::Acc, _: usize, _: usize, _: &()) -> f32 {
-            acc.iter().sum()
+        unsafe fn sum(self) -> V {
+            self.into_iter().sum()
         }
     }
 
-    pub struct Bf16;
-    impl Lanes for Bf16 {
-        type X = u16;
-        type W = u16;
-        type XV = [f32; STEP];
-        type WV = [f32; STEP];
-        type Acc = [f32; STEP];
-        type Scales<'s> = ();
-        const STEP: usize = STEP;
-        #[inline(always)]
-        unsafe fn zero() -> Self::Acc {
-            [0.0; STEP]
-        }
-        #[inline(always)]
-        unsafe fn load_x(p: *const u16, tail: usize) -> Self::XV {
-            load(p, tail, crate::cpu::convert::bf16_to_f32)
-        }
-        #[inline(always)]
-        unsafe fn load_w(p: *const u16, tail: usize) -> Self::WV {
-            load(p, tail, crate::cpu::convert::bf16_to_f32)
-        }
-        #[inline(always)]
-        unsafe fn madd(acc: Self::Acc, x: Self::XV, w: Self::WV) -> Self::Acc {
-            F32::madd(acc, x, w)
-        }
-        #[inline(always)]
-        unsafe fn finish(acc: Self::Acc, _: usize, _: usize, _: &()) -> f32 {
-            acc.iter().sum()
-        }
-    }
+    lanes!(F32 {
+        x: f32, w: f32, vector: [f32; STEP], acc: [f32; STEP], scales: NoScales, step: STEP,
+        load(p, tail) { load(p as *const f32, tail, |v| v) }
+        madd(acc, x, w) { madd(acc, x, w) }
+    });
 
-    pub struct U8S8;
-    impl Lanes for U8S8 {
-        type X = u8;
-        type W = i8;
-        type XV = [i32; STEP];
-        type WV = [i32; STEP];
-        type Acc = [i32; STEP];
-        type Scales<'s> = Int8Scales<'s>;
-        const STEP: usize = STEP;
-        #[inline(always)]
-        unsafe fn zero() -> Self::Acc {
-            [0; STEP]
-        }
-        #[inline(always)]
-        unsafe fn load_x(p: *const u8, tail: usize) -> Self::XV {
-            load(p, tail, i32::from)
-        }
-        #[inline(always)]
-        unsafe fn load_w(p: *const i8, tail: usize) -> Self::WV {
-            load(p, tail, i32::from)
-        }
-        #[inline(always)]
-        unsafe fn madd(mut acc: Self::Acc, x: Self::XV, w: Self::WV) -> Self::Acc {
-            for i in 0..STEP {
-                acc[i] += x[i] * w[i];
-            }
-            acc
-        }
-        #[inline(always)]
-        unsafe fn finish(acc: Self::Acc, i: usize, j: usize, s: &Int8Scales) -> f32 {
-            int8_output(acc.iter().sum(), i, j, s)
-        }
-    }
+    lanes!(Bf16 {
+        x: u16, w: u16, vector: [f32; STEP], acc: [f32; STEP], scales: NoScales, step: STEP,
+        load(p, tail) { load(p as *const u16, tail, crate::cpu::convert::bf16_to_f32) }
+        madd(acc, x, w) { madd(acc, x, w) }
+    });
+
+    lanes!(U8S8 {
+        x: u8, w: i8, vector: [i32; STEP], acc: [i32; STEP], scales: Int8Scales, step: STEP,
+        // u8 activations, s8 weights.
+        load(p, tail) { load(p, tail, i32::from) }
+        load_w(p, tail) { load(p as *const i8, tail, i32::from) }
+        madd(acc, x, w) { madd(acc, x, w) }
+    });
 }
 
 /// AVX-512 lanes. Their methods are `#[inline(always)]` without features of their own: they
@@ -379,63 +381,52 @@ mod scalar {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{int8_output, Int8Scales, Lanes};
+    use super::{Accumulator, Int8Scales, Lanes, NoScales};
 
     #[inline(always)]
     fn mask(tail: usize) -> u64 {
         (1u64 << tail) - 1
     }
 
-    pub struct F32x16;
-    impl Lanes for F32x16 {
-        type X = f32;
-        type W = f32;
-        type XV = __m512;
-        type WV = __m512;
-        type Acc = __m512;
-        type Scales<'s> = ();
-        const STEP: usize = 16;
+    impl Accumulator for __m512 {
+        type Sum = f32;
         #[inline(always)]
-        unsafe fn zero() -> __m512 {
+        unsafe fn zero() -> Self {
             _mm512_setzero_ps()
         }
         #[inline(always)]
-        unsafe fn load_x(p: *const f32, tail: usize) -> __m512 {
-            if tail == 0 {
-                _mm512_loadu_ps(p)
-            } else {
-                _mm512_maskz_loadu_ps(mask(tail) as __mmask16, p)
-            }
-        }
-        #[inline(always)]
-        unsafe fn load_w(p: *const f32, tail: usize) -> __m512 {
-            Self::load_x(p, tail)
-        }
-        #[inline(always)]
-        unsafe fn madd(acc: __m512, x: __m512, w: __m512) -> __m512 {
-            _mm512_fmadd_ps(x, w, acc)
-        }
-        #[inline(always)]
-        unsafe fn finish(acc: __m512, _: usize, _: usize, _: &()) -> f32 {
-            _mm512_reduce_add_ps(acc)
+        unsafe fn sum(self) -> f32 {
+            _mm512_reduce_add_ps(self)
         }
     }
 
-    pub struct Bf16x32;
-    impl Lanes for Bf16x32 {
-        type X = u16;
-        type W = u16;
-        type XV = __m512bh;
-        type WV = __m512bh;
-        type Acc = __m512;
-        type Scales<'s> = ();
-        const STEP: usize = 32;
+    impl Accumulator for __m512i {
+        type Sum = i32;
         #[inline(always)]
-        unsafe fn zero() -> __m512 {
-            _mm512_setzero_ps()
+        unsafe fn zero() -> Self {
+            _mm512_setzero_si512()
         }
         #[inline(always)]
-        unsafe fn load_x(p: *const u16, tail: usize) -> __m512bh {
+        unsafe fn sum(self) -> i32 {
+            _mm512_reduce_add_epi32(self)
+        }
+    }
+
+    lanes!(F32x16 {
+        x: f32, w: f32, vector: __m512, acc: __m512, scales: NoScales, step: 16,
+        load(p, tail) {
+            if tail == 0 {
+                _mm512_loadu_ps(p as *const f32)
+            } else {
+                _mm512_maskz_loadu_ps(mask(tail) as __mmask16, p as *const f32)
+            }
+        }
+        madd(acc, x, w) { _mm512_fmadd_ps(x, w, acc) }
+    });
+
+    lanes!(Bf16x32 {
+        x: u16, w: u16, vector: __m512bh, acc: __m512, scales: NoScales, step: 32,
+        load(p, tail) {
             let v = if tail == 0 {
                 _mm512_loadu_si512(p as *const _)
             } else {
@@ -443,55 +434,21 @@ mod x86 {
             };
             std::mem::transmute::<__m512i, __m512bh>(v)
         }
-        #[inline(always)]
-        unsafe fn load_w(p: *const u16, tail: usize) -> __m512bh {
-            Self::load_x(p, tail)
-        }
-        #[inline(always)]
-        unsafe fn madd(acc: __m512, x: __m512bh, w: __m512bh) -> __m512 {
-            _mm512_dpbf16_ps(acc, x, w)
-        }
-        #[inline(always)]
-        unsafe fn finish(acc: __m512, _: usize, _: usize, _: &()) -> f32 {
-            _mm512_reduce_add_ps(acc)
-        }
-    }
+        madd(acc, x, w) { _mm512_dpbf16_ps(acc, x, w) }
+    });
 
-    pub struct U8S8x64;
-    impl Lanes for U8S8x64 {
-        type X = u8;
-        type W = i8;
-        type XV = __m512i;
-        type WV = __m512i;
-        type Acc = __m512i;
-        type Scales<'s> = Int8Scales<'s>;
-        const STEP: usize = 64;
-        #[inline(always)]
-        unsafe fn zero() -> __m512i {
-            _mm512_setzero_si512()
-        }
-        #[inline(always)]
-        unsafe fn load_x(p: *const u8, tail: usize) -> __m512i {
-            // Masked-out bytes load as 0, so they add nothing.
-            Self::load_w(p as *const i8, tail)
-        }
-        #[inline(always)]
-        unsafe fn load_w(p: *const i8, tail: usize) -> __m512i {
+    lanes!(U8S8x64 {
+        x: u8, w: i8, vector: __m512i, acc: __m512i, scales: Int8Scales, step: 64,
+        // Masked-out bytes load as 0, so they add nothing.
+        load(p, tail) {
             if tail == 0 {
                 _mm512_loadu_si512(p as *const _)
             } else {
-                _mm512_maskz_loadu_epi8(mask(tail), p)
+                _mm512_maskz_loadu_epi8(mask(tail), p as *const i8)
             }
         }
-        #[inline(always)]
-        unsafe fn madd(acc: __m512i, x: __m512i, w: __m512i) -> __m512i {
-            _mm512_dpbusd_epi32(acc, x, w)
-        }
-        #[inline(always)]
-        unsafe fn finish(acc: __m512i, i: usize, j: usize, s: &Int8Scales) -> f32 {
-            int8_output(_mm512_reduce_add_epi32(acc), i, j, s)
-        }
-    }
+        madd(acc, x, w) { _mm512_dpbusd_epi32(acc, x, w) }
+    });
 }
 
 #[cfg(test)]

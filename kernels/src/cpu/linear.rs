@@ -17,7 +17,7 @@
 
 use candle_core::{Storage, Tensor};
 
-use super::blas::{self, Mat};
+use super::blas::{self, Dims, Mat, Out};
 use super::gemv::{self, WRows, XRows};
 use super::parallel::{for_tiles, SharedMut};
 use super::scratch::Scratch;
@@ -201,14 +201,7 @@ impl CpuLinear {
         let (n, k) = w.dims2()?;
         let w = w.contiguous()?;
         #[allow(unused_mut)]
-        let mut layer = Self {
-            weights: Weights::F32(F32Weights::Plain(w)),
-            bias,
-            n,
-            k,
-            kernels,
-        };
-        layer.check_bias();
+        let mut layer = Self::with_weights(Weights::F32(F32Weights::Plain(w)), bias, n, k, kernels);
         #[cfg(feature = "mkl")]
         if let Some(rows) = pack_rows {
             let ranges = parallel::thread_columns(n);
@@ -232,51 +225,50 @@ impl CpuLinear {
         Ok(layer)
     }
 
-    /// bf16 weights from `w`, (n, k) row-major f32.
-    pub fn bf16(
+    /// Weights of type `kind` from `w`, (n, k) row-major f32: converted once to bf16 or
+    /// quantised per output channel to int8 (f32 weights are copied into a tensor).
+    pub fn from_f32(
+        kind: WeightType,
         w: &[f32],
         n: usize,
         k: usize,
         bias: Option<Vec<f32>>,
         kernels: CpuKernels,
     ) -> Self {
-        assert_eq!(w.len(), n * k);
-        let mut bits = vec![0u16; w.len()];
-        convert::to_bf16(kernels.isa, w, &mut bits);
-        let layer = Self {
-            weights: Weights::Bf16(bits),
-            bias,
-            n,
-            k,
-            kernels,
+        assert_eq!(w.len(), n * k, "({n}, {k}) weights");
+        let weights = match kind {
+            WeightType::F32 => {
+                let t = Tensor::from_slice(w, (n, k), &candle_core::Device::Cpu);
+                Weights::F32(F32Weights::Plain(t.expect("a CPU tensor of the weights")))
+            }
+            WeightType::Bf16 => {
+                let mut bits = vec![0u16; w.len()];
+                convert::to_bf16(kernels.isa, w, &mut bits);
+                Weights::Bf16(bits)
+            }
+            WeightType::Int8 => {
+                let (q, scale, offset) = convert::quantize_weights(kernels.isa, w, k);
+                Weights::Int8(Int8Weights { q, scale, offset })
+            }
         };
-        layer.check_bias();
-        layer
+        Self::with_weights(weights, bias, n, k, kernels)
     }
 
-    /// int8 weights from `w`, (n, k) row-major f32.
-    pub fn int8(
-        w: &[f32],
+    fn with_weights(
+        weights: Weights,
+        bias: Option<Vec<f32>>,
         n: usize,
         k: usize,
-        bias: Option<Vec<f32>>,
         kernels: CpuKernels,
     ) -> Self {
-        assert_eq!(w.len(), n * k);
-        let (q, scale, offset) = convert::quantize_weights(kernels.isa, w, k);
-        let layer = Self {
-            weights: Weights::Int8(Int8Weights { q, scale, offset }),
+        assert!(bias.as_ref().is_none_or(|b| b.len() == n), "bias of {n}");
+        Self {
+            weights,
             bias,
             n,
             k,
             kernels,
-        };
-        layer.check_bias();
-        layer
-    }
-
-    fn check_bias(&self) {
-        assert!(self.bias.as_ref().is_none_or(|b| b.len() == self.n));
+        }
     }
 
     pub fn out_features(&self) -> usize {
@@ -410,27 +402,27 @@ impl CpuLinear {
                         let tile = c.get().add(i0 * n + j0);
                         let bias = self.bias.as_deref().map(|b| &b[j0..j1]);
                         let beta = prepare_tile(isa, tile, rows, cols, n, bias, epilogue);
+                        let d = Dims {
+                            m: rows,
+                            n: cols,
+                            k,
+                        };
+                        let out = Out { ptr: tile, ld: n };
                         match (x, w) {
                             (XRows::F32(x), WRows::F32(w)) => blas::sgemm(
-                                rows,
-                                cols,
-                                k,
+                                d,
                                 Mat::rows(x.as_ptr().add(i0 * k), k),
                                 Mat::columns(w.as_ptr().add(j0 * k), k),
+                                out,
                                 beta != 0.0,
-                                tile,
-                                n,
                             ),
                             #[cfg(feature = "mkl")]
-                            (XRows::Bf16(x), WRows::Bf16(w)) => mkl::bf16_gemm(
-                                rows,
-                                cols,
-                                k,
+                            (XRows::Bf16(x), WRows::Bf16(w)) => mkl::gemm(
+                                d,
                                 Mat::rows(x.as_ptr().add(i0 * k), k),
                                 Mat::columns(w.as_ptr().add(j0 * k), k),
+                                out,
                                 beta,
-                                tile,
-                                n,
                             ),
                             _ => unreachable!("{path:?} for these operands"),
                         }
@@ -775,10 +767,10 @@ mod tests {
         let mut layers = Vec::new();
         for isa in isas() {
             let kernels = CpuKernels::new(isa).with_row_block(256);
-            let bf16 = CpuLinear::bf16(&w, N, K, Some(bias.clone()), kernels);
-            layers.push((bf16, format!("bf16 {isa}"), 0.1));
-            let int8 = CpuLinear::int8(&w, N, K, Some(bias.clone()), kernels);
-            layers.push((int8, format!("int8 {isa}"), 0.2));
+            for (kind, bound) in [(WeightType::Bf16, 0.1), (WeightType::Int8, 0.2)] {
+                let layer = CpuLinear::from_f32(kind, &w, N, K, Some(bias.clone()), kernels);
+                layers.push((layer, format!("{} {isa}", kind.as_str()), bound));
+            }
         }
         check(&layers, &w, &bias, N, K);
     }
@@ -787,7 +779,7 @@ mod tests {
     fn every_precision_has_a_path_for_every_shape() {
         let w = data(N * K, 1);
         let portable = CpuKernels::new(Isa::portable());
-        let int8 = CpuLinear::int8(&w, N, K, None, portable);
+        let int8 = CpuLinear::from_f32(WeightType::Int8, &w, N, K, None, portable);
         assert_eq!(int8.path(1), ProductPath::Gemv(Isa::portable()));
         let many = int8.path(100);
         assert!(

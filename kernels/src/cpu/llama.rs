@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::blas::{self, Mat};
+use super::blas::{self, Dims, Mat, Out};
 use super::parallel::{for_rows, SharedMut};
 use super::{math, CpuLinear, Epilogue, Isa, Scratch};
 
@@ -168,14 +168,18 @@ fn attention(
         // and columns of head h are written by this task only.
         unsafe {
             blas::sgemm(
-                rows,
-                seen,
-                d,
+                Dims {
+                    m: rows,
+                    n: seen,
+                    k: d,
+                },
                 Mat::rows(q.as_ptr().add(r0 * width + h * d), width),
                 Mat::columns(k.as_ptr(), keys.token_stride),
+                Out {
+                    ptr: scores.as_mut_ptr(),
+                    ld: seen,
+                },
                 false,
-                scores.as_mut_ptr(),
-                seen,
             );
             for (i, row) in scores.chunks_mut(seen).enumerate() {
                 let visible = start + r0 + i + 1;
@@ -183,14 +187,18 @@ fn attention(
                 row[visible..].fill(0.0);
             }
             blas::sgemm(
-                rows,
-                d,
-                seen,
+                Dims {
+                    m: rows,
+                    n: d,
+                    k: seen,
+                },
                 Mat::rows(scores.as_ptr(), seen),
                 Mat::rows(v.as_ptr(), values.token_stride),
+                Out {
+                    ptr: out_ptr.get().add(r0 * width + h * d),
+                    ld: width,
+                },
                 false,
-                out_ptr.get().add(r0 * width + h * d),
-                width,
             );
         }
     });

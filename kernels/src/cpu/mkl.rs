@@ -8,7 +8,7 @@
 
 use std::ffi::{c_int, c_void};
 
-use super::blas::Mat;
+use super::blas::{Dims, Mat, Out};
 
 const ROW_MAJOR: c_int = 101;
 const NO_TRANS: c_int = 111;
@@ -176,74 +176,65 @@ fn trans<T>(m: &Mat<T>) -> c_int {
     }
 }
 
-/// `C[m, n] (row stride ldc) = A · op(B) + beta · C`, f32.
+/// `cblas_?gemm` with operands of type `T` and f32 output.
+type GemmFn<T> = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const T,
+    c_int,
+    *const T,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
+
+/// The operand types of MKL's floating-point GEMMs (f32 output): f32 (`cblas_sgemm`) and bf16
+/// bits (`cblas_gemm_bf16bf16f32`, on AMX where the CPU has it and the process may use it).
+pub(crate) trait GemmOperand: Sized {
+    const GEMM: GemmFn<Self>;
+}
+
+impl GemmOperand for f32 {
+    const GEMM: GemmFn<f32> = cblas_sgemm;
+}
+
+impl GemmOperand for u16 {
+    const GEMM: GemmFn<u16> = cblas_gemm_bf16bf16f32;
+}
+
+/// `C = A · op(B) + beta · C` with f32 output.
 ///
 /// # Safety
 /// The operands must address matrices of these sizes and strides.
-pub(crate) unsafe fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Mat<f32>,
-    b: Mat<f32>,
-    beta: f32,
-    c: *mut f32,
-    ldc: usize,
-) {
-    cblas_sgemm(
+pub(crate) unsafe fn gemm<T: GemmOperand>(d: Dims, a: Mat<T>, b: Mat<T>, c: Out, beta: f32) {
+    (T::GEMM)(
         ROW_MAJOR,
         trans(&a),
         trans(&b),
-        int(m),
-        int(n),
-        int(k),
+        int(d.m),
+        int(d.n),
+        int(d.k),
         1.0,
         a.ptr,
         int(a.ld),
         b.ptr,
         int(b.ld),
         beta,
-        c,
-        int(ldc),
-    );
-}
-
-/// As [`sgemm`] with bf16 operands (f32 accumulation and output): on AMX where the CPU has it.
-///
-/// # Safety
-/// As for [`sgemm`].
-pub(crate) unsafe fn bf16_gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Mat<u16>,
-    b: Mat<u16>,
-    beta: f32,
-    c: *mut f32,
-    ldc: usize,
-) {
-    cblas_gemm_bf16bf16f32(
-        ROW_MAJOR,
-        trans(&a),
-        trans(&b),
-        int(m),
-        int(n),
-        int(k),
-        1.0,
-        a.ptr,
-        int(a.ld),
-        b.ptr,
-        int(b.ld),
-        beta,
-        c,
-        int(ldc),
+        c.ptr,
+        int(c.ld),
     );
 }
 
 /// `C[m, n] = A[m, k] · B[n, k]ᵀ + co[n]` in i32, A unsigned (u8), B signed (s8).
 ///
 /// # Safety
-/// As for [`sgemm`]; `co` has n values.
+/// As for [`gemm`]; `co` has n values.
 pub(crate) unsafe fn u8s8_nt(
     m: usize,
     n: usize,

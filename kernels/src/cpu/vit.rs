@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use super::blas::{self, Mat};
+use super::blas::{self, Dims, Mat, Out};
 use super::parallel::SharedMut;
 use super::scratch::{Scratch, ScratchElem};
 use super::{math, CpuLinear, Epilogue, Isa};
@@ -173,19 +173,11 @@ trait Operands {
     /// Calls `f` with the probabilities in the products' type.
     fn with_probs(isa: Isa, probs: &[f32], f: impl FnOnce(&[Self::T]));
 
-    /// `C[m, n] = A · op(B)` on the calling thread.
+    /// `C = A · op(B)` on the calling thread.
     ///
     /// # Safety
     /// As for [`blas::sgemm`].
-    unsafe fn product(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: Mat<Self::T>,
-        b: Mat<Self::T>,
-        c: *mut f32,
-        ldc: usize,
-    );
+    unsafe fn product(d: Dims, a: Mat<Self::T>, b: Mat<Self::T>, c: Out);
 }
 
 struct F32Operands;
@@ -197,16 +189,8 @@ impl Operands for F32Operands {
         f(probs)
     }
 
-    unsafe fn product(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: Mat<f32>,
-        b: Mat<f32>,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        blas::sgemm(m, n, k, a, b, false, c, ldc)
+    unsafe fn product(d: Dims, a: Mat<f32>, b: Mat<f32>, c: Out) {
+        blas::sgemm(d, a, b, c, false)
     }
 }
 
@@ -223,16 +207,8 @@ impl Operands for Bf16Operands {
         f(&bits)
     }
 
-    unsafe fn product(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: Mat<u16>,
-        b: Mat<u16>,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        super::mkl::bf16_gemm(m, n, k, a, b, 0.0, c, ldc)
+    unsafe fn product(d: Dims, a: Mat<u16>, b: Mat<u16>, c: Out) {
+        super::mkl::gemm(d, a, b, c, 0.0)
     }
 }
 
@@ -257,13 +233,17 @@ fn attend<O: Operands>(isa: Isa, qkv: &[O::T], shape: AttentionShape, out: &mut 
         unsafe {
             let at = |part: usize| qkv.as_ptr().add(base + part * width);
             O::product(
-                tokens,
-                tokens,
-                d,
+                Dims {
+                    m: tokens,
+                    n: tokens,
+                    k: d,
+                },
                 Mat::rows(at(0), ld),
                 Mat::columns(at(1), ld),
-                scores.as_mut_ptr(),
-                tokens,
+                Out {
+                    ptr: scores.as_mut_ptr(),
+                    ld: tokens,
+                },
             );
             for row in scores.chunks_mut(tokens) {
                 math::softmax_row(isa, row, scale);
@@ -271,13 +251,14 @@ fn attend<O: Operands>(isa: Isa, qkv: &[O::T], shape: AttentionShape, out: &mut 
             let o = out_ptr.get().add(b * tokens * width + h * d);
             O::with_probs(isa, &scores, |probs| {
                 O::product(
-                    tokens,
-                    d,
-                    tokens,
+                    Dims {
+                        m: tokens,
+                        n: d,
+                        k: tokens,
+                    },
                     Mat::rows(probs.as_ptr(), tokens),
                     Mat::rows(at(2), ld),
-                    o,
-                    width,
+                    Out { ptr: o, ld: width },
                 )
             });
         }

@@ -223,14 +223,11 @@ impl LoadContext {
             Some(_) => return None,
         };
         match self.precision.weight_type() {
+            // The checkpoint's tensor itself.
             WeightType::F32 => CpuLinear::f32(weight.clone(), b, kernels, self.pack_rows).ok(),
             reduced => {
                 let w = weight.flatten_all().and_then(|w| w.to_vec1::<f32>()).ok()?;
-                Some(if reduced == WeightType::Bf16 {
-                    CpuLinear::bf16(&w, n, k, b, kernels)
-                } else {
-                    CpuLinear::int8(&w, n, k, b, kernels)
-                })
+                Some(CpuLinear::from_f32(reduced, &w, n, k, b, kernels))
             }
         }
     }

@@ -16,11 +16,14 @@ pub const NICE_INCREMENT: i32 = 5;
 /// The default thread count: one per core, leaving one core to the pipeline when there are
 /// more than two.
 pub fn default_threads() -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    default_threads_for(std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn default_threads_for(cores: usize) -> usize {
     if cores > 2 {
         cores - 1
     } else {
-        cores
+        cores.max(1)
     }
 }
 
@@ -86,5 +89,19 @@ impl std::fmt::Debug for ComputePool {
             .field("threads", &self.threads())
             .field("lowered_priority", &self.lowered_priority)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_leaves_a_core_to_the_pipeline_above_two() {
+        assert_eq!(default_threads_for(1), 1);
+        assert_eq!(default_threads_for(2), 2);
+        assert_eq!(default_threads_for(3), 2);
+        assert_eq!(default_threads_for(16), 15);
+        assert!(ComputePool::new(Some(0), false).is_err());
     }
 }
