@@ -258,7 +258,14 @@ unsafe fn block<L: Lanes, const M: usize>(t: &Tile<L::X, L::W>, scales: &L::Scal
         for c in 0..full + (tail > 0) as usize {
             let len = if c == full { tail } else { 0 };
             let off = c * L::STEP;
-            let wv = [0, 1, 2, 3].map(|r| L::load_w(wrow(r).add(off) as *const u8, len));
+            // No closure around the loads: a closure would not inherit the wrapper's target
+            // features, and the intrinsics would become calls.
+            let wv = [
+                L::load_w(wrow(0).add(off) as *const u8, len),
+                L::load_w(wrow(1).add(off) as *const u8, len),
+                L::load_w(wrow(2).add(off) as *const u8, len),
+                L::load_w(wrow(3).add(off) as *const u8, len),
+            ];
             for (i, a) in acc.iter_mut().enumerate() {
                 let xv = L::load(x.add(i * k + off) as *const u8, len);
                 for (a, &wv) in a.iter_mut().zip(&wv) {
