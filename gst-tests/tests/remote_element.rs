@@ -27,20 +27,6 @@ fn run_on(element: gst::Element) -> CaptionRun {
     CaptionRun::new(element, video_info(gst_video::VideoFormat::Rgb, 64, 48))
 }
 
-fn warnings(messages: &[gst::Message]) -> Vec<String> {
-    messages
-        .iter()
-        .filter_map(|m| match m.view() {
-            gst::MessageView::Warning(w) => Some(format!(
-                "{} ({})",
-                w.error().message(),
-                w.debug().map(|d| d.to_string()).unwrap_or_default()
-            )),
-            _ => None,
-        })
-        .collect()
-}
-
 /// The caption text the fixture's tokenizer makes of `ids`, as the local path would.
 fn text_of(ids: &[u32]) -> String {
     let mut options = LoadOptions::new(model_dir());

@@ -114,10 +114,20 @@ mod element {
         element
     }
 
-    /// Caption texts of 2.4 s of frames (a picture per 100 ms) through `element`.
+    /// Caption texts of 2.4 s of frames (a picture per 100 ms) through `element`. After each
+    /// frame that makes a caption due (every 400 ms) the caption is awaited before the next
+    /// frame: through a server, a caption that falls due while one is in flight is skipped,
+    /// and both paths must caption the same windows.
     fn captions(element: gst::Element) -> Vec<String> {
         let mut run = CaptionRun::new(element, video_info(gst_video::VideoFormat::Rgb, 96, 72));
-        run.push_frames_until(2400);
+        for pts in (0..=2400).step_by(100) {
+            run.push_frame(pts);
+            if pts > 0 && pts % 400 == 0 {
+                let due = (pts / 400) as usize;
+                run.text
+                    .wait_for("the due caption", |items| text_captions(items).len() >= due);
+            }
+        }
         let items = run.finish();
         assert!(run.bus.errors().is_empty(), "{:?}", run.bus.errors());
         assert_eq!(run.pull_all().len(), 25, "video untouched");
