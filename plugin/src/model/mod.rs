@@ -8,7 +8,6 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod cpu;
 pub mod error;
 pub mod eva;
 pub mod files;
