@@ -352,6 +352,21 @@ pub fn errors(messages: &[gst::Message]) -> Vec<String> {
         .collect()
 }
 
+/// Warning messages as "message (debug)" strings.
+pub fn warnings(messages: &[gst::Message]) -> Vec<String> {
+    messages
+        .iter()
+        .filter_map(|m| match m.view() {
+            gst::MessageView::Warning(w) => Some(format!(
+                "{} ({})",
+                w.error().message(),
+                w.debug().map(|d| d.to_string()).unwrap_or_default()
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A bus given to a lone element (no pipeline), recording everything it posts.
 pub struct BusLog {
     pub bus: gst::Bus,

@@ -6,7 +6,8 @@ use std::sync::atomic::AtomicBool;
 use candle_core::Tensor;
 
 use crate::model::preprocess::FrameView;
-use crate::model::{CaptionPrompt, GenerationParams, LlamaVid, Result};
+use crate::model::remote::{Completion, RemoteCaptionInput};
+use crate::model::{CaptionPrompt, GenerationParams, LlamaVid, ModelError, Result};
 
 pub trait CaptionEngine: Send + Sync + 'static {
     /// A question prepared once for many frames and captions.
@@ -25,6 +26,26 @@ pub trait CaptionEngine: Send + Sync + 'static {
         params: &GenerationParams,
         cancel: &AtomicBool,
     ) -> Result<String>;
+
+    /// For a language model on a server: what it needs to caption the window (the input
+    /// embeddings `caption` would generate from, and the sampling settings).
+    fn remote_input(
+        &self,
+        _tokens: &Tensor,
+        _prompt: &Self::Prompt,
+        _params: &GenerationParams,
+    ) -> Result<RemoteCaptionInput> {
+        Err(ModelError::InvalidInput(
+            "this engine cannot hand its language model to a server".into(),
+        ))
+    }
+
+    /// A server's completion to the caption's text.
+    fn remote_text(&self, _completion: Completion) -> Result<String> {
+        Err(ModelError::InvalidInput(
+            "this engine cannot hand its language model to a server".into(),
+        ))
+    }
 }
 
 impl CaptionEngine for LlamaVid {
@@ -48,5 +69,18 @@ impl CaptionEngine for LlamaVid {
         cancel: &AtomicBool,
     ) -> Result<String> {
         Ok(LlamaVid::caption(self, tokens, prompt, params, Some(cancel))?.text)
+    }
+
+    fn remote_input(
+        &self,
+        tokens: &Tensor,
+        prompt: &CaptionPrompt,
+        params: &GenerationParams,
+    ) -> Result<RemoteCaptionInput> {
+        self.remote_caption_input(tokens, prompt, params)
+    }
+
+    fn remote_text(&self, completion: Completion) -> Result<String> {
+        Ok(self.caption_from_completion(completion)?.text)
     }
 }

@@ -5,6 +5,7 @@ pub mod engine;
 pub mod frame;
 pub mod queue;
 pub mod registry;
+pub mod remote;
 pub mod sampler;
 pub mod window;
 pub mod worker;

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use super::engine::CaptionEngine;
 use super::frame::OwnedFrame;
 use super::queue::{Droppable, JobQueue, Pushed, QueuePolicy};
+use super::remote::{Collected, RemoteCaptions, Started};
 use super::window::{TokenWindow, WindowEntry};
+use crate::model::remote::RemoteLanguageModel;
 use crate::model::{GenerationParams, ModelError};
 
 /// What the worker reads before each job, so property changes apply while running.
@@ -81,6 +83,11 @@ pub trait CaptionOutput: Send + Sync + 'static {
     fn eos(&self, epoch: u64);
     /// A failure the pipeline must stop for; the worker stops taking jobs.
     fn error(&self, message: String, debug: String);
+    /// Something the user should know that does not stop the stream (a language-model
+    /// server that went away).
+    fn warning(&self, _message: String, _debug: String) {}
+    /// News worth a line (the server is back).
+    fn info(&self, _message: String) {}
 }
 
 /// Handle on the worker thread. Shared (`Arc`) between the threads that feed it: every method
@@ -100,7 +107,12 @@ struct WorkerLoop<E: CaptionEngine> {
     window: TokenWindow,
     prompt: Option<(String, E::Prompt)>,
     next_caption: Option<u64>,
+    /// The language model on a server, when the element has one (`llm-server`).
+    remote: Option<RemoteCaptions>,
 }
+
+/// How often the worker looks for a server's reply while it has nothing else to do.
+const REMOTE_POLL: Duration = Duration::from_millis(20);
 
 impl Worker {
     /// Starts the worker thread. `capacity` is the number of frames that may wait for it.
@@ -110,6 +122,22 @@ impl Worker {
         output: Arc<dyn CaptionOutput>,
         capacity: usize,
     ) -> std::io::Result<Self> {
+        Self::spawn_with_remote(engine, settings, output, capacity, None)
+    }
+
+    /// [`spawn`](Self::spawn) with the language model on a server: captions are requested
+    /// from it while frames go on being encoded (see `captioner::remote`).
+    pub fn spawn_with_remote<E: CaptionEngine>(
+        engine: Arc<E>,
+        settings: Arc<Mutex<CaptionSettings>>,
+        output: Arc<dyn CaptionOutput>,
+        capacity: usize,
+        remote: Option<RemoteLanguageModel>,
+    ) -> std::io::Result<Self> {
+        let remote = remote
+            .map(RemoteCaptions::new)
+            .transpose()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         let queue = Arc::new(JobQueue::new(capacity));
         let cancel = Arc::new(AtomicBool::new(false));
         let window = TokenWindow::new(lock(&settings).window_duration);
@@ -121,6 +149,7 @@ impl Worker {
             window,
             prompt: None,
             next_caption: None,
+            remote,
         };
         let jobs = queue.clone();
         let thread = std::thread::Builder::new()
@@ -187,9 +216,22 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 impl<E: CaptionEngine> WorkerLoop<E> {
+    /// The next job; with a server's reply awaited, `Some(None)` every [`REMOTE_POLL`] to
+    /// look for it. `None` once the queue is closed.
+    fn next_job(&self, jobs: &JobQueue<Job>) -> Option<Option<Job>> {
+        if self.remote.as_ref().is_some_and(|r| r.in_flight()) {
+            jobs.pop_timeout(REMOTE_POLL).ok()
+        } else {
+            jobs.pop().map(Some)
+        }
+    }
+
     fn run(&mut self, jobs: &JobQueue<Job>) {
-        while let Some(job) = jobs.pop() {
-            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.process(job)));
+        while let Some(job) = self.next_job(jobs) {
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| match job {
+                Some(job) => self.process(job).and_then(|()| self.collect_remote()),
+                None => self.collect_remote(),
+            }));
             let failure = match outcome {
                 Ok(Ok(())) | Ok(Err(ModelError::Cancelled)) => None,
                 Ok(Err(e)) => Some((
@@ -224,13 +266,19 @@ impl<E: CaptionEngine> WorkerLoop<E> {
             Job::Reset { .. } => {
                 self.window.clear();
                 self.next_caption = None;
+                if let Some(remote) = self.remote.as_mut() {
+                    remote.abandon();
+                }
                 self.cancel.store(false, Ordering::SeqCst);
                 Ok(())
             }
             Job::Eos { epoch } => {
+                // A caption still on the server comes out before the final one.
+                self.drain_remote()?;
                 if self.window.fresh() > 0 {
                     let settings = lock(&self.settings).clone();
                     self.caption(epoch, &settings, settings.caption_interval, true)?;
+                    self.drain_remote()?;
                 }
                 self.output.eos(epoch);
                 Ok(())
@@ -269,6 +317,51 @@ impl<E: CaptionEngine> WorkerLoop<E> {
         Ok(())
     }
 
+    /// Hands on what the server sent back, if anything came.
+    fn collect_remote(&mut self) -> crate::model::Result<()> {
+        let Some(remote) = self.remote.as_mut() else {
+            return Ok(());
+        };
+        let collected = remote.poll(Duration::ZERO)?;
+        self.deliver(collected)
+    }
+
+    /// Waits for the server's reply in flight (until cancelled).
+    fn drain_remote(&mut self) -> crate::model::Result<()> {
+        let Some(remote) = self.remote.as_mut() else {
+            return Ok(());
+        };
+        let cancel = self.cancel.clone();
+        let collected = remote.drain(|| cancel.load(Ordering::Relaxed))?;
+        self.deliver(collected)
+    }
+
+    fn deliver(&mut self, collected: Vec<Collected>) -> crate::model::Result<()> {
+        for item in collected {
+            match item {
+                Collected::Caption(mut event, completion) => {
+                    event.text = self.engine.remote_text(completion)?;
+                    self.output.caption(event);
+                }
+                Collected::Unavailable { error, first } => {
+                    let url = self.remote.as_ref().map(|r| r.model().config().url.clone());
+                    let message = format!(
+                        "The language-model server {} cannot caption now; captions resume when \
+                         it answers (retrying with backoff)",
+                        url.unwrap_or_default()
+                    );
+                    if first {
+                        self.output.warning(message, error.to_string());
+                    }
+                }
+                Collected::Recovered { failures } => self.output.info(format!(
+                    "The language-model server answers again (after {failures} failed attempts)"
+                )),
+            }
+        }
+        Ok(())
+    }
+
     fn caption(
         &mut self,
         epoch: u64,
@@ -286,6 +379,30 @@ impl<E: CaptionEngine> WorkerLoop<E> {
         let frames = self.window.len() as u32;
         self.ensure_prompt(&settings.prompt)?;
         let prompt = &self.prompt.as_ref().expect("prepared").1;
+        if let Some(remote) = self.remote.as_mut() {
+            let event = CaptionEvent {
+                epoch,
+                text: String::new(),
+                start: first,
+                end: last.0,
+                frames,
+                latency: Duration::ZERO,
+                duration,
+                prompt: settings.prompt.clone(),
+                is_final,
+            };
+            if remote.start_blocked() {
+                // Late (the previous caption is still on the server) or backing off.
+                return Ok(());
+            }
+            let input = self
+                .engine
+                .remote_input(&tokens, prompt, &settings.params)?;
+            if remote.start(input, event, last.1)? == Started::Sent {
+                self.window.mark_captioned();
+            }
+            return Ok(());
+        }
         let text = self
             .engine
             .caption(&tokens, prompt, &settings.params, &self.cancel)?;

@@ -20,7 +20,8 @@ use crate::captioner::{
     CaptionSettings, FrameJob, FrameSampler, Job, OwnedFrame, Pushed, QueuePolicy, Worker,
 };
 use crate::model::nn::Precision;
-use crate::model::{GenerationParams, LlamaVid, LoadOptions};
+use crate::model::remote::{RemoteLanguageModel, ServerConfig};
+use crate::model::{GenerationParams, LanguageModelWeights, LlamaVid, LoadOptions};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -43,6 +44,7 @@ const DEFAULT_LATENCY_MS: u64 = 10_000;
 /// Sampled frames that may wait for the worker. Copies of frames, not upstream buffers.
 const QUEUE_CAPACITY: usize = 4;
 const MS: u64 = 1_000_000;
+const DEFAULT_LLM_SERVER_TIMEOUT_MS: u64 = 60_000;
 
 /// Models shared by every element in the process, keyed by what was loaded and where.
 type ModelKey = (PathBuf, Option<PathBuf>, String, String);
@@ -64,6 +66,10 @@ struct Settings {
     latency_ms: u64,
     frame_policy: FramePolicy,
     dtype: Dtype,
+    /// Base URL of a vLLM (OpenAI-compatible) server that runs the language model.
+    llm_server: Option<String>,
+    llm_server_model: Option<String>,
+    llm_server_timeout_ms: u64,
 }
 
 impl Default for Settings {
@@ -83,11 +89,31 @@ impl Default for Settings {
             latency_ms: DEFAULT_LATENCY_MS,
             frame_policy: FramePolicy::Auto,
             dtype: Dtype::Auto,
+            llm_server: None,
+            llm_server_model: None,
+            llm_server_timeout_ms: DEFAULT_LLM_SERVER_TIMEOUT_MS,
         }
     }
 }
 
 impl Settings {
+    /// The server configuration when `llm-server` is set (the API key from the environment).
+    fn server_config(&self) -> Result<Option<ServerConfig>, gst::ErrorMessage> {
+        let Some(url) = self.llm_server.clone() else {
+            return Ok(None);
+        };
+        let Some(model) = self.llm_server_model.clone() else {
+            return Err(gst::error_msg!(
+                gst::LibraryError::Settings,
+                ("`llm-server` is set but `llm-server-model` is not: name the model the server serves (its --served-model-name)")
+            ));
+        };
+        let mut config = ServerConfig::new(url, model);
+        config.api_key = ServerConfig::api_key_from_env();
+        config.request_timeout = Duration::from_millis(self.llm_server_timeout_ms.max(1));
+        Ok(Some(config))
+    }
+
     fn caption_settings(&self) -> CaptionSettings {
         CaptionSettings {
             prompt: self.prompt.clone(),
@@ -230,11 +256,18 @@ impl LlamaVidCaption {
         let canonical = model_dir
             .canonicalize()
             .unwrap_or_else(|_| model_dir.clone());
+        // With the language model on a server only its token embeddings are loaded: such a
+        // model is a different one to share.
+        let language_model = if settings.llm_server.is_some() {
+            LanguageModelWeights::EmbeddingsOnly
+        } else {
+            LanguageModelWeights::All
+        };
         let key = (
             canonical,
             settings.vision_tower.clone(),
             format!("{device:?}"),
-            format!("{dtype:?}/{}", precision.as_str()),
+            format!("{dtype:?}/{}/{language_model:?}", precision.as_str()),
         );
         let obj = self.obj();
         let _ = obj.post_message(
@@ -261,6 +294,7 @@ impl LlamaVidCaption {
             options.device = device.clone();
             options.dtype = dtype;
             options.precision = precision;
+            options.language_model = language_model;
             LlamaVid::load(&options)
         });
         match loaded {
@@ -312,17 +346,40 @@ impl LlamaVidCaption {
             ));
         };
         *lock(&self.caption_settings) = lock(&self.settings).caption_settings();
+        let server = lock(&self.settings).server_config()?;
+        let remote = match server {
+            Some(config) => {
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "language model `{}` on {}",
+                    config.model,
+                    config.url
+                );
+                Some(
+                    RemoteLanguageModel::new(config)
+                        .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("{}", e)))?,
+                )
+            }
+            None => None,
+        };
         let output = Arc::new(ElementOutput {
             element: self.obj().downgrade(),
             shared: self.shared.clone(),
         });
-        let worker = Worker::spawn(model, self.caption_settings.clone(), output, QUEUE_CAPACITY)
-            .map_err(|e| {
-                gst::error_msg!(
-                    gst::CoreError::Thread,
-                    ("Cannot start the worker thread: {}", e)
-                )
-            })?;
+        let worker = Worker::spawn_with_remote(
+            model,
+            self.caption_settings.clone(),
+            output,
+            QUEUE_CAPACITY,
+            remote,
+        )
+        .map_err(|e| {
+            gst::error_msg!(
+                gst::CoreError::Thread,
+                ("Cannot start the worker thread: {}", e)
+            )
+        })?;
         *lock(&self.worker) = Some(Arc::new(worker));
         Ok(())
     }
@@ -873,6 +930,23 @@ impl ObjectImpl for LlamaVidCaption {
                     .blurb("When the model falls behind: drop sampled frames (never stalls video) or wait (every frame encoded)")
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecString::builder("llm-server")
+                    .nick("Language-model server")
+                    .blurb("Base URL of a vLLM (OpenAI-compatible) server started with --enable-prompt-embeds that runs the language model, e.g. http://gpu-host:8000; empty: run it here. The API key, if any, is read from LLAMAVID_LLM_SERVER_API_KEY")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("llm-server-model")
+                    .nick("Language-model server model")
+                    .blurb("Name under which the server serves this checkpoint's language model (exported with llamavid-export-llm; vLLM's --served-model-name)")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt64::builder("llm-server-timeout")
+                    .nick("Language-model server timeout")
+                    .blurb("Longest wait for one caption from the server, in ms; captions due meanwhile are skipped as late")
+                    .minimum(1)
+                    .default_value(DEFAULT_LLM_SERVER_TIMEOUT_MS)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecUInt64::builder("frames-sampled").nick("Frames sampled").blurb("Frames picked for encoding").read_only().build(),
                 glib::ParamSpecUInt64::builder("frames-encoded").nick("Frames encoded").blurb("Frames turned into tokens").read_only().build(),
                 glib::ParamSpecUInt64::builder("frames-dropped").nick("Frames dropped").blurb("Sampled frames dropped because the model was behind").read_only().build(),
@@ -936,6 +1010,23 @@ impl ObjectImpl for LlamaVidCaption {
             }
             "frame-policy" => settings.frame_policy = value.get().expect("type checked"),
             "dtype" => settings.dtype = value.get().expect("type checked"),
+            "llm-server" => {
+                settings.llm_server = value
+                    .get::<Option<String>>()
+                    .ok()
+                    .flatten()
+                    .filter(|s| !s.trim().is_empty())
+            }
+            "llm-server-model" => {
+                settings.llm_server_model = value
+                    .get::<Option<String>>()
+                    .ok()
+                    .flatten()
+                    .filter(|s| !s.trim().is_empty())
+            }
+            "llm-server-timeout" => {
+                settings.llm_server_timeout_ms = value.get().expect("type checked")
+            }
             other => unreachable!("unknown property {other}"),
         }
         *lock(&self.caption_settings) = settings.caption_settings();
@@ -960,6 +1051,9 @@ impl ObjectImpl for LlamaVidCaption {
             "latency" => settings.latency_ms.to_value(),
             "frame-policy" => settings.frame_policy.to_value(),
             "dtype" => settings.dtype.to_value(),
+            "llm-server" => settings.llm_server.to_value(),
+            "llm-server-model" => settings.llm_server_model.to_value(),
+            "llm-server-timeout" => settings.llm_server_timeout_ms.to_value(),
             "frames-sampled" => stats.frames_sampled.load(Ordering::Relaxed).to_value(),
             "frames-encoded" => stats.frames_encoded.load(Ordering::Relaxed).to_value(),
             "frames-dropped" => stats.frames_dropped.load(Ordering::Relaxed).to_value(),

@@ -217,6 +217,23 @@ impl CaptionOutput for ElementOutput {
         }
         self.shared.signal_eos(None);
     }
+
+    fn warning(&self, message: String, debug: String) {
+        if let Some(element) = self.element.upgrade() {
+            gst::element_warning!(
+                element,
+                gst::ResourceError::Read,
+                ("{}", message),
+                ["{}", debug]
+            );
+        }
+    }
+
+    fn info(&self, message: String) {
+        if let Some(element) = self.element.upgrade() {
+            gst::element_info!(element, gst::ResourceError::Read, ("{}", message));
+        }
+    }
 }
 
 /// Posts the caption on the bus.
