@@ -6,6 +6,7 @@
 //! window of frame tokens ─► prompt embeddings spliced at <image> ─llama─► caption
 //! ```
 
+pub mod cancel;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
@@ -23,6 +24,7 @@ pub mod tokens;
 
 mod llamavid;
 
+pub use cancel::Cancel;
 pub use checkpoint::WeightFormat;
 pub use error::{ModelError, Result};
 pub use llamavid::{Caption, CaptionPrompt, Generation, LlamaVid, LoadOptions};
