@@ -5,7 +5,9 @@
 #   gst-tests/run-all.sh
 # Needs ../shared/fixtures beside the repository (or LLAMAVID_FIXTURE). Set
 # LLAMAVID_SKIP_CUDA_CHECK=1 to skip the CUDA build (it installs nvcc from PyPI, ~10 min),
-# LLAMAVID_SKIP_MKL_CHECK=1 to skip the MKL build (it installs MKL from PyPI, ~3 min).
+# LLAMAVID_SKIP_MKL_CHECK=1 to skip the MKL build (it installs MKL from PyPI, ~3 min),
+# LLAMAVID_SKIP_PILLOW_CHECK=1 to skip checking the Pillow hashes of the resize test (it
+# installs Pillow from PyPI, ~10 s).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -29,6 +31,11 @@ rm -rf builddir-test
 meson setup builddir-test --buildtype=debug >/dev/null
 meson test -C builddir-test --print-errorlogs
 rm -rf builddir-test
+
+if [ "${LLAMAVID_SKIP_PILLOW_CHECK:-0}" != 1 ]; then
+  step "Pillow hashes of the resize test"
+  plugin/scripts/pillow-resize-hashes.sh --check
+fi
 
 if [ "${LLAMAVID_SKIP_MKL_CHECK:-0}" != 1 ]; then
   step "MKL build and CPU kernel tests (feature mkl)"

@@ -649,6 +649,7 @@ impl ObjectImpl for LlamaVidCaption {
                     Err(reason) => {
                         let kept = lock(&self.caption).prompt.clone();
                         gst::warning!(CAT, imp = self, "prompt {question:?} refused: {reason}");
+                        let question: String = question.chars().take(200).collect();
                         gst::element_imp_warning!(
                             self,
                             gst::LibraryError::Settings,

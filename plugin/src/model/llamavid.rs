@@ -390,7 +390,7 @@ impl LlamaVid {
         let qformer_len = QFORMER_MAX_TOKENS.min(self.qformer_positions);
         let qformer_ids = self
             .qformer_tokenizer
-            .encode_with_max_len(question, qformer_len)?;
+            .encode_literal_with_max_len(question, qformer_len)?;
         let guidance = self.tokens.text_guidance(&qformer_ids)?;
         let parts = PromptIds::for_question(&self.llm_tokenizer, question)?;
         let input_ids = parts
@@ -479,7 +479,7 @@ impl LlamaVid {
             self.tokens
                 .forward_cancellable(&prompt.guidance, &features, cancel)
         };
-        run().map_err(|e| cancelled_or(cancel, e))
+        run().map_err(cancelled_or)
     }
 
     /// Raw frames to frame tokens (B, tokens_per_frame, H).
@@ -495,7 +495,7 @@ impl LlamaVid {
         prompt: &CaptionPrompt,
         cancel: Cancel,
     ) -> Result<Tensor> {
-        cancel.check().map_err(|e| cancelled_or(cancel, e))?;
+        cancel.check().map_err(cancelled_or)?;
         self.encode_pixels_cancellable(&self.preprocess(frames)?, prompt, cancel)
     }
 
@@ -519,15 +519,32 @@ impl LlamaVid {
         keep_step_logits: bool,
         cancel: Option<&AtomicBool>,
     ) -> Result<Generation> {
-        let cancel = Cancel::from_option(cancel);
-        self.generate_cancellable(embeddings, params, keep_step_logits, cancel)
+        self.generate_cancellable(
+            embeddings,
+            params,
+            keep_step_logits,
+            Cancel::from_option(cancel),
+        )
+    }
+
+    /// [`Self::generate`] with any [`Cancel`], checked before every layer of the prefill and
+    /// of each step: a cancelled generation returns [`ModelError::Cancelled`] within one
+    /// layer's time.
+    pub fn generate_cancellable(
+        &self,
+        embeddings: &Tensor,
+        params: &GenerationParams,
+        keep_step_logits: bool,
+        cancel: Cancel,
+    ) -> Result<Generation> {
+        self.run_generation(embeddings, params, keep_step_logits, cancel)
             .map_err(|e| match e {
-                ModelError::Tensor(e) => cancelled_or(cancel, e),
+                ModelError::Tensor(e) => cancelled_or(e),
                 other => other,
             })
     }
 
-    fn generate_cancellable(
+    fn run_generation(
         &self,
         embeddings: &Tensor,
         params: &GenerationParams,
@@ -602,10 +619,9 @@ impl LlamaVid {
     }
 }
 
-/// `Cancelled` when `error` is what a cancelled forward pass returns, the error itself
-/// otherwise.
-fn cancelled_or(cancel: Cancel, error: candle_core::Error) -> ModelError {
-    if cancel.is_cancelled() && matches!(&error, candle_core::Error::Msg(m) if m == CANCELLED) {
+/// `Cancelled` when `error` is what [`Cancel::check`] returns, the error itself otherwise.
+fn cancelled_or(error: candle_core::Error) -> ModelError {
+    if matches!(&error, candle_core::Error::Msg(m) if m == CANCELLED) {
         ModelError::Cancelled
     } else {
         ModelError::Tensor(error)
