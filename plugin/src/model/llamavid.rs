@@ -556,20 +556,6 @@ impl LlamaVid {
         keep_step_logits: bool,
         cancel: Cancel,
     ) -> Result<Generation> {
-        self.run_generation(embeddings, params, keep_step_logits, cancel)
-            .map_err(|e| match e {
-                ModelError::Tensor(e) => cancelled_or(e),
-                other => other,
-            })
-    }
-
-    fn run_generation(
-        &self,
-        embeddings: &Tensor,
-        params: &GenerationParams,
-        keep_step_logits: bool,
-        cancel: Cancel,
-    ) -> Result<Generation> {
         if !self.llm.has_decoder() {
             return Err(ModelError::InvalidInput(
                 "this model was loaded with the token embeddings only (its language model runs \
@@ -591,13 +577,16 @@ impl LlamaVid {
         if max_new == 0 {
             return Ok(out);
         }
-        let mut logits = self.llm.forward_cancellable(
-            embeddings,
-            &mut cache,
-            LogitsFor::LastPosition,
-            None,
-            cancel,
-        )?;
+        let mut logits = self
+            .llm
+            .forward_cancellable(
+                embeddings,
+                &mut cache,
+                LogitsFor::LastPosition,
+                None,
+                cancel,
+            )
+            .map_err(cancelled_or)?;
         loop {
             if cancel.is_cancelled() {
                 return Err(ModelError::Cancelled);
@@ -616,13 +605,10 @@ impl LlamaVid {
                 break;
             }
             let next = self.llm.embed(&[token])?;
-            logits = self.llm.forward_cancellable(
-                &next,
-                &mut cache,
-                LogitsFor::LastPosition,
-                None,
-                cancel,
-            )?;
+            logits = self
+                .llm
+                .forward_cancellable(&next, &mut cache, LogitsFor::LastPosition, None, cancel)
+                .map_err(cancelled_or)?;
         }
         Ok(out)
     }
