@@ -8,6 +8,7 @@ use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use llamavid_kernels::cpu::vit::VitProfile;
 
+use super::cancel::Cancel;
 use super::nn::{fused_vit_block, linear, Linear, LoadContext};
 
 /// Sizes of the tower. Width, patch size, grid and MLP width come from the weights; the head
@@ -210,11 +211,17 @@ impl EvaVit {
     }
 
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.forward_cancellable(pixels, Cancel::NEVER)
+    }
+
+    /// [`Self::forward`], checking `cancel` before every block.
+    pub fn forward_cancellable(&self, pixels: &Tensor, cancel: Cancel) -> Result<Tensor> {
         let patches = self.patch_embed.forward(pixels)?;
         let b = patches.dim(0)?;
         let cls = self.cls_token.broadcast_as((b, 1, self.cfg.width))?;
         let mut x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.pos_embed)?;
         for block in &self.blocks {
+            cancel.check()?;
             x = block.forward(&x, self.profile.as_deref())?;
         }
         Ok(x)

@@ -63,7 +63,7 @@ pub enum CpuLayers {
 }
 
 /// The language-model weights a loaded model holds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum LanguageModelWeights {
     /// Everything: captions are generated locally.
     #[default]
