@@ -646,71 +646,63 @@ impl LlamaVid {
         keep_step_logits: bool,
         cancel: Cancel,
     ) -> Result<Generation> {
-        self.install(|| self.generate_in_pool(embeddings, params, keep_step_logits, cancel))
-    }
-
-    fn generate_in_pool(
-        &self,
-        embeddings: &Tensor,
-        params: &GenerationParams,
-        keep_step_logits: bool,
-        cancel: Cancel,
-    ) -> Result<Generation> {
-        if !self.llm.has_decoder() {
-            return Err(ModelError::InvalidInput(
-                "this model was loaded with the token embeddings only (its language model runs \
-                 on a server): it cannot generate locally"
-                    .into(),
-            ));
-        }
-        let prefill_len = embeddings.dim(1)?;
-        let room = self.llm.max_positions().saturating_sub(prefill_len);
-        let max_new = params.max_new_tokens.min(room + 1);
-        let mut cache = self.llm.new_cache(prefill_len + max_new);
-        let mut sampler = Sampler::new(params);
-        let eos = self.llm_tokenizer.eos_id();
-        let mut out = Generation {
-            token_ids: Vec::new(),
-            step_logits: Vec::new(),
-            stopped_at_eos: false,
-        };
-        if max_new == 0 {
-            return Ok(out);
-        }
-        let mut logits = self
-            .llm
-            .forward_cancellable(
-                embeddings,
-                &mut cache,
-                LogitsFor::LastPosition,
-                None,
-                cancel,
-            )
-            .map_err(cancelled_or)?;
-        loop {
-            if cancel.is_cancelled() {
-                return Err(ModelError::Cancelled);
+        self.install(|| {
+            if !self.llm.has_decoder() {
+                return Err(ModelError::InvalidInput(
+                    "this model was loaded with the token embeddings only (its language model runs \
+                     on a server): it cannot generate locally"
+                        .into(),
+                ));
             }
-            let row = logits.flatten_all()?;
-            let token = sampler.next(&row.to_vec1::<f32>()?);
-            if keep_step_logits {
-                out.step_logits.push(row);
+            let prefill_len = embeddings.dim(1)?;
+            let room = self.llm.max_positions().saturating_sub(prefill_len);
+            let max_new = params.max_new_tokens.min(room + 1);
+            let mut cache = self.llm.new_cache(prefill_len + max_new);
+            let mut sampler = Sampler::new(params);
+            let eos = self.llm_tokenizer.eos_id();
+            let mut out = Generation {
+                token_ids: Vec::new(),
+                step_logits: Vec::new(),
+                stopped_at_eos: false,
+            };
+            if max_new == 0 {
+                return Ok(out);
             }
-            if token == eos {
-                out.stopped_at_eos = true;
-                break;
-            }
-            out.token_ids.push(token);
-            if out.token_ids.len() >= max_new {
-                break;
-            }
-            let next = self.llm.embed(&[token])?;
-            logits = self
+            let mut logits = self
                 .llm
-                .forward_cancellable(&next, &mut cache, LogitsFor::LastPosition, None, cancel)
+                .forward_cancellable(
+                    embeddings,
+                    &mut cache,
+                    LogitsFor::LastPosition,
+                    None,
+                    cancel,
+                )
                 .map_err(cancelled_or)?;
-        }
-        Ok(out)
+            loop {
+                if cancel.is_cancelled() {
+                    return Err(ModelError::Cancelled);
+                }
+                let row = logits.flatten_all()?;
+                let token = sampler.next(&row.to_vec1::<f32>()?);
+                if keep_step_logits {
+                    out.step_logits.push(row);
+                }
+                if token == eos {
+                    out.stopped_at_eos = true;
+                    break;
+                }
+                out.token_ids.push(token);
+                if out.token_ids.len() >= max_new {
+                    break;
+                }
+                let next = self.llm.embed(&[token])?;
+                logits = self
+                    .llm
+                    .forward_cancellable(&next, &mut cache, LogitsFor::LastPosition, None, cancel)
+                    .map_err(cancelled_or)?;
+            }
+            Ok(out)
+        })
     }
 
     /// Captions a window of frame tokens (N, H), laid out frame by frame.
