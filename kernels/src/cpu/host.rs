@@ -3,6 +3,27 @@
 //! model load that asks for it (every one can be turned off through the model's load options),
 //! and never by a CUDA load.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static ALLOCATOR_TUNED: AtomicBool = AtomicBool::new(false);
+static AMX_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// The process-wide effects applied so far in this process (for tests and logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostEffects {
+    /// `tune_allocator` ran.
+    pub allocator_tuned: bool,
+    /// AMX tile permission was asked of the OS.
+    pub amx_requested: bool,
+}
+
+pub fn effects() -> HostEffects {
+    HostEffects {
+        allocator_tuned: ALLOCATOR_TUNED.load(Ordering::Relaxed),
+        amx_requested: AMX_REQUESTED.load(Ordering::Relaxed),
+    }
+}
+
 /// Keeps freed activation buffers in the heap instead of returning them to the kernel after
 /// every operation: glibc unmaps blocks above 128 KiB by default, so each fresh activation paid
 /// page faults and zeroing (10 to 20% of an encode). Process-wide (glibc's thresholds), applied
@@ -10,6 +31,7 @@
 pub fn tune_allocator() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        ALLOCATOR_TUNED.store(true, Ordering::Relaxed);
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: mallopt only changes glibc's allocation thresholds.
         unsafe {
@@ -28,6 +50,7 @@ pub fn tune_allocator() {
 pub(crate) fn request_amx_permission() -> bool {
     const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
     const XFEATURE_XTILEDATA: libc::c_long = 18;
+    AMX_REQUESTED.store(true, Ordering::Relaxed);
     // SAFETY: arch_prctl with these arguments only changes this process's permitted
     // extended-state components; it has no memory effects.
     unsafe {
