@@ -14,14 +14,14 @@ use super::checkpoint::Checkpoint;
 use super::config::{read_json, BertConfig, LlavaConfig, VisionOverrides};
 use super::eva::{EvaConfig, EvaVit};
 use super::files::ModelFiles;
-use super::llama::{Llama, LogitsFor};
+use super::llama::Llama;
 use super::nn::{LoadContext, Precision};
 use super::options::{CpuLayers, LanguageModelWeights, LoadOptions};
 use super::pool::ComputePool;
 use super::preprocess::{ClipPreprocess, FrameView, ResizeTarget};
 use super::prompt::{clean_answer, split_at_image, PromptIds, IMAGE_TOKEN_INDEX};
 use super::qformer::{QFormerConfig, TextGuidance};
-use super::sampling::{GenerationParams, Sampler};
+use super::sampling::GenerationParams;
 use super::tokenizer::{BertTokenizer, LlamaTokenizer, QFORMER_MAX_TOKENS};
 use super::tokens::{TokenConfig, TokenGenerator};
 use super::{ModelError, Result};
@@ -31,6 +31,9 @@ use super::{ModelError, Result};
 #[derive(Clone, Debug)]
 pub struct CaptionPrompt {
     pub question: String,
+    /// The Q-Former's ids of the question: frames whose prompts have the same ids share one
+    /// Q-Former batch in [`LlamaVid::encode_batch`].
+    pub qformer_ids: Vec<u32>,
     pub guidance: TextGuidance,
     /// LLM ids with the image placeholder (-200), as the reference tokenizes them.
     pub input_ids: Vec<i64>,
@@ -48,6 +51,14 @@ impl CaptionPrompt {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// One frame of a batched encode ([`LlamaVid::encode_batch`]) and the prompt that guides its
+/// context token.
+#[derive(Debug, Clone)]
+pub struct FrameToEncode<'a> {
+    pub frame: FrameView<'a>,
+    pub prompt: &'a CaptionPrompt,
 }
 
 /// The outcome of one generation.
@@ -534,6 +545,7 @@ impl LlamaVid {
             let parts = split_at_image(&input_ids)?;
             Ok(CaptionPrompt {
                 question: question.to_owned(),
+                qformer_ids: qformer_ids.to_vec(),
                 guidance,
                 before: self.llm.embed(&parts.before)?,
                 after: self.llm.embed(&parts.after)?,
@@ -606,6 +618,77 @@ impl LlamaVid {
         self.encode_pixels_cancellable(&self.preprocess(frames)?, prompt, cancel)
     }
 
+    /// Frames of several streams, each with its own prompt, encoded together: every frame is
+    /// checked and preprocessed on its own (a bad frame fails alone), the vision tower runs on
+    /// all good frames as one batch, and the prompt-dependent part (the Q-Former guided by the
+    /// question, the context token) runs once per group of frames whose prompts have the same
+    /// Q-Former ids. Returns one result per frame, in order: its tokens (tokens_per_frame, H),
+    /// as [`Self::encode_frames`] gives them one at a time. `cancel` (checked between layers)
+    /// fails the whole call with [`ModelError::Cancelled`].
+    pub fn encode_batch(
+        &self,
+        frames: &[FrameToEncode],
+        cancel: Cancel,
+    ) -> Result<Vec<Result<Tensor>>> {
+        self.install(|| {
+            cancel.check().map_err(cancelled_or)?;
+            // `None` for the good frames until their tokens are known.
+            let mut results: Vec<Option<Result<Tensor>>> = Vec::with_capacity(frames.len());
+            let mut good = Vec::new();
+            let mut pixels = Vec::new();
+            for (i, item) in frames.iter().enumerate() {
+                match self.preprocess_in_pool(std::slice::from_ref(&item.frame)) {
+                    Ok(p) => {
+                        good.push(i);
+                        pixels.push(p);
+                        results.push(None);
+                    }
+                    Err(e) => results.push(Some(Err(e))),
+                }
+            }
+            let run = || -> candle_core::Result<Vec<(usize, Tensor)>> {
+                let pixels = Tensor::cat(&pixels, 0)?.to_dtype(self.dtype)?;
+                let features = self.vision.forward_cancellable(&pixels, cancel)?;
+                // Groups of the good frames (by their index in `features`) sharing Q-Former ids.
+                let mut groups: Vec<(&CaptionPrompt, Vec<u32>)> = Vec::new();
+                for (row, &i) in good.iter().enumerate() {
+                    let prompt = frames[i].prompt;
+                    match groups
+                        .iter_mut()
+                        .find(|(p, _)| p.qformer_ids == prompt.qformer_ids)
+                    {
+                        Some((_, rows)) => rows.push(row as u32),
+                        None => groups.push((prompt, vec![row as u32])),
+                    }
+                }
+                let mut out = Vec::with_capacity(good.len());
+                for (prompt, rows) in groups {
+                    let group = match rows.len() == good.len() {
+                        true => features.clone(),
+                        false => features
+                            .index_select(&Tensor::new(rows.as_slice(), features.device())?, 0)?,
+                    };
+                    let tokens =
+                        self.tokens
+                            .forward_cancellable(&prompt.guidance, &group, cancel)?;
+                    for (j, &row) in rows.iter().enumerate() {
+                        out.push((good[row as usize], tokens.get(j)?));
+                    }
+                }
+                Ok(out)
+            };
+            if !good.is_empty() {
+                for (i, tokens) in run().map_err(cancelled_or)? {
+                    results[i] = Some(Ok(tokens));
+                }
+            }
+            Ok(results
+                .into_iter()
+                .map(|r| r.expect("every good frame has its tokens"))
+                .collect())
+        })
+    }
+
     /// The LLM input: prompt embeddings with the video tokens (N, H) spliced at `<image>`.
     pub fn input_embeddings(
         &self,
@@ -646,63 +729,14 @@ impl LlamaVid {
         keep_step_logits: bool,
         cancel: Cancel,
     ) -> Result<Generation> {
-        self.install(|| {
-            if !self.llm.has_decoder() {
-                return Err(ModelError::InvalidInput(
-                    "this model was loaded with the token embeddings only (its language model runs \
-                     on a server): it cannot generate locally"
-                        .into(),
-                ));
-            }
-            let prefill_len = embeddings.dim(1)?;
-            let room = self.llm.max_positions().saturating_sub(prefill_len);
-            let max_new = params.max_new_tokens.min(room + 1);
-            let mut cache = self.llm.new_cache(prefill_len + max_new);
-            let mut sampler = Sampler::new(params);
-            let eos = self.llm_tokenizer.eos_id();
-            let mut out = Generation {
-                token_ids: Vec::new(),
-                step_logits: Vec::new(),
-                stopped_at_eos: false,
-            };
-            if max_new == 0 {
-                return Ok(out);
-            }
-            let mut logits = self
-                .llm
-                .forward_cancellable(
-                    embeddings,
-                    &mut cache,
-                    LogitsFor::LastPosition,
-                    None,
-                    cancel,
-                )
-                .map_err(cancelled_or)?;
-            loop {
-                if cancel.is_cancelled() {
-                    return Err(ModelError::Cancelled);
-                }
-                let row = logits.flatten_all()?;
-                let token = sampler.next(&row.to_vec1::<f32>()?);
-                if keep_step_logits {
-                    out.step_logits.push(row);
-                }
-                if token == eos {
-                    out.stopped_at_eos = true;
-                    break;
-                }
-                out.token_ids.push(token);
-                if out.token_ids.len() >= max_new {
-                    break;
-                }
-                let next = self.llm.embed(&[token])?;
-                logits = self
-                    .llm
-                    .forward_cancellable(&next, &mut cache, LogitsFor::LastPosition, None, cancel)
-                    .map_err(cancelled_or)?;
-            }
-            Ok(out)
-        })
+        let mut sequence = self.start_sequence(embeddings, params)?;
+        if keep_step_logits {
+            sequence = sequence.keeping_step_logits();
+        }
+        while !sequence.is_finished() {
+            self.step(&mut [&mut sequence], cancel)?;
+        }
+        Ok(sequence.into_generation())
     }
 
     /// Captions a window of frame tokens (N, H), laid out frame by frame.
@@ -729,7 +763,7 @@ impl LlamaVid {
 }
 
 /// `Cancelled` when `error` is what [`Cancel::check`] returns, the error itself otherwise.
-fn cancelled_or(error: candle_core::Error) -> ModelError {
+pub(super) fn cancelled_or(error: candle_core::Error) -> ModelError {
     if matches!(&error, candle_core::Error::Msg(m) if m == CANCELLED) {
         ModelError::Cancelled
     } else {

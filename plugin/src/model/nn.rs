@@ -444,16 +444,26 @@ fn cache_view<'a>(
     })
 }
 
+/// One sequence's rows in a (ragged) batch of rows: the next `rows` rows, at positions
+/// `start..start + rows` of that sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SequenceSpan {
+    pub rows: usize,
+    pub start: usize,
+}
+
 /// Runs one LLaMA decoder layer on the CPU kernels, fused: `x + o(attn(rope(q, k), v))` over
-/// `rmsnorm(x)`, then `x + down(silu(gate(h)) · up(h))` over `rmsnorm(x)`, appending this
-/// step's keys and values to `cache` (dimension 2, like `llama.rs`). `cos`/`sin` are the RoPE
-/// tables (positions, head_dim/2); `x` (1, S, H) sits at positions `start..start + S`.
-/// Returns `None` (the caller then runs its candle ops) unless everything is f32 on the CPU
-/// and every linear layer has a CPU kernel.
+/// `rmsnorm(x)`, then `x + down(silu(gate(h)) · up(h))` over `rmsnorm(x)`. `x` (1, R, H) holds
+/// the rows of the sequences of `spans`, in order; every product runs on all R rows, attention
+/// per sequence. `write_cache(i, k, v)` stores sequence `i`'s keys and values
+/// (1, kv_heads, rows, head_dim) in its cache and returns the cache's views
+/// (1, kv_heads, start + rows, head_dim). `cos`/`sin` are the RoPE tables
+/// (positions, head_dim/2). Returns `None` (the caller then runs its candle ops) unless
+/// everything is f32 on the CPU and every linear layer has a CPU kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn fused_llama_layer(
     x: &Tensor,
-    start: usize,
+    spans: &[SequenceSpan],
     cos: &Tensor,
     sin: &Tensor,
     input_norm: &candle_nn::RmsNorm,
@@ -468,7 +478,7 @@ pub fn fused_llama_layer(
     gate: &Linear,
     up: &Linear,
     down: &Linear,
-    cache: &mut candle_nn::kv_cache::KvCache,
+    mut write_cache: impl FnMut(usize, &Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
 ) -> Result<Option<Tensor>> {
     let kernels = [q, k, v, o, gate, up, down].map(Linear::cpu_kernel);
     let [Some(qk), Some(kk), Some(vk), Some(ok), Some(gk), Some(uk), Some(dk)] = kernels else {
@@ -480,13 +490,15 @@ pub fn fused_llama_layer(
         || sin.dtype() != DType::F32
         || x.rank() != 3
         || x.dim(0)? != 1
-        || cache.k_cache().dim() != 2
         || num_kv_heads == 0
         || !num_heads.is_multiple_of(num_kv_heads)
     {
         return Ok(None);
     }
     let (_, len, hidden) = x.dims3()?;
+    if spans.iter().map(|s| s.rows).sum::<usize>() != len {
+        candle_core::bail!("the sequences' rows do not add up to the batch's {len}");
+    }
     let (in_w, post_w) = (cpu_f32(input_norm.weight())?, cpu_f32(post_norm.weight())?);
     let layer = cpu::llama::LlamaLayer {
         input_norm: &in_w,
@@ -503,6 +515,11 @@ pub fn fused_llama_layer(
         num_kv_heads,
         head_dim,
     };
+    let positions: Vec<usize> = spans
+        .iter()
+        .flat_map(|s| s.start..s.start + s.rows)
+        .collect();
+    let end = spans.iter().map(|s| s.start + s.rows).max().unwrap_or(0);
     let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
     let mut data = cpu_f32(x)?;
     let (q, k, v) = {
@@ -513,39 +530,63 @@ pub fn fused_llama_layer(
         };
         let cos = &cs.as_slice::<f32>()?[cl.start_offset()..];
         let sin = &ss.as_slice::<f32>()?[sl.start_offset()..];
-        if cos.len() < (start + len) * head_dim / 2 || sin.len() < (start + len) * head_dim / 2 {
-            candle_core::bail!("positions {} exceed the rotary tables", start + len);
+        if cos.len() < end * head_dim / 2 || sin.len() < end * head_dim / 2 {
+            candle_core::bail!("positions {end} exceed the rotary tables");
         }
-        layer.qkv(&data, len, start, cos, sin)
+        layer.qkv(&data, &positions, cos, sin)
     };
-    // (S, kv_heads, d) rows to the cache's (1, kv_heads, S, d).
-    let to_heads = |t: Vec<f32>| -> Result<Tensor> {
-        Tensor::from_vec(t, (len, num_kv_heads, head_dim), x.device())?
+    // Each sequence's (rows, kv_heads, d) rows to its cache's (1, kv_heads, rows, d).
+    let kv_width = num_kv_heads * head_dim;
+    let to_heads = |t: &[f32], rows: usize| -> Result<Tensor> {
+        Tensor::from_slice(t, (rows, num_kv_heads, head_dim), x.device())?
             .transpose(0, 1)?
             .contiguous()?
             .unsqueeze(0)
     };
-    let (keys, values) = cache.append(&to_heads(k)?, &to_heads(v)?)?;
+    let mut views = Vec::with_capacity(spans.len());
+    let mut first = 0;
+    for (i, span) in spans.iter().enumerate() {
+        let rows = first * kv_width..(first + span.rows) * kv_width;
+        let (keys, values) = write_cache(
+            i,
+            &to_heads(&k[rows.clone()], span.rows)?,
+            &to_heads(&v[rows], span.rows)?,
+        )?;
+        views.push((keys, values));
+        first += span.rows;
+    }
+    drop((k, v));
     {
-        let (ks, kl) = keys.storage_and_layout();
-        let (vs, vl) = values.storage_and_layout();
-        let (Storage::Cpu(ks), Storage::Cpu(vs)) = (&*ks, &*vs) else {
-            candle_core::bail!("the KV cache is not on the CPU");
-        };
-        let (Some(kview), Some(vview)) = (
-            cache_view(ks.as_slice::<f32>()?, kl),
-            cache_view(vs.as_slice::<f32>()?, vl),
-        ) else {
-            candle_core::bail!("unexpected KV cache layout {:?}", kl);
-        };
-        if kview.len != start + len {
-            candle_core::bail!(
-                "KV cache holds {} positions, expected {}",
-                kview.len,
-                start + len
-            );
+        let guards: Vec<_> = views
+            .iter()
+            .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()))
+            .collect();
+        let mut sequences = Vec::with_capacity(spans.len());
+        for (span, ((ks, kl), (vs, vl))) in spans.iter().zip(&guards) {
+            let (Storage::Cpu(ks), Storage::Cpu(vs)) = (&**ks, &**vs) else {
+                candle_core::bail!("the KV cache is not on the CPU");
+            };
+            let (Some(keys), Some(values)) = (
+                cache_view(ks.as_slice::<f32>()?, kl),
+                cache_view(vs.as_slice::<f32>()?, vl),
+            ) else {
+                candle_core::bail!("unexpected KV cache layout {:?}", kl);
+            };
+            if keys.len != span.start + span.rows || values.len != keys.len {
+                candle_core::bail!(
+                    "KV cache holds {} positions, expected {}",
+                    keys.len,
+                    span.start + span.rows
+                );
+            }
+            sequences.push(cpu::llama::SequenceRows {
+                rows: span.rows,
+                start: span.start,
+                keys,
+                values,
+            });
         }
-        layer.finish(&mut data, len, start, &q, &kview, &vview);
+        layer.finish(&mut data, &q, &sequences);
     }
     Ok(Some(Tensor::from_vec(data, (1, len, hidden), x.device())?))
 }
