@@ -17,14 +17,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use gstllamavid::model::llama::LogitsFor;
-use gstllamavid::model::{CaptionPrompt, IsaLimit, LlamaVid, LoadOptions, Precision, WeightFormat};
+use gstllamavid::model::llama::{LogitsFor, SequenceStep};
+use gstllamavid::model::{
+    Cancel, CaptionPrompt, IsaLimit, LlamaVid, LoadOptions, Precision, WeightFormat,
+};
 use llamavid_kernels::cpu::{CpuFeatures, CpuKernels, CpuLinear, Isa, WeightType};
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: cpu_bench --model DIR [--dtype f32|bf16|int8|auto] [--shape FILE] \
 [--repeats N] [--threads N] [--isa best|avx512|avx2|portable] [--stages] [--json FILE]
-       [--only encode,encode1,encode8,caption,baseline] [--skip-baseline]
+       [--only encode,encode1,encode8,caption,batch,baseline] [--skip-baseline]
        cpu_bench --accuracy [--fixture DIR] [--json FILE]   (errors of every precision per stage)";
 
 struct Args {
@@ -71,7 +73,12 @@ fn parse_args() -> Result<Args, String> {
             "--accuracy" => accuracy = Some(repo.join("../shared/fixtures/llamavid-tiny-a")),
             "--fixture" => accuracy = Some(PathBuf::from(value()?)),
             "--skip-baseline" => {
-                only = Some(vec!["encode".into(), "caption".into(), "load".into()])
+                only = Some(vec![
+                    "encode".into(),
+                    "caption".into(),
+                    "batch".into(),
+                    "load".into(),
+                ])
             }
             // cargo bench passes --bench to harness-less benches.
             "--bench" => {}
@@ -272,6 +279,43 @@ fn caption(model: &LlamaVid, embeds: &Tensor, new_tokens: usize) -> candle_core:
     ])
 }
 
+/// Decode steps of `batch` sequences advanced together (one forward, `batch` rows: the weight
+/// read shared), after one batched prefill; the median time of one step. EOS is ignored, as
+/// in `caption`.
+fn decode_batch(
+    model: &LlamaVid,
+    embeds: &Tensor,
+    batch: usize,
+    steps: usize,
+) -> candle_core::Result<[f64; 1]> {
+    let llm = model.llm();
+    let capacity = embeds.dim(1)? + steps + 1;
+    let mut caches: Vec<_> = (0..batch).map(|_| llm.new_cache(capacity)).collect();
+    let mut inputs = vec![embeds.clone(); batch];
+    let mut times = Vec::with_capacity(steps);
+    for step in 0..=steps {
+        let start = Instant::now();
+        let mut batch_steps: Vec<SequenceStep> = inputs
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(embeddings, cache)| SequenceStep { embeddings, cache })
+            .collect();
+        let logits = llm.forward_batch(&mut batch_steps, LogitsFor::LastPosition, Cancel::NEVER)?;
+        let tokens = logits
+            .iter()
+            .map(argmax)
+            .collect::<candle_core::Result<Vec<u32>>>()?;
+        let next = llm.embed(&tokens)?;
+        inputs = (0..batch)
+            .map(|i| next.narrow(1, i, 1))
+            .collect::<candle_core::Result<_>>()?;
+        if step > 0 {
+            times.push(secs(start));
+        }
+    }
+    Ok([median(times)])
+}
+
 fn prefill_only(model: &LlamaVid, embeds: &Tensor) -> candle_core::Result<[f64; 1]> {
     let llm = model.llm();
     let start = Instant::now();
@@ -448,6 +492,36 @@ fn run() -> Result<(), String> {
             "caption".into(),
             json!({"prefill_len": len, "prefill_s": prefill, "decode_per_token_s": per_token,
                    "new_tokens": work.new_tokens, "total_s": total}),
+        );
+    }
+
+    if wants("batch") {
+        // Decode steps of 1 and 4 sequences at once over the caption's context: the weights
+        // are read once per step for all rows (issue 10's shared weight read).
+        let rows = work.window_frames * work.tokens_per_frame;
+        let video = Tensor::randn(0f32, 1.0, (rows, hidden), &Device::Cpu).map_err(e)?;
+        let embeds = model
+            .input_embeddings(&prompt, &video)
+            .map_err(|e| e.to_string())?;
+        let steps = work.new_tokens.min(16);
+        let [one] = model
+            .install(|| measure(args.repeats, || decode_batch(&model, &embeds, 1, steps)))
+            .map_err(e)?;
+        let [four] = model
+            .install(|| measure(args.repeats, || decode_batch(&model, &embeds, 4, steps)))
+            .map_err(e)?;
+        table.push(("decode step, batch 1".into(), one, "s"));
+        table.push(("decode step, batch 4".into(), four, "s"));
+        table.push(("  per token at batch 4".into(), four / 4.0, "s"));
+        table.push((
+            "  tokens/s batch 4 vs batch 1".into(),
+            4.0 * one / four,
+            "x",
+        ));
+        results.insert(
+            "decode_batch".into(),
+            json!({"steps": steps, "batch1_step_s": one, "batch4_step_s": four,
+                   "speedup": 4.0 * one / four}),
         );
     }
 

@@ -605,6 +605,101 @@ fn compress_twin_takes_strided_and_half_inputs() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Batching on any device (issue 10): used by the GPU checks below; written outside the `cuda`
+// module so that every build type-checks them.
+// ---------------------------------------------------------------------------------------------
+
+/// Sequences of `embeds` with max_new_tokens 1.., advanced together with `LlamaVid::step`
+/// until all finish: the greedy ids of each must equal its generation alone.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn assert_batched_generation_matches_alone(m: &LlamaVid, embeds: &Tensor, batch: usize) {
+    use gstllamavid::model::{Cancel, CaptionSequence, GenerationParams};
+    let params = |i: usize| GenerationParams {
+        max_new_tokens: 4 + 3 * i,
+        ..GenerationParams::default()
+    };
+    let len = embeds.dim(1).unwrap();
+    // Different lengths: prefixes of the prompt and video.
+    let input = |i: usize| embeds.narrow(1, 0, len - (i % len.min(4))).unwrap();
+    let mut sequences: Vec<CaptionSequence> = (0..batch)
+        .map(|i| m.start_sequence(&input(i), &params(i)).unwrap())
+        .collect();
+    while sequences.iter().any(|s| !s.is_finished()) {
+        let mut all: Vec<&mut CaptionSequence> = sequences.iter_mut().collect();
+        m.step(&mut all, Cancel::NEVER).unwrap();
+    }
+    for (i, seq) in sequences.iter().enumerate() {
+        let alone = m.generate(&input(i), &params(i), false, None).unwrap();
+        assert_eq!(
+            seq.token_ids(),
+            alone.token_ids,
+            "sequence {i} of a batch of {batch} against itself alone"
+        );
+    }
+}
+
+/// Per-frame encode time of `b` frames at once and the time of one decode step of `b`
+/// sequences in one forward, for each `b` of `sizes`, on `m`'s device: (stage, time, rate)
+/// rows for the timing table.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn batch_timings(m: &LlamaVid, embeds: &Tensor, sizes: &[usize]) -> Vec<(String, String, String)> {
+    use gstllamavid::model::{Cancel, CaptionSequence, GenerationParams};
+    use std::time::{Duration, Instant};
+    let dev = m.device().clone();
+    let timed = |iters: usize, f: &mut dyn FnMut()| -> Duration {
+        f();
+        dev.synchronize().unwrap();
+        let start = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        dev.synchronize().unwrap();
+        start.elapsed() / iters as u32
+    };
+    let ms = |d: Duration| format!("{:.3} ms", d.as_secs_f64() * 1e3);
+    let prompt = m.prompt("What is happening in this video?").unwrap();
+    let size = m.vision().config().image_size();
+    let dtype = m.dtype();
+    let mut rows = Vec::new();
+    for &b in sizes {
+        let pixels = Tensor::randn(0f32, 1f32, (b, 3, size, size), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let per_frame = timed(3, &mut || {
+            m.encode_pixels(&pixels, &prompt).unwrap();
+        }) / b as u32;
+        rows.push((
+            format!("encode batch {b}, per frame ({dtype:?})"),
+            ms(per_frame),
+            format!("{:.0} frames/s", 1.0 / per_frame.as_secs_f64()),
+        ));
+        // b sequences prefilled together, then decode steps of b rows (EOS ends a sequence
+        // early only by chance; the rows actually run are reported).
+        let steps = 8;
+        let params = GenerationParams {
+            max_new_tokens: steps + 2,
+            ..GenerationParams::default()
+        };
+        let mut sequences: Vec<CaptionSequence> = (0..b)
+            .map(|_| m.start_sequence(embeds, &params).unwrap())
+            .collect();
+        let mut all: Vec<&mut CaptionSequence> = sequences.iter_mut().collect();
+        m.step(&mut all, Cancel::NEVER).unwrap();
+        let running = all.iter().filter(|s| !s.is_finished()).count();
+        let step = timed(steps, &mut || {
+            m.step(&mut all, Cancel::NEVER).unwrap();
+        });
+        rows.push((
+            format!("decode step, {running} of {b} sequences at once ({dtype:?})"),
+            ms(step),
+            format!("{:.0} tokens/s", running as f64 / step.as_secs_f64()),
+        ));
+    }
+    rows
+}
+
+// ---------------------------------------------------------------------------------------------
 // GPU checks (kernels/gpu-check.sh): `cargo test --features cuda -- --ignored gpu_`
 // ---------------------------------------------------------------------------------------------
 
@@ -969,6 +1064,9 @@ mod gpu {
             generation.token_ids, expected,
             "greedy ids GPU vs reference"
         );
+        // Sequences of different lengths advanced together on the GPU (candle's layers, one
+        // forward per step) give the ids each gives alone.
+        assert_batched_generation_matches_alone(&gpu, &embeds, 8);
 
         // The fused compression inside the model's path on the GPU (the wiring the element
         // will use): same frame tokens as the candle ops.
@@ -1173,6 +1271,8 @@ mod gpu {
                 ms(per_token),
                 format!("{:.0} tokens/s", 1.0 / per_token.as_secs_f64().max(1e-9)),
             ));
+            // Issue 10: encode and decode at batch 1, 8, 32 and 64.
+            rows.extend(batch_timings(&m, &embeds, &[1, 8, 32, 64]));
         }
 
         let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
