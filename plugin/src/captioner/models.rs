@@ -8,6 +8,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use candle_core::{DType, Device};
 
 use super::registry::Registry;
+use super::scheduler::{BatchLimits, Scheduler};
 use crate::model::{LlamaVid, LoadOptions, ModelError, Precision};
 
 /// Where the `device` property asks the model to run.
@@ -105,6 +106,10 @@ pub struct ModelRequest {
     /// Size of the model's own thread pool (`None`: the default). Not part of the key: a
     /// shared model has one pool, sized by the element that loaded it.
     pub threads: Option<usize>,
+    /// Most frames encoded and captions decoded together by the model's scheduler (`None`:
+    /// [`BatchLimits::default_for`] the device). Not part of the key either: one scheduler.
+    pub encode_batch: Option<usize>,
+    pub caption_batch: Option<usize>,
 }
 
 /// What makes two loaded models the same one.
@@ -205,30 +210,62 @@ fn cuda_device(ordinal: usize) -> Result<Device, String> {
     ))
 }
 
-/// A loaded model, as the elements naming it share it.
+/// A loaded model, as the elements naming it share it: the weights and the one scheduler
+/// that runs them for every stream.
 pub struct SharedModel {
     pub model: Arc<LlamaVid>,
+    pub scheduler: Scheduler<LlamaVid>,
     pub key: ModelKey,
     /// The pool size it was loaded with.
     pub threads: Option<usize>,
 }
 
 impl SharedModel {
-    /// A sentence for an element that asked for `threads` but shares a model whose pool was
-    /// sized otherwise by the element that loaded it (the first loader's value wins).
-    pub fn threads_note(&self, threads: Option<usize>) -> Option<String> {
-        threads_note_for(self.threads, threads)
+    /// Sentences for an element whose request differs from what the shared model was made
+    /// with by the element that loaded it (the first loader's values win): pool size and
+    /// batch limits.
+    pub fn sharing_notes(&self, request: &ModelRequest) -> Vec<String> {
+        let limits = self.scheduler.limits();
+        [
+            differs(
+                "threads",
+                self.threads,
+                request.threads,
+                "its thread pool has",
+            ),
+            differs(
+                "encode-batch",
+                Some(limits.encode),
+                request.encode_batch,
+                "its scheduler encodes frames in batches of up to",
+            ),
+            differs(
+                "caption-batch",
+                Some(limits.caption),
+                request.caption_batch,
+                "its scheduler decodes captions in batches of up to",
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 }
 
-fn threads_note_for(loaded: Option<usize>, asked: Option<usize>) -> Option<String> {
+/// A sentence when `asked` is set and differs from `loaded`.
+fn differs(
+    property: &str,
+    loaded: Option<usize>,
+    asked: Option<usize>,
+    what: &str,
+) -> Option<String> {
     let asked = asked?;
     (loaded != Some(asked)).then(|| {
-        let actual = loaded.map_or("the default size".to_owned(), |n| format!("{n} threads"));
+        let actual = loaded.map_or("the default size".to_owned(), |n| n.to_string());
         format!(
-            "threads={asked} not applied: the model is shared with an element that loaded it \
-             first, and its thread pool has {actual} (set the same `threads` on every element \
-             sharing a model)"
+            "{property}={asked} not applied: the model is shared with an element that loaded it \
+             first, and {what} {actual} (set the same `{property}` on every element sharing a \
+             model)"
         )
     })
 }
@@ -239,6 +276,8 @@ pub enum LoadError {
     /// A property names something that cannot be (an unknown or missing device).
     Device(String),
     Model(ModelError),
+    /// The scheduler's thread could not start.
+    Thread(std::io::Error),
 }
 
 static MODELS: LazyLock<Registry<ModelKey, SharedModel>> = LazyLock::new(Registry::default);
@@ -251,16 +290,23 @@ pub fn load_shared(request: &ModelRequest) -> Result<(Arc<SharedModel>, bool), L
         .resolve(|ordinal| device(DeviceId::Cuda(ordinal)).is_ok());
     let device = device(id).map_err(LoadError::Device)?;
     let key = request.key(id);
-    MODELS
-        .get_or_load(&key, || {
-            let model = LlamaVid::load(&request.load_options(&key, device))?;
-            Ok(SharedModel {
-                model: Arc::new(model),
-                key: key.clone(),
-                threads: request.threads,
-            })
+    MODELS.get_or_load(&key, || {
+        let gpu = !device.is_cpu();
+        let options = request.load_options(&key, device);
+        let model = Arc::new(LlamaVid::load(&options).map_err(LoadError::Model)?);
+        let defaults = BatchLimits::default_for(gpu);
+        let limits = BatchLimits {
+            encode: request.encode_batch.unwrap_or(defaults.encode),
+            caption: request.caption_batch.unwrap_or(defaults.caption),
+        };
+        let scheduler = Scheduler::spawn(model.clone(), limits).map_err(LoadError::Thread)?;
+        Ok(SharedModel {
+            model,
+            scheduler,
+            key: key.clone(),
+            threads: request.threads,
         })
-        .map_err(LoadError::Model)
+    })
 }
 
 #[cfg(test)]
@@ -275,6 +321,8 @@ mod tests {
             device: device.parse().unwrap(),
             arithmetic: Arithmetic::Auto,
             threads: None,
+            encode_batch: None,
+            caption_batch: None,
         }
     }
 
@@ -356,9 +404,9 @@ mod tests {
     }
 
     #[test]
-    fn a_differing_threads_request_is_reported() {
-        // The rule of `SharedModel::threads_note`, without loading a model.
-        let note = threads_note_for;
+    fn a_differing_request_on_a_shared_model_is_reported() {
+        // The rule of `SharedModel::sharing_notes`, without loading a model.
+        let note = |loaded, asked| differs("threads", loaded, asked, "its thread pool has");
         assert!(note(Some(2), Some(2)).is_none());
         assert!(note(Some(2), None).is_none(), "no request, no complaint");
         let text = note(None, Some(4)).unwrap();
@@ -366,6 +414,6 @@ mod tests {
             text.contains("threads=4") && text.contains("default size"),
             "{text}"
         );
-        assert!(note(Some(2), Some(3)).unwrap().contains("2 threads"));
+        assert!(note(Some(2), Some(3)).unwrap().contains("has 2"));
     }
 }

@@ -125,6 +125,25 @@ impl<T: Droppable> JobQueue<T> {
         self.changed.notify_all();
     }
 
+    /// The next item without waiting, if any (`None` also once closed).
+    pub fn try_pop(&self) -> Option<T> {
+        let mut state = self.lock();
+        if state.closed {
+            return None;
+        }
+        let item = state.items.pop_front();
+        if item.is_some() {
+            self.changed.notify_all();
+        }
+        item
+    }
+
+    /// Looks at the next item without taking it.
+    pub fn peek<R>(&self, look: impl FnOnce(Option<&T>) -> R) -> R {
+        let state = self.lock();
+        look(state.items.front())
+    }
+
     pub fn len(&self) -> usize {
         self.lock().items.len()
     }

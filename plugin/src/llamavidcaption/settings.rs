@@ -25,6 +25,8 @@ pub const DEFAULT_SEED: u64 = 0;
 pub const DEFAULT_LATENCY_MS: u64 = 10_000;
 /// 0: the model's default pool size.
 pub const DEFAULT_THREADS: u32 = 0;
+/// 0: the scheduler's default for the device.
+pub const DEFAULT_BATCH: u32 = 0;
 pub const MS: u64 = 1_000_000;
 
 /// The settings only the element reads: what to load, and how the streaming thread behaves.
@@ -35,6 +37,8 @@ pub struct Settings {
     pub device: String,
     pub dtype: Dtype,
     pub threads: u32,
+    pub encode_batch: u32,
+    pub caption_batch: u32,
     pub sample_interval_ms: u64,
     pub latency_ms: u64,
     pub frame_policy: FramePolicy,
@@ -48,6 +52,8 @@ impl Default for Settings {
             device: DEFAULT_DEVICE.into(),
             dtype: Dtype::Auto,
             threads: DEFAULT_THREADS,
+            encode_batch: DEFAULT_BATCH,
+            caption_batch: DEFAULT_BATCH,
             sample_interval_ms: DEFAULT_SAMPLE_INTERVAL_MS,
             latency_ms: DEFAULT_LATENCY_MS,
             frame_policy: FramePolicy::Auto,
@@ -62,12 +68,15 @@ impl Settings {
             "No model set: set the `model` property to a LLaMA-VID model directory".to_owned(),
         )?;
         let device = self.device.parse::<DeviceRequest>()?;
+        let set = |n: u32| (n > 0).then_some(n as usize);
         Ok(ModelRequest {
             model_dir,
             vision_tower: self.vision_tower.clone(),
             device,
             arithmetic: self.dtype.into(),
-            threads: (self.threads > 0).then_some(self.threads as usize),
+            threads: set(self.threads),
+            encode_batch: set(self.encode_batch),
+            caption_batch: set(self.caption_batch),
         })
     }
 }
@@ -149,6 +158,20 @@ pub fn properties() -> &'static [glib::ParamSpec] {
                 .default_value(DEFAULT_THREADS)
                 .mutable_ready()
                 .build(),
+            glib::ParamSpecUInt::builder("encode-batch")
+                .nick("Encode batch")
+                .blurb("Most sampled frames (of all elements sharing the model) its scheduler encodes together; 0: 4 on the CPU, 16 on CUDA. Set by the element that loads the model")
+                .maximum(256)
+                .default_value(DEFAULT_BATCH)
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecUInt::builder("caption-batch")
+                .nick("Caption batch")
+                .blurb("Most captions (of all elements sharing the model) its scheduler decodes together, one forward per token; 0: 8 on the CPU, 32 on CUDA. Set by the element that loads the model")
+                .maximum(256)
+                .default_value(DEFAULT_BATCH)
+                .mutable_ready()
+                .build(),
             ms_property("sample-interval", "Sample interval", "Running time between sampled frames, in ms (the fps-1 checkpoints were trained on one frame per second)", DEFAULT_SAMPLE_INTERVAL_MS, 1),
             ms_property("window-duration", "Window duration", "Running time of video the caption describes, in ms: older frames leave the window. The language model's context bounds it too: at most (context − prompt − max-new-tokens) / tokens-per-frame frames are kept, the oldest leaving first (a warning says so once)", DEFAULT_WINDOW_DURATION_MS, 0),
             ms_property("caption-interval", "Caption interval", "Running time between captions, in ms", DEFAULT_CAPTION_INTERVAL_MS, 1),
@@ -196,6 +219,7 @@ pub fn properties() -> &'static [glib::ParamSpec] {
             statistic("frames-sampled", "Frames sampled", "Frames picked for encoding"),
             statistic("frames-encoded", "Frames encoded", "Frames turned into tokens"),
             statistic("frames-dropped", "Frames dropped", "Sampled frames dropped because the model was behind"),
+            statistic("frames-batched", "Frames batched", "Frames encoded together with others (a batch of 2 or more, frames of other elements sharing the model included)"),
             statistic("captions", "Captions", "Captions produced"),
             glib::ParamSpecString::builder("last-caption").nick("Last caption").blurb("Text of the latest caption").read_only().build(),
             statistic("last-caption-latency", "Last caption latency", "Time from the arrival of the latest caption's last frame to the caption, in ms"),

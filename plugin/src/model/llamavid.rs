@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::cancel::{Cancel, CANCELLED};
+use super::cancel::{cancelled_or, Cancel};
 use super::checkpoint::{Checkpoint, WeightFormat};
 use super::config::{read_json, BertConfig, LlavaConfig, VisionOverrides};
 use super::eva::{EvaConfig, EvaVit};
@@ -633,14 +633,5 @@ impl LlamaVid {
             text: clean_answer(&text).to_owned(),
             token_ids,
         })
-    }
-}
-
-/// `Cancelled` when `error` is what [`Cancel::check`] returns, the error itself otherwise.
-fn cancelled_or(error: candle_core::Error) -> ModelError {
-    if matches!(&error, candle_core::Error::Msg(m) if m == CANCELLED) {
-        ModelError::Cancelled
-    } else {
-        ModelError::Tensor(error)
     }
 }
