@@ -1,14 +1,18 @@
 //! Where captions are generated, behind one small interface: the scheduler hands a backend the
-//! window of tokens, the prompt and the sampling of a caption, and collects finished texts.
-//! [`LocalCaptions`] runs the loaded language model with continuous batching (every running
-//! caption advances one token per forward; captions join and leave between steps). A remote
-//! backend (a vLLM server taking the window's input embeddings) implements the same trait and
-//! completes captions on its own threads, calling the [`Waker`] so that the scheduler collects
-//! them.
+//! window of tokens, the prompt and the sampling of a caption, and collects what it reports.
+//!
+//! - [`LocalCaptions`]: the loaded language model, shared by every stream on the scheduler,
+//!   with continuous batching (every running caption advances one token per forward; captions
+//!   join and leave between steps). A stream waits for its caption (its later results would
+//!   overtake it).
+//! - `captioner::remote::RemoteCaptions`: one stream's language model on a server. It takes
+//!   the window's input embeddings and completes on its own thread; the scheduler polls it
+//!   ([`CaptionBackend::poll_every`]) and the stream's frames go on being encoded meanwhile.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::Tensor;
 
@@ -20,15 +24,15 @@ use crate::model::{Cancel, GenerationParams, ModelError, Result};
 /// Names one caption between the scheduler and a backend.
 pub type CaptionId = u64;
 
-/// Wakes the scheduler (a backend's own threads call it when a caption completed).
-pub type Waker = Arc<dyn Fn() + Send + Sync>;
-
 /// How a caption ended.
 #[derive(Debug)]
 pub enum Outcome {
     Text(String),
     /// Interrupted (its stream flushed or left, or the scheduler stopped).
     Cancelled,
+    /// Not generated, and the stream goes on without it (a server that is away: the backend
+    /// said so in a [`Report::Warning`]).
+    Lost,
     Failed(Problem),
 }
 
@@ -41,7 +45,31 @@ pub struct Finished {
     pub batch: usize,
 }
 
+/// What one round of a backend brought.
+#[derive(Debug)]
+pub enum Report {
+    Finished(Finished),
+    /// For the stream that owns the backend: something to know, the stream goes on.
+    Warning(Problem),
+    /// For the stream that owns the backend: news worth a line.
+    Info(String),
+    /// The stream that owns the backend cannot go on (its caption, if any, ends with it).
+    Failed(Problem),
+}
+
 pub trait CaptionBackend<P>: Send {
+    /// Whether a caption falling due now can start. When not (a server busy with the previous
+    /// one, or backed off from), the caption is skipped and its frames stay in the window.
+    fn accepts(&mut self) -> bool {
+        true
+    }
+
+    /// Whether a stream's later frames wait for its caption (their results would overtake
+    /// it), or go on being encoded while it runs.
+    fn stream_waits(&self) -> bool {
+        true
+    }
+
     /// Takes a caption; it starts at the next `advance` (or as soon as there is room).
     fn start(
         &mut self,
@@ -57,15 +85,18 @@ pub trait CaptionBackend<P>: Send {
     /// Captions taken and not finished.
     fn captions(&self) -> Vec<CaptionId>;
 
-    /// Whether `advance` has something to do now.
+    /// Whether `advance` has model work to do now.
     fn ready(&self) -> bool;
 
     /// Does one round of work: for the local model, one decode step of the running captions
-    /// (newcomers prefill in it). Returns the captions that finished.
-    fn advance(&mut self, cancel: Cancel) -> Vec<Finished>;
+    /// (newcomers prefill in it); for a server, collecting a reply that came.
+    fn advance(&mut self, cancel: Cancel) -> Vec<Report>;
 
-    /// For backends that complete captions on their own threads.
-    fn set_waker(&mut self, _waker: Waker) {}
+    /// How often to call `advance` while nothing else wakes the scheduler (a server's reply
+    /// is polled); `None`: only when [`ready`](Self::ready).
+    fn poll_every(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// The loaded model's language model, decoding up to `max_batch` captions per forward.
@@ -90,13 +121,15 @@ impl<E: CaptionEngine> LocalCaptions<E> {
 
     /// Every running caption ends with the same problem (a failed step leaves every cache in
     /// the batch in an unknown state).
-    fn fail_running(&mut self, outcome: impl Fn() -> Outcome, batch: usize) -> Vec<Finished> {
+    fn fail_running(&mut self, outcome: impl Fn() -> Outcome, batch: usize) -> Vec<Report> {
         self.running
             .drain(..)
-            .map(|(id, _)| Finished {
-                id,
-                outcome: outcome(),
-                batch,
+            .map(|(id, _)| {
+                Report::Finished(Finished {
+                    id,
+                    outcome: outcome(),
+                    batch,
+                })
             })
             .collect()
     }
@@ -132,7 +165,7 @@ impl<E: CaptionEngine> CaptionBackend<E::Prompt> for LocalCaptions<E> {
         !self.running.is_empty() || !self.waiting.is_empty()
     }
 
-    fn advance(&mut self, cancel: Cancel) -> Vec<Finished> {
+    fn advance(&mut self, cancel: Cancel) -> Vec<Report> {
         while self.running.len() < self.max_batch {
             match self.waiting.pop_front() {
                 Some(caption) => self.running.push(caption),
@@ -167,11 +200,11 @@ impl<E: CaptionEngine> CaptionBackend<E::Prompt> for LocalCaptions<E> {
         let mut kept = Vec::with_capacity(batch);
         for ((id, sequence), text) in self.running.drain(..).zip(texts) {
             match text {
-                Some(text) => finished.push(Finished {
+                Some(text) => finished.push(Report::Finished(Finished {
                     id,
                     outcome: Outcome::Text(text),
                     batch,
-                }),
+                })),
                 None => kept.push((id, sequence)),
             }
         }

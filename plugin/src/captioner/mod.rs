@@ -10,6 +10,7 @@ pub mod limits;
 pub mod models;
 pub mod queue;
 pub mod registry;
+pub mod remote;
 pub mod sampler;
 pub mod scheduler;
 pub mod stream;

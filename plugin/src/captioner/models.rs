@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 
 use super::registry::Registry;
 use super::scheduler::{BatchLimits, Scheduler};
-use crate::model::{LlamaVid, LoadOptions, ModelError, Precision};
+use crate::model::{LanguageModelWeights, LlamaVid, LoadOptions, ModelError, Precision};
 
 /// Where the `device` property asks the model to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +110,8 @@ pub struct ModelRequest {
     /// [`BatchLimits::default_for`] the device). Not part of the key either: one scheduler.
     pub encode_batch: Option<usize>,
     pub caption_batch: Option<usize>,
+    /// Which language-model weights to load (only the token embeddings when a server runs it).
+    pub language_model: LanguageModelWeights,
 }
 
 /// What makes two loaded models the same one.
@@ -121,6 +123,7 @@ pub struct ModelKey {
     pub dtype: DType,
     /// As requested (`Auto` stays `Auto`: it resolves the same way for every element).
     pub precision: Precision,
+    pub language_model: LanguageModelWeights,
 }
 
 impl ModelRequest {
@@ -135,6 +138,7 @@ impl ModelRequest {
             device,
             dtype,
             precision,
+            language_model: self.language_model,
         }
     }
 
@@ -145,6 +149,7 @@ impl ModelRequest {
         options.dtype = key.dtype;
         options.precision = key.precision;
         options.threads = self.threads;
+        options.language_model = key.language_model;
         options
     }
 }
@@ -323,6 +328,7 @@ mod tests {
             threads: None,
             encode_batch: None,
             caption_batch: None,
+            language_model: LanguageModelWeights::All,
         }
     }
 

@@ -85,6 +85,8 @@ pub trait CaptionOutput: Send + Sync {
     fn warning(&self, problem: Problem);
     /// A failure the stream must stop for; its model work stops.
     fn error(&self, problem: Problem);
+    /// News worth a line (a language-model server that answers again).
+    fn info(&self, _message: String) {}
 }
 
 /// A caption due: the window as it was when it fell due, and how to ask.
@@ -224,7 +226,10 @@ impl<P> StreamLogic<P> {
     }
 
     /// A frame's tokens enter the window; a caption falls due with it every
-    /// `caption_interval` of running time.
+    /// `caption_interval` of running time. `can_caption` is asked when one falls due: when it
+    /// says no (a server still busy with the previous one), the caption is skipped and the
+    /// window's frames stay fresh.
+    #[allow(clippy::too_many_arguments)]
     pub fn encoded<E: CaptionEngine<Prompt = P>>(
         &mut self,
         engine: &E,
@@ -233,6 +238,7 @@ impl<P> StreamLogic<P> {
         frame: FrameTiming,
         tokens: Tensor,
         output: &dyn CaptionOutput,
+        can_caption: impl FnOnce() -> bool,
     ) -> Result<Encoded<P>> {
         self.window.set_duration(settings.window_duration);
         self.window.push(WindowEntry {
@@ -254,6 +260,9 @@ impl<P> StreamLogic<P> {
             next = frame.running_time + interval;
         }
         self.next_caption = Some(next);
+        if !can_caption() {
+            return Ok(Encoded::Idle(frame.next_sample_due));
+        }
         let request = self.request(
             engine,
             settings,
@@ -265,15 +274,17 @@ impl<P> StreamLogic<P> {
         Ok(request.map_or(Encoded::Idle(frame.next_sample_due), Encoded::Due))
     }
 
-    /// At EOS: a caption of the window when frames came since the last one.
+    /// At EOS: a caption of the window when frames came since the last one (and
+    /// `can_caption` agrees, see [`encoded`](Self::encoded)).
     pub fn final_caption<E: CaptionEngine<Prompt = P>>(
         &mut self,
         engine: &E,
         settings: &CaptionSettings,
         epoch: u64,
         output: &dyn CaptionOutput,
+        can_caption: impl FnOnce() -> bool,
     ) -> Result<Option<CaptionRequest<P>>> {
-        if self.window.fresh() == 0 {
+        if self.window.fresh() == 0 || !can_caption() {
             return Ok(None);
         }
         self.request(

@@ -207,7 +207,7 @@ impl<E: CaptionEngine> WorkerLoop<E> {
                 let engine = &*self.engine;
                 if let Some(request) =
                     self.logic
-                        .final_caption(engine, &settings, epoch, &*self.output)?
+                        .final_caption(engine, &settings, epoch, &*self.output, || true)?
                 {
                     self.caption(request)?;
                 }
@@ -231,6 +231,7 @@ impl<E: CaptionEngine> WorkerLoop<E> {
                     job.timing(),
                     tokens,
                     &*self.output,
+                    || true,
                 )? {
                     Encoded::Due(request) => self.caption(request),
                     Encoded::Idle(until) => {

@@ -20,11 +20,14 @@ use super::settings::{
 };
 use super::text::{push_item, Popped, TextItem, TextTimeline};
 use super::{FramePolicy, CAPTION_META, CAT};
+use crate::captioner::backend::CaptionBackend;
 use crate::captioner::limits::{check_prompt, check_prompt_text, check_settings};
 use crate::captioner::models::{load_shared, LoadError, SharedModel};
+use crate::captioner::remote::RemoteCaptions;
 use crate::captioner::{
     CaptionSettings, FrameJob, FrameSampler, Job, OwnedFrame, Pushed, QueuePolicy, StreamHandle,
 };
+use crate::model::remote::RemoteLanguageModel;
 use crate::model::LlamaVid;
 
 /// Sampled frames that may wait for the model. Copies of frames, not upstream buffers.
@@ -193,13 +196,33 @@ impl LlamaVidCaption {
                 ("No model loaded")
             ));
         };
+        let server = lock(&self.settings).server_config()?;
+        let remote = match server {
+            Some(config) => {
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "language model `{}` on {}",
+                    config.model,
+                    config.url
+                );
+                let model = RemoteLanguageModel::new(config)
+                    .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("{}", e)))?;
+                let captions = RemoteCaptions::new(shared.model.clone(), model).map_err(|e| {
+                    gst::error_msg!(gst::LibraryError::Settings, ("{}", e.summary()))
+                })?;
+                Some(Box::new(captions) as Box<dyn CaptionBackend<_>>)
+            }
+            None => None,
+        };
         let output = Arc::new(ElementOutput {
             element: self.obj().downgrade(),
             shared: self.shared.clone(),
         });
-        let stream = shared
-            .scheduler
-            .attach(self.caption.clone(), output, QUEUE_CAPACITY);
+        let stream =
+            shared
+                .scheduler
+                .attach_with(self.caption.clone(), output, QUEUE_CAPACITY, remote);
         *lock(&self.stream) = Some(Arc::new(stream));
         Ok(())
     }
@@ -618,6 +641,7 @@ impl ObjectImpl for LlamaVidCaption {
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         let string = |v: &glib::Value| v.get::<Option<String>>().ok().flatten();
+        let non_empty = |v: &glib::Value| string(v).filter(|s| !s.trim().is_empty());
         let path = |v: &glib::Value| string(v).filter(|s| !s.is_empty()).map(PathBuf::from);
         let number = |v: &glib::Value| v.get::<u64>().expect("type checked");
         match pspec.name() {
@@ -634,6 +658,11 @@ impl ObjectImpl for LlamaVidCaption {
                 lock(&self.settings).caption_batch = value.get().expect("type checked")
             }
             "dtype" => lock(&self.settings).dtype = value.get().expect("type checked"),
+            "llm-server" => lock(&self.settings).llm_server = non_empty(value),
+            "llm-server-model" => lock(&self.settings).llm_server_model = non_empty(value),
+            "llm-server-timeout" => {
+                lock(&self.settings).llm_server_timeout_ms = value.get().expect("type checked")
+            }
             "frame-policy" => {
                 lock(&self.settings).frame_policy = value.get().expect("type checked")
             }
@@ -701,6 +730,9 @@ impl ObjectImpl for LlamaVidCaption {
             "encode-batch" => lock(&self.settings).encode_batch.to_value(),
             "caption-batch" => lock(&self.settings).caption_batch.to_value(),
             "dtype" => lock(&self.settings).dtype.to_value(),
+            "llm-server" => lock(&self.settings).llm_server.to_value(),
+            "llm-server-model" => lock(&self.settings).llm_server_model.to_value(),
+            "llm-server-timeout" => lock(&self.settings).llm_server_timeout_ms.to_value(),
             "frame-policy" => lock(&self.settings).frame_policy.to_value(),
             "sample-interval" => lock(&self.settings).sample_interval_ms.to_value(),
             "latency" => lock(&self.settings).latency_ms.to_value(),

@@ -246,6 +246,12 @@ impl CaptionOutput for ElementOutput {
         }
         self.shared.signal_eos(None);
     }
+
+    fn info(&self, message: String) {
+        if let Some(element) = self.element.upgrade() {
+            gst::element_info!(element, gst::ResourceError::Read, ("{}", message));
+        }
+    }
 }
 
 /// Posts the caption on the bus.

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use gst::glib;
 use gst::prelude::*;
@@ -11,7 +12,8 @@ use gst::prelude::*;
 use super::{Dtype, FramePolicy};
 use crate::captioner::models::{Arithmetic, DeviceRequest, ModelRequest};
 use crate::captioner::CaptionSettings;
-use crate::model::GenerationParams;
+use crate::model::remote::ServerConfig;
+use crate::model::{GenerationParams, LanguageModelWeights};
 
 pub const DEFAULT_PROMPT: &str = "Describe what is happening in the video.";
 pub const DEFAULT_DEVICE: &str = "auto";
@@ -28,6 +30,7 @@ pub const DEFAULT_THREADS: u32 = 0;
 /// 0: the scheduler's default for the device.
 pub const DEFAULT_BATCH: u32 = 0;
 pub const MS: u64 = 1_000_000;
+pub const DEFAULT_LLM_SERVER_TIMEOUT_MS: u64 = 60_000;
 
 /// The settings only the element reads: what to load, and how the streaming thread behaves.
 #[derive(Debug, Clone)]
@@ -42,6 +45,10 @@ pub struct Settings {
     pub sample_interval_ms: u64,
     pub latency_ms: u64,
     pub frame_policy: FramePolicy,
+    /// Base URL of a vLLM (OpenAI-compatible) server that runs the language model.
+    pub llm_server: Option<String>,
+    pub llm_server_model: Option<String>,
+    pub llm_server_timeout_ms: u64,
 }
 
 impl Default for Settings {
@@ -57,6 +64,9 @@ impl Default for Settings {
             sample_interval_ms: DEFAULT_SAMPLE_INTERVAL_MS,
             latency_ms: DEFAULT_LATENCY_MS,
             frame_policy: FramePolicy::Auto,
+            llm_server: None,
+            llm_server_model: None,
+            llm_server_timeout_ms: DEFAULT_LLM_SERVER_TIMEOUT_MS,
         }
     }
 }
@@ -77,7 +87,30 @@ impl Settings {
             threads: set(self.threads),
             encode_batch: set(self.encode_batch),
             caption_batch: set(self.caption_batch),
+            // With the language model on a server only its token embeddings are loaded.
+            language_model: if self.llm_server.is_some() {
+                LanguageModelWeights::EmbeddingsOnly
+            } else {
+                LanguageModelWeights::All
+            },
         })
+    }
+
+    /// The server configuration when `llm-server` is set (the API key from the environment).
+    pub fn server_config(&self) -> Result<Option<ServerConfig>, gst::ErrorMessage> {
+        let Some(url) = self.llm_server.clone() else {
+            return Ok(None);
+        };
+        let Some(model) = self.llm_server_model.clone() else {
+            return Err(gst::error_msg!(
+                gst::LibraryError::Settings,
+                ("`llm-server` is set but `llm-server-model` is not: name the model the server serves (its --served-model-name)")
+            ));
+        };
+        let mut config = ServerConfig::new(url, model);
+        config.api_key = ServerConfig::api_key_from_env();
+        config.request_timeout = Duration::from_millis(self.llm_server_timeout_ms.max(1));
+        Ok(Some(config))
     }
 }
 
@@ -215,6 +248,23 @@ pub fn properties() -> &'static [glib::ParamSpec] {
                 .nick("Frame policy")
                 .blurb("When the model falls behind: drop sampled frames (never stalls video) or wait (every frame encoded); auto drops when upstream is live (asked with a latency query, else from the source's is-live property and clock flags; unknown counts as live)")
                 .mutable_playing()
+                .build(),
+            glib::ParamSpecString::builder("llm-server")
+                .nick("Language-model server")
+                .blurb("Base URL of a vLLM (OpenAI-compatible) server started with --enable-prompt-embeds that runs the language model, e.g. http://gpu-host:8000; empty: run it here. The API key, if any, is read from LLAMAVID_LLM_SERVER_API_KEY")
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecString::builder("llm-server-model")
+                .nick("Language-model server model")
+                .blurb("Name under which the server serves this checkpoint's language model (exported with llamavid-export-llm; vLLM's --served-model-name)")
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecUInt64::builder("llm-server-timeout")
+                .nick("Language-model server timeout")
+                .blurb("Longest wait for one caption from the server, in ms; captions due meanwhile are skipped as late")
+                .minimum(1)
+                .default_value(DEFAULT_LLM_SERVER_TIMEOUT_MS)
+                .mutable_ready()
                 .build(),
             statistic("frames-sampled", "Frames sampled", "Frames picked for encoding"),
             statistic("frames-encoded", "Frames encoded", "Frames turned into tokens"),

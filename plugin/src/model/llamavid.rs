@@ -47,7 +47,7 @@ pub struct LoadOptions {
 }
 
 /// The language-model weights a loaded model holds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum LanguageModelWeights {
     /// Everything: captions are generated locally.
     #[default]
