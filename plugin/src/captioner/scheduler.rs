@@ -905,3 +905,7 @@ impl<P: Send + Sync> CaptionOutput for Gated<'_, P> {
         send(self.0, |o| o.info(message));
     }
 }
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;

@@ -2,7 +2,7 @@
 //! tests (compiled for tests only).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -23,7 +23,9 @@ pub const MS: u64 = 1_000_000;
 /// holds; questions containing `refuse` cannot be prepared; a frame tagged `fail_on_frame`
 /// fails with a candle error carrying a backtrace; `encode_layers` and `step_layers` make each
 /// encode or step that many 1 ms "layers", checking `cancel` before each; a caption takes
-/// `caption_steps` steps. Batch sizes of every encode and step are recorded.
+/// `caption_steps` steps, or `slow_steps` when its question contains "slow". The tags of every
+/// encode batch and the size of every step are recorded; `pause` holds every model call at its
+/// start until `resume`.
 pub struct ScriptedEngine {
     pub panic_on_caption: bool,
     pub fit: usize,
@@ -32,10 +34,15 @@ pub struct ScriptedEngine {
     pub encode_layers: usize,
     pub step_layers: usize,
     pub caption_steps: usize,
-    pub encode_batches: Mutex<Vec<usize>>,
+    pub slow_steps: usize,
+    pub encode_batches: Mutex<Vec<Vec<u8>>>,
     pub step_batches: Mutex<Vec<usize>>,
+    pub paused: Mutex<bool>,
+    pub resumed: Condvar,
     /// How many encodes or steps run at this moment (must never exceed 1: one model thread).
     pub running: AtomicUsize,
+    /// How many model calls `pause` holds at this moment.
+    pub held: AtomicUsize,
 }
 
 impl ScriptedEngine {
@@ -48,9 +55,13 @@ impl ScriptedEngine {
             encode_layers: 0,
             step_layers: 0,
             caption_steps: 1,
+            slow_steps: 1,
             encode_batches: Mutex::new(Vec::new()),
             step_batches: Mutex::new(Vec::new()),
+            paused: Mutex::new(false),
+            resumed: Condvar::new(),
             running: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
         }
     }
 
@@ -64,7 +75,49 @@ impl ScriptedEngine {
         Ok(())
     }
 
+    /// Holds model calls at their start (one that started goes on).
+    pub fn pause(&self) {
+        *self.paused.lock().unwrap() = true;
+    }
+
+    pub fn resume(&self) {
+        *self.paused.lock().unwrap() = false;
+        self.resumed.notify_all();
+    }
+
+    /// Sizes of the encode batches so far.
+    pub fn encode_sizes(&self) -> Vec<usize> {
+        self.encode_batches
+            .lock()
+            .unwrap()
+            .iter()
+            .map(Vec::len)
+            .collect()
+    }
+
+    pub fn step_sizes(&self) -> Vec<usize> {
+        self.step_batches.lock().unwrap().clone()
+    }
+
+    /// Waits (up to 5 s) until `done` holds of the engine.
+    pub fn wait_until(&self, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done(self) {
+            assert!(Instant::now() < deadline, "never: {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn enter(&self) -> Running<'_> {
+        let mut paused = self.paused.lock().unwrap();
+        if *paused {
+            self.held.fetch_add(1, Ordering::SeqCst);
+            while *paused {
+                paused = self.resumed.wait(paused).unwrap();
+            }
+            self.held.fetch_sub(1, Ordering::SeqCst);
+        }
+        drop(paused);
         let before = self.running.fetch_add(1, Ordering::SeqCst);
         assert_eq!(before, 0, "two model calls at once");
         Running(&self.running)
@@ -106,7 +159,8 @@ impl CaptionEngine for ScriptedEngine {
         cancel: Cancel,
     ) -> Vec<Result<Tensor>> {
         let _running = self.enter();
-        self.encode_batches.lock().unwrap().push(frames.len());
+        let tags = frames.iter().map(|(f, _)| f.planes[0][0]).collect();
+        self.encode_batches.lock().unwrap().push(tags);
         if let Err(e) = self.layers(self.encode_layers, cancel) {
             return frames.iter().map(|_| Err(clone_error(&e))).collect();
         }
@@ -133,9 +187,14 @@ impl CaptionEngine for ScriptedEngine {
     ) -> Result<ScriptedSequence> {
         let values: Vec<f32> = tokens.flatten_all()?.to_vec1()?;
         let frames: Vec<String> = values.iter().step_by(2).map(|v| v.to_string()).collect();
+        let steps = if prompt.contains("slow") {
+            self.slow_steps
+        } else {
+            self.caption_steps
+        };
         Ok(ScriptedSequence {
             text: format!("{prompt}: {}", frames.join(",")),
-            steps_left: self.caption_steps.max(1),
+            steps_left: steps.max(1),
             panic: self.panic_on_caption,
         })
     }
@@ -184,7 +243,11 @@ pub struct RecordingOutput {
     pub encoded: AtomicUsize,
     pub encoded_in_batches: AtomicUsize,
     pub caption_batches: Mutex<Vec<u32>>,
+    /// (epoch, text) of every caption.
+    pub caption_epochs: Mutex<Vec<(u64, String)>>,
+    /// Set by a test once its stream detached: any later output is a bug.
     pub closed: AtomicBool,
+    pub after_close: AtomicUsize,
 }
 
 impl RecordingOutput {
@@ -196,23 +259,30 @@ impl RecordingOutput {
                 encoded: AtomicUsize::new(0),
                 encoded_in_batches: AtomicUsize::new(0),
                 caption_batches: Mutex::new(Vec::new()),
+                caption_epochs: Mutex::new(Vec::new()),
                 closed: AtomicBool::new(false),
+                after_close: AtomicUsize::new(0),
             },
             rx,
         )
     }
 
     fn send(&self, event: Event) {
-        assert!(
-            !self.closed.load(Ordering::SeqCst),
-            "output after the stream detached: {event:?}"
-        );
+        self.check_open();
         let _ = self.events.lock().unwrap().send(event);
+    }
+
+    /// Counts an output that came after `closed` was set (tests assert there is none).
+    fn check_open(&self) {
+        if self.closed.load(Ordering::SeqCst) {
+            self.after_close.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
 impl CaptionOutput for RecordingOutput {
     fn frame_encoded(&self, _epoch: u64, batch: usize) {
+        self.check_open();
         self.encoded.fetch_add(1, Ordering::SeqCst);
         if batch > 1 {
             self.encoded_in_batches.fetch_add(1, Ordering::SeqCst);
@@ -220,6 +290,8 @@ impl CaptionOutput for RecordingOutput {
     }
     fn caption(&self, e: CaptionEvent) {
         self.caption_batches.lock().unwrap().push(e.batch);
+        let record = (e.epoch, e.text.clone());
+        self.caption_epochs.lock().unwrap().push(record);
         self.send(Event::Caption(
             e.text,
             e.start / MS,
@@ -256,13 +328,18 @@ pub fn frame(tag: u8) -> OwnedFrame {
 
 /// The frame at `seconds` of running time (sampled once a second), tagged with it.
 pub fn frame_job(epoch: u64, seconds: u64) -> Job {
+    tagged_job(epoch, seconds, seconds as u8)
+}
+
+/// The frame at `seconds` of running time, tagged `tag`.
+pub fn tagged_job(epoch: u64, seconds: u64, tag: u8) -> Job {
     Job::Frame {
         epoch,
         job: FrameJob {
             running_time: seconds * 1000 * MS,
             next_sample_due: (seconds + 1) * 1000 * MS,
             arrived: Instant::now(),
-            frame: frame(seconds as u8),
+            frame: frame(tag),
         },
     }
 }
