@@ -80,6 +80,9 @@ fn gst_inspect_finds_the_element_and_lists_its_properties_and_pads() {
     for must in [
         "dtype",
         "threads",
+        "encode-batch",
+        "caption-batch",
+        "frames-batched",
         "frame-policy",
         "window-duration",
         "prompt",
