@@ -84,6 +84,13 @@ pub struct LlamaVidSequence {
     done: bool,
 }
 
+impl LlamaVidSequence {
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.token_ids.len()
+    }
+}
+
 /// One sequence's step: a forward over its next input, a token chosen.
 fn step_one(
     model: &LlamaVid,
