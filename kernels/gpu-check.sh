@@ -19,8 +19,9 @@
 #     equal (and equal to the reference's), the frame tokens through the fused kernel within 1e-5
 #     of the candle ops, the kernel's pixels within 1e-5 of the reference pixel_values;
 #   * time the preprocessing kernel at 1920x1080 NV12 -> 224 (fps, upload included), the fused
-#     compression vs the candle ops, per-frame encode, prefill and decode per token, and print
-#     a table.
+#     compression vs the candle ops, per-frame encode, prefill and decode per token, and the
+#     scheduler's batch sizes (issue 10: encode and decode of B = 1, 8, 32, 64 frames/captions
+#     together, through the CaptionEngine interface the scheduler uses), and print a table.
 #
 # Environment: CUDA_COMPUTE_CAP (default: detected with nvidia-smi, else 80), LLAMAVID_FIXTURE
 # (model fixture; default ../shared/fixtures/llamavid-tiny-a beside the repository),

@@ -314,7 +314,8 @@ type CaptionRun = (Vec<f64>, Vec<String>);
 /// A caption of the workers' path: seconds to its text, the text, tokens generated.
 type Alone = (f64, String, usize);
 
-/// The scheduler's caption backend: all N captions taken at once, stepped together.
+/// The scheduler's caption backend: all N captions taken at once, stepped together, on a
+/// thread of its own as the scheduler's (not the thread that loaded the model).
 fn captions_with_scheduler(
     model: &Arc<LlamaVid>,
     limits: BatchLimits,
@@ -322,31 +323,39 @@ fn captions_with_scheduler(
     params: &GenerationParams,
     windows: &[Tensor],
 ) -> Result<CaptionRun, String> {
-    let mut backend = LocalCaptions::new(model.clone(), limits.caption);
-    let start = Instant::now();
-    for (id, window) in windows.iter().enumerate() {
-        backend
-            .start(id as u64, window, prompt, params)
-            .map_err(|e| e.summary())?;
-    }
-    let mut done = vec![None; windows.len()];
-    while backend.ready() {
-        for report in backend.advance(Cancel::NEVER) {
-            let Report::Finished(finished) = report else {
-                continue;
-            };
-            match finished.outcome {
-                Outcome::Text(text) => {
-                    done[finished.id as usize] = Some((start.elapsed().as_secs_f64(), text))
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let mut backend = LocalCaptions::new(model.clone(), limits.caption);
+                let start = Instant::now();
+                for (id, window) in windows.iter().enumerate() {
+                    backend
+                        .start(id as u64, window, prompt, params)
+                        .map_err(|e| e.summary())?;
                 }
-                other => return Err(format!("caption {}: {other:?}", finished.id)),
-            }
-        }
-    }
-    Ok(done
-        .into_iter()
-        .map(|d| d.expect("every caption finished"))
-        .unzip())
+                let mut done = vec![None; windows.len()];
+                while backend.ready() {
+                    for report in backend.advance(Cancel::NEVER) {
+                        let Report::Finished(finished) = report else {
+                            continue;
+                        };
+                        match finished.outcome {
+                            Outcome::Text(text) => {
+                                done[finished.id as usize] =
+                                    Some((start.elapsed().as_secs_f64(), text))
+                            }
+                            other => return Err(format!("caption {}: {other:?}", finished.id)),
+                        }
+                    }
+                }
+                Ok(done
+                    .into_iter()
+                    .map(|d| d.expect("every caption finished"))
+                    .unzip())
+            })
+            .join()
+            .unwrap()
+    })
 }
 
 /// N workers' way: each caption generated alone on its own thread, all at once.

@@ -1117,6 +1117,62 @@ mod gpu {
         format!("{:.3} ms", d.as_secs_f64() * 1e3)
     }
 
+    /// Issue 10: what the scheduler gets from the model per batch size, through the interface
+    /// it uses (`CaptionEngine`): frames encoded together (frames/s) and captions decoded
+    /// together, one step for all (tokens/s, prefill excluded), at B = 1, 8, 32, 64.
+    fn batch_timings(
+        m: &LlamaVid,
+        prompt: &gstllamavid::model::CaptionPrompt,
+        dev: &Device,
+        dtype: DType,
+        (oh, ow): (usize, usize),
+        rows: &mut Vec<(String, String, String)>,
+    ) {
+        use gstllamavid::captioner::CaptionEngine;
+        use gstllamavid::model::Cancel;
+        let window = m
+            .encode_pixels(
+                &Tensor::randn(0f32, 1f32, (8, 3, oh, ow), dev).unwrap(),
+                prompt,
+            )
+            .unwrap();
+        let rows_per_window = window.dim(0).unwrap() * window.dim(1).unwrap();
+        let window = window.reshape((rows_per_window, ())).unwrap();
+        for b in [1usize, 8, 32, 64] {
+            let pixels = Tensor::randn(0f32, 1f32, (b, 3, oh, ow), dev).unwrap();
+            let t = time(3, dev, || m.encode_pixels(&pixels, prompt).unwrap()) / b as u32;
+            rows.push((
+                format!("encode batch of {b}, per frame ({dtype:?})"),
+                ms(t),
+                format!("{:.0} frames/s", 1.0 / t.as_secs_f64()),
+            ));
+            const STEPS: usize = 16;
+            let mut sequences: Vec<_> = (0..b)
+                .map(|_| {
+                    m.start_sequence(&window, prompt, &greedy(STEPS + 1))
+                        .unwrap()
+                })
+                .collect();
+            let mut refs: Vec<_> = sequences.iter_mut().collect();
+            m.step(&mut refs, Cancel::NEVER).unwrap(); // the prefill
+            sync(dev);
+            let start = Instant::now();
+            for _ in 0..STEPS {
+                m.step(&mut refs, Cancel::NEVER).unwrap();
+            }
+            sync(dev);
+            let per_step = start.elapsed() / STEPS as u32;
+            rows.push((
+                format!("decode {b} captions together, per step ({dtype:?})"),
+                ms(per_step),
+                format!(
+                    "{:.0} tokens/s",
+                    b as f64 / per_step.as_secs_f64().max(1e-9)
+                ),
+            ));
+        }
+    }
+
     #[test]
     #[ignore = "needs a GPU: kernels/gpu-check.sh"]
     fn gpu_timings() {
@@ -1243,6 +1299,7 @@ mod gpu {
                 ms(per_token),
                 format!("{:.0} tokens/s", 1.0 / per_token.as_secs_f64().max(1e-9)),
             ));
+            batch_timings(&m, &prompt, &dev, dtype, (oh, ow), &mut rows);
         }
 
         let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);

@@ -371,3 +371,37 @@ fn safetensors_copy_gives_the_same_model() {
     assert_eq!(generation.token_ids, expected);
     let _ = Device::Cpu;
 }
+
+#[test]
+fn frames_encoded_together_with_their_own_prompts_equal_each_frame_alone() {
+    // Issue 10: the scheduler encodes frames of several streams (several questions) in one
+    // call; each frame's tokens must be those of the frame encoded alone with its prompt.
+    let m = model();
+    let reference_frames = reference_tensor("frames");
+    let (_, h, w, _) = reference_frames.dims4().unwrap();
+    let data = frames();
+    let views: Vec<FrameView> = data
+        .iter()
+        .map(|d| FrameView::packed_rgb(w, h, d))
+        .collect();
+    let a = m.prompt(&question()).unwrap();
+    let b = m.prompt("Which colours are there?").unwrap();
+    let prompts: Vec<&gstllamavid::model::CaptionPrompt> = (0..views.len())
+        .map(|i| if i % 2 == 0 { &a } else { &b })
+        .collect();
+    let together = m
+        .encode_frames_each_cancellable(&views, &prompts, gstllamavid::model::Cancel::NEVER)
+        .unwrap();
+    assert_eq!(together.dim(0).unwrap(), views.len());
+    for (i, view) in views.iter().enumerate() {
+        let alone = m
+            .encode_frames(std::slice::from_ref(view), prompts[i])
+            .unwrap();
+        assert_close(
+            &format!("frame {i} with prompt {}", i % 2),
+            &together.get(i).unwrap(),
+            &alone.get(0).unwrap(),
+            1e-5,
+        );
+    }
+}

@@ -146,55 +146,32 @@ impl CaptionEngine for LlamaVid {
         frames: &[(FrameView<'_>, &CaptionPrompt)],
         cancel: Cancel,
     ) -> Vec<Result<Tensor>> {
-        // Frames that share a prompt run through the model together; a group that fails runs
-        // again frame by frame, so that one bad frame fails alone.
-        let mut results: Vec<Option<Result<Tensor>>> = (0..frames.len()).map(|_| None).collect();
-        let mut groups: Vec<(&CaptionPrompt, Vec<usize>)> = Vec::new();
-        for (i, (_, prompt)) in frames.iter().enumerate() {
-            match groups.iter_mut().find(|(p, _)| std::ptr::eq(*p, *prompt)) {
-                Some((_, members)) => members.push(i),
-                None => groups.push((prompt, vec![i])),
+        // One call for the batch (the vision tower over every frame, the token generator
+        // per question); when it fails, each frame again alone, so that one bad frame fails
+        // alone.
+        let views: Vec<FrameView> = frames.iter().map(|(view, _)| view.clone()).collect();
+        let prompts: Vec<&CaptionPrompt> = frames.iter().map(|(_, prompt)| *prompt).collect();
+        let together = self
+            .encode_frames_each_cancellable(&views, &prompts, cancel)
+            .and_then(|tokens| {
+                (0..frames.len())
+                    .map(|k| Ok(tokens.get(k)?))
+                    .collect::<Result<Vec<Tensor>>>()
+            });
+        match together {
+            Ok(tokens) => tokens.into_iter().map(Ok).collect(),
+            Err(ModelError::Cancelled) => {
+                frames.iter().map(|_| Err(ModelError::Cancelled)).collect()
             }
+            Err(e) if frames.len() == 1 => vec![Err(e)],
+            Err(_) => frames
+                .iter()
+                .map(|(view, prompt)| {
+                    self.encode_frames_cancellable(std::slice::from_ref(view), prompt, cancel)
+                        .and_then(|t| Ok(t.squeeze(0)?))
+                })
+                .collect(),
         }
-        for (prompt, members) in groups {
-            let views: Vec<FrameView> = members.iter().map(|&i| frames[i].0.clone()).collect();
-            let together = self
-                .encode_frames_cancellable(&views, prompt, cancel)
-                .and_then(|tokens| {
-                    (0..members.len())
-                        .map(|k| Ok(tokens.get(k)?))
-                        .collect::<Result<Vec<Tensor>>>()
-                });
-            match together {
-                Ok(tokens) => {
-                    for (&i, t) in members.iter().zip(tokens) {
-                        results[i] = Some(Ok(t));
-                    }
-                }
-                Err(ModelError::Cancelled) => {
-                    for &i in &members {
-                        results[i] = Some(Err(ModelError::Cancelled));
-                    }
-                }
-                Err(_) if members.len() > 1 => {
-                    for (&i, view) in members.iter().zip(&views) {
-                        results[i] = Some(
-                            self.encode_frames_cancellable(
-                                std::slice::from_ref(view),
-                                prompt,
-                                cancel,
-                            )
-                            .and_then(|t| Ok(t.squeeze(0)?)),
-                        );
-                    }
-                }
-                Err(e) => results[members[0]] = Some(Err(e)),
-            }
-        }
-        results
-            .into_iter()
-            .map(|r| r.expect("every frame belongs to a group"))
-            .collect()
     }
 
     fn start_sequence(

@@ -518,6 +518,62 @@ impl LlamaVid {
         self.encode_pixels_cancellable(&self.preprocess(frames)?, prompt, cancel)
     }
 
+    /// Frames, each with its own prompt (streams asking different questions), to frame tokens
+    /// (B, tokens_per_frame, H), in order: the vision tower (nearly all of the cost) runs once
+    /// over every frame, the token generator once per distinct question. The same tokens as
+    /// [`Self::encode_frames`] of each frame with its prompt.
+    pub fn encode_frames_each_cancellable(
+        &self,
+        frames: &[FrameView],
+        prompts: &[&CaptionPrompt],
+        cancel: Cancel,
+    ) -> Result<Tensor> {
+        if frames.len() != prompts.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "{} frames with {} prompts",
+                frames.len(),
+                prompts.len()
+            )));
+        }
+        cancel.check().map_err(cancelled_or)?;
+        let pixels = self.preprocess(frames)?;
+        let mut groups: Vec<(&CaptionPrompt, Vec<u32>)> = Vec::new();
+        for (i, prompt) in prompts.iter().enumerate() {
+            match groups
+                .iter_mut()
+                .find(|(p, _)| p.question == prompt.question)
+            {
+                Some((_, members)) => members.push(i as u32),
+                None => groups.push((prompt, vec![i as u32])),
+            }
+        }
+        let run = || -> candle_core::Result<Tensor> {
+            let features = self
+                .vision
+                .forward_cancellable(&pixels.to_dtype(self.dtype)?, cancel)?;
+            if let [(prompt, _)] = groups.as_slice() {
+                return self
+                    .tokens
+                    .forward_cancellable(&prompt.guidance, &features, cancel);
+            }
+            let mut tokens: Vec<Option<Tensor>> = vec![None; frames.len()];
+            for (prompt, members) in &groups {
+                let index = Tensor::new(members.as_slice(), features.device())?;
+                let group = self.tokens.forward_cancellable(
+                    &prompt.guidance,
+                    &features.index_select(&index, 0)?,
+                    cancel,
+                )?;
+                for (k, &i) in members.iter().enumerate() {
+                    tokens[i as usize] = Some(group.get(k)?);
+                }
+            }
+            let tokens: Vec<Tensor> = tokens.into_iter().flatten().collect();
+            Tensor::stack(&tokens, 0)
+        };
+        run().map_err(cancelled_or)
+    }
+
     /// The LLM input: prompt embeddings with the video tokens (N, H) spliced at `<image>`.
     pub fn input_embeddings(
         &self,
