@@ -376,12 +376,10 @@ fn captions_with_workers(
                     barrier.wait();
                     let started = *start.lock().unwrap().get_or_insert_with(Instant::now);
                     let engine = &**model;
-                    let mut sequence = engine
-                        .start_sequence(window, prompt, params)
+                    let mut sequence = CaptionEngine::start_sequence(engine, window, prompt, params)
                         .map_err(|e| e.summary())?;
                     loop {
-                        let step = engine
-                            .step(&mut [&mut sequence], Cancel::NEVER)
+                        let step = CaptionEngine::step(engine, &mut [&mut sequence], Cancel::NEVER)
                             .map_err(|e| e.summary())?;
                         if let Some(text) = step.into_iter().next().flatten() {
                             let took = started.elapsed().as_secs_f64();
@@ -443,7 +441,7 @@ fn run() -> Result<(), String> {
     options.threads = Some(args.threads);
     let t = Instant::now();
     let model = Arc::new(LlamaVid::load(&options).map_err(|e| e.summary())?);
-    let cpu = llamavid_kernels::cpu::CpuFeatures::get();
+    let cpu = llamavid_kernels::cpu::CpuFeatures::detect();
     println!(
         "model {} | precision {} | mkl {} | amx {} | {} threads | loaded in {:.1} s | \
          limits: encode {} frames, caption {} captions",
