@@ -357,6 +357,8 @@ fn differing_threads_or_batch_limits_on_a_shared_model_are_warned_about() {
     second.set_property("threads", 7u32);
     second.set_property("encode-batch", 7u32);
     second.set_property("caption-batch", 7u32);
+    second.set_property("lower-thread-priority", false);
+    second.set_property("tune-allocator", false);
     let plain = caption_element();
     for e in [&first, &second, &plain] {
         pipeline.add(e).unwrap();
@@ -392,5 +394,13 @@ fn differing_threads_or_batch_limits_on_a_shared_model_are_warned_about() {
         assert_eq!(batch_warned.len(), 1, "{property}: {batch_warned:?}");
         assert!(batch_warned[0].contains(&format!("{property}=7")));
         assert!(warned(&plain, property).is_empty(), "0 asks for nothing");
+    }
+    // Host effects: every loader so far used the defaults (true).
+    for property in ["lower-thread-priority", "tune-allocator"] {
+        let effect_warned = warned(&second, property);
+        assert_eq!(effect_warned.len(), 1, "{property}: {effect_warned:?}");
+        assert!(effect_warned[0].contains(&format!("{property}=false")));
+        assert!(warned(&plain, property).is_empty(), "the defaults agree");
+        assert!(!second.property::<bool>(property));
     }
 }

@@ -376,8 +376,9 @@ fn captions_with_workers(
                     barrier.wait();
                     let started = *start.lock().unwrap().get_or_insert_with(Instant::now);
                     let engine = &**model;
-                    let mut sequence = CaptionEngine::start_sequence(engine, window, prompt, params)
-                        .map_err(|e| e.summary())?;
+                    let mut sequence =
+                        CaptionEngine::start_sequence(engine, window, prompt, params)
+                            .map_err(|e| e.summary())?;
                     loop {
                         let step = CaptionEngine::step(engine, &mut [&mut sequence], Cancel::NEVER)
                             .map_err(|e| e.summary())?;

@@ -35,7 +35,15 @@ fn frames() -> (Vec<Vec<u8>>, usize, usize) {
     let frames = reference_tensor("frames");
     let (count, h, w, _) = frames.dims4().unwrap();
     let data = (0..count)
-        .map(|t| frames.i(t).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+        .map(|t| {
+            frames
+                .i(t)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
         .collect();
     (data, w, h)
 }

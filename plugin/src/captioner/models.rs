@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 
 use super::registry::Registry;
 use super::scheduler::{BatchLimits, Scheduler};
-use crate::model::{LanguageModelWeights, LlamaVid, LoadOptions, ModelError, Precision};
+use crate::model::{IsaLimit, LanguageModelWeights, LlamaVid, LoadOptions, ModelError, Precision};
 
 /// Where the `device` property asks the model to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +112,14 @@ pub struct ModelRequest {
     pub caption_batch: Option<usize>,
     /// Which language-model weights to load (only the token embeddings when a server runs it).
     pub language_model: LanguageModelWeights,
+    /// Effects on the host process (the README's list): the pool's threads at a lower priority,
+    /// glibc's allocator tuned. Not part of the key: a shared model has one pool, and the
+    /// allocator is the process's; the loader's values hold.
+    pub lower_thread_priority: bool,
+    pub tune_allocator: bool,
+    /// The most the CPU kernels may use. Part of the key: it chooses the kernels (and the
+    /// layout of packed weights) of the copy.
+    pub cpu_isa: IsaLimit,
 }
 
 /// What makes two loaded models the same one.
@@ -124,6 +132,7 @@ pub struct ModelKey {
     /// As requested (`Auto` stays `Auto`: it resolves the same way for every element).
     pub precision: Precision,
     pub language_model: LanguageModelWeights,
+    pub cpu_isa: IsaLimit,
 }
 
 impl ModelRequest {
@@ -139,6 +148,7 @@ impl ModelRequest {
             dtype,
             precision,
             language_model: self.language_model,
+            cpu_isa: self.cpu_isa,
         }
     }
 
@@ -150,6 +160,9 @@ impl ModelRequest {
         options.precision = key.precision;
         options.threads = self.threads;
         options.language_model = key.language_model;
+        options.lower_thread_priority = self.lower_thread_priority;
+        options.tune_allocator = self.tune_allocator;
+        options.cpu_isa = key.cpu_isa;
         options
     }
 }
@@ -223,15 +236,18 @@ pub struct SharedModel {
     pub key: ModelKey,
     /// The pool size it was loaded with.
     pub threads: Option<usize>,
+    /// The host effects it was loaded with.
+    pub lower_thread_priority: bool,
+    pub tune_allocator: bool,
 }
 
 impl SharedModel {
     /// Sentences for an element whose request differs from what the shared model was made
-    /// with by the element that loaded it (the first loader's values win): pool size and
-    /// batch limits.
+    /// with by the element that loaded it (the first loader's values win): pool size, batch
+    /// limits and host effects.
     pub fn sharing_notes(&self, request: &ModelRequest) -> Vec<String> {
         let limits = self.scheduler.limits();
-        [
+        let sizes = [
             differs(
                 "threads",
                 self.threads,
@@ -250,22 +266,34 @@ impl SharedModel {
                 request.caption_batch,
                 "its scheduler decodes captions in batches of up to",
             ),
-        ]
-        .into_iter()
-        .flatten()
-        .collect()
+        ];
+        let effects = [
+            differs(
+                "lower-thread-priority",
+                Some(self.lower_thread_priority),
+                Some(request.lower_thread_priority),
+                "it was loaded with the value",
+            ),
+            differs(
+                "tune-allocator",
+                Some(self.tune_allocator),
+                Some(request.tune_allocator),
+                "it was loaded with the value",
+            ),
+        ];
+        sizes.into_iter().chain(effects).flatten().collect()
     }
 }
 
-/// A sentence when `asked` is set and differs from `loaded`.
-fn differs(
+/// A sentence when `asked` is set and differs from `loaded` (`None`: the default size).
+fn differs<T: PartialEq + std::fmt::Display>(
     property: &str,
-    loaded: Option<usize>,
-    asked: Option<usize>,
+    loaded: Option<T>,
+    asked: Option<T>,
     what: &str,
 ) -> Option<String> {
     let asked = asked?;
-    (loaded != Some(asked)).then(|| {
+    (loaded.as_ref() != Some(&asked)).then(|| {
         let actual = loaded.map_or("the default size".to_owned(), |n| n.to_string());
         format!(
             "{property}={asked} not applied: the model is shared with an element that loaded it \
@@ -310,6 +338,8 @@ pub fn load_shared(request: &ModelRequest) -> Result<(Arc<SharedModel>, bool), L
             scheduler,
             key: key.clone(),
             threads: request.threads,
+            lower_thread_priority: request.lower_thread_priority,
+            tune_allocator: request.tune_allocator,
         })
     })
 }
@@ -329,6 +359,9 @@ mod tests {
             encode_batch: None,
             caption_batch: None,
             language_model: LanguageModelWeights::All,
+            lower_thread_priority: true,
+            tune_allocator: true,
+            cpu_isa: IsaLimit::Best,
         }
     }
 
@@ -368,17 +401,40 @@ mod tests {
     }
 
     #[test]
-    fn threads_and_path_spellings_are_not_part_of_the_key() {
+    fn threads_host_effects_and_path_spellings_are_not_part_of_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = request("cpu");
         a.model_dir = dir.path().to_owned();
         let mut b = a.clone();
         b.model_dir = dir.path().join(".");
         b.threads = Some(3);
+        b.lower_thread_priority = false;
+        b.tune_allocator = false;
         assert_eq!(a.key(DeviceId::Cpu), b.key(DeviceId::Cpu));
         let mut c = a.clone();
         c.arithmetic = Arithmetic::Int8;
         assert_ne!(a.key(DeviceId::Cpu), c.key(DeviceId::Cpu));
+        // The instruction-set limit chooses other kernels: another copy.
+        for isa in [IsaLimit::Avx512, IsaLimit::Avx2, IsaLimit::Portable] {
+            let mut d = a.clone();
+            d.cpu_isa = isa;
+            assert_ne!(a.key(DeviceId::Cpu), d.key(DeviceId::Cpu), "{isa}");
+        }
+    }
+
+    #[test]
+    fn the_load_options_carry_the_host_effects_and_the_isa() {
+        let mut r = request("cpu");
+        r.lower_thread_priority = false;
+        r.tune_allocator = false;
+        r.cpu_isa = IsaLimit::Avx2;
+        let options = r.load_options(&r.key(DeviceId::Cpu), Device::Cpu);
+        assert!(!options.lower_thread_priority && !options.tune_allocator);
+        assert_eq!(options.cpu_isa, IsaLimit::Avx2);
+        let defaults = request("cpu");
+        let options = defaults.load_options(&defaults.key(DeviceId::Cpu), Device::Cpu);
+        assert!(options.lower_thread_priority && options.tune_allocator);
+        assert_eq!(options.cpu_isa, IsaLimit::Best);
     }
 
     #[test]
@@ -421,5 +477,10 @@ mod tests {
             "{text}"
         );
         assert!(note(Some(2), Some(3)).unwrap().contains("has 2"));
+        let effect = |loaded, asked| differs("tune-allocator", Some(loaded), Some(asked), "x");
+        assert!(effect(true, true).is_none());
+        assert!(effect(true, false)
+            .unwrap()
+            .contains("tune-allocator=false"));
     }
 }

@@ -658,6 +658,13 @@ impl ObjectImpl for LlamaVidCaption {
                 lock(&self.settings).caption_batch = value.get().expect("type checked")
             }
             "dtype" => lock(&self.settings).dtype = value.get().expect("type checked"),
+            "lower-thread-priority" => {
+                lock(&self.settings).lower_thread_priority = value.get().expect("type checked")
+            }
+            "tune-allocator" => {
+                lock(&self.settings).tune_allocator = value.get().expect("type checked")
+            }
+            "cpu-isa" => lock(&self.settings).cpu_isa = value.get().expect("type checked"),
             "llm-server" => lock(&self.settings).llm_server = non_empty(value),
             "llm-server-model" => lock(&self.settings).llm_server_model = non_empty(value),
             "llm-server-timeout" => {
@@ -730,6 +737,9 @@ impl ObjectImpl for LlamaVidCaption {
             "encode-batch" => lock(&self.settings).encode_batch.to_value(),
             "caption-batch" => lock(&self.settings).caption_batch.to_value(),
             "dtype" => lock(&self.settings).dtype.to_value(),
+            "lower-thread-priority" => lock(&self.settings).lower_thread_priority.to_value(),
+            "tune-allocator" => lock(&self.settings).tune_allocator.to_value(),
+            "cpu-isa" => lock(&self.settings).cpu_isa.to_value(),
             "llm-server" => lock(&self.settings).llm_server.to_value(),
             "llm-server-model" => lock(&self.settings).llm_server_model.to_value(),
             "llm-server-timeout" => lock(&self.settings).llm_server_timeout_ms.to_value(),

@@ -9,11 +9,11 @@ use std::time::Duration;
 use gst::glib;
 use gst::prelude::*;
 
-use super::{Dtype, FramePolicy};
+use super::{CpuIsa, Dtype, FramePolicy};
 use crate::captioner::models::{Arithmetic, DeviceRequest, ModelRequest};
 use crate::captioner::CaptionSettings;
 use crate::model::remote::ServerConfig;
-use crate::model::{GenerationParams, LanguageModelWeights};
+use crate::model::{GenerationParams, IsaLimit, LanguageModelWeights};
 
 pub const DEFAULT_PROMPT: &str = "Describe what is happening in the video.";
 pub const DEFAULT_DEVICE: &str = "auto";
@@ -42,6 +42,9 @@ pub struct Settings {
     pub threads: u32,
     pub encode_batch: u32,
     pub caption_batch: u32,
+    pub lower_thread_priority: bool,
+    pub tune_allocator: bool,
+    pub cpu_isa: CpuIsa,
     pub sample_interval_ms: u64,
     pub latency_ms: u64,
     pub frame_policy: FramePolicy,
@@ -61,6 +64,9 @@ impl Default for Settings {
             threads: DEFAULT_THREADS,
             encode_batch: DEFAULT_BATCH,
             caption_batch: DEFAULT_BATCH,
+            lower_thread_priority: true,
+            tune_allocator: true,
+            cpu_isa: CpuIsa::Best,
             sample_interval_ms: DEFAULT_SAMPLE_INTERVAL_MS,
             latency_ms: DEFAULT_LATENCY_MS,
             frame_policy: FramePolicy::Auto,
@@ -93,6 +99,9 @@ impl Settings {
             } else {
                 LanguageModelWeights::All
             },
+            lower_thread_priority: self.lower_thread_priority,
+            tune_allocator: self.tune_allocator,
+            cpu_isa: self.cpu_isa.into(),
         })
     }
 
@@ -121,6 +130,17 @@ impl From<Dtype> for Arithmetic {
             Dtype::F32 => Arithmetic::F32,
             Dtype::Bf16 => Arithmetic::Bf16,
             Dtype::Int8 => Arithmetic::Int8,
+        }
+    }
+}
+
+impl From<CpuIsa> for IsaLimit {
+    fn from(isa: CpuIsa) -> Self {
+        match isa {
+            CpuIsa::Best => IsaLimit::Best,
+            CpuIsa::Avx512 => IsaLimit::Avx512,
+            CpuIsa::Avx2 => IsaLimit::Avx2,
+            CpuIsa::Portable => IsaLimit::Portable,
         }
     }
 }
@@ -203,6 +223,23 @@ pub fn properties() -> &'static [glib::ParamSpec] {
                 .blurb("Most captions (of all elements sharing the model) its scheduler decodes together, one forward per token; 0: 8 on the CPU, 32 on CUDA. Set by the element that loads the model")
                 .maximum(256)
                 .default_value(DEFAULT_BATCH)
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecBoolean::builder("lower-thread-priority")
+                .nick("Lower thread priority")
+                .blurb("Run the model's compute threads at a lower priority (nice +5 on Linux) so that the pipeline's threads win a busy CPU; false leaves their priority alone. Elements sharing a model share its threads: the first to load it decides (a different value later gets a warning)")
+                .default_value(true)
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecBoolean::builder("tune-allocator")
+                .nick("Tune allocator")
+                .blurb("Tune glibc's allocator (mallopt: freed activations stay in the heap, 10 to 20% of an encode), a process-wide setting made once by the first CPU load; false when the application tunes its own allocator. The first element to load a model decides (a different value later gets a warning)")
+                .default_value(true)
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecEnum::builder_with_default("cpu-isa", CpuIsa::Best)
+                .nick("CPU instruction set")
+                .blurb("The most the model's CPU kernels may use, a narrowing of what the CPU has: best (AMX included, whose permission is then asked for the process), avx512 (never AMX), avx2, portable. Elements asking for different values load separate copies of the model")
                 .mutable_ready()
                 .build(),
             ms_property("sample-interval", "Sample interval", "Running time between sampled frames, in ms (the fps-1 checkpoints were trained on one frame per second)", DEFAULT_SAMPLE_INTERVAL_MS, 1),
