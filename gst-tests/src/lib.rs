@@ -298,6 +298,8 @@ pub struct Caption {
     pub frames: u32,
     pub latency: u64,
     pub prompt: String,
+    /// Captions decoded together when this one finished.
+    pub batch: u32,
 }
 
 impl Caption {
@@ -322,6 +324,7 @@ impl Caption {
             frames: field::<u32>(s, "frames"),
             latency: field::<u64>(s, "latency"),
             prompt: field::<String>(s, "prompt"),
+            batch: field::<u32>(s, "batch"),
         }
     }
 
