@@ -12,7 +12,9 @@
 //! - [`BusLog`], [`record_bus`], [`run_to_eos`], [`set_state_within`], [`within`],
 //!   [`StopOnDrop`]: nothing may hang a test or leave a pipeline playing;
 //! - [`gst_tool`]: `gst-launch-1.0` and `gst-inspect-1.0` with this build of the plugin, killed
-//!   on timeout.
+//!   on timeout;
+//! - [`hub_mirror`]: `HubMirrorDouble`, a test double of the Hugging Face hub on 127.0.0.1, and
+//!   `FixtureHub`, the fixture served through it.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -21,6 +23,8 @@ use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
+
+pub mod hub_mirror;
 
 pub use gst;
 pub use gst_check;
@@ -947,6 +951,17 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> ToolOutput {
 /// snapshot that a concurrent build cannot replace mid-run), and `GST_REGISTRY` a registry of
 /// the tests' own in the target directory, so that the user's registry is never touched.
 pub fn gst_tool(tool: &str, args: &[&str], timeout: Duration) -> ToolOutput {
+    gst_tool_with_env(tool, args, &[], timeout)
+}
+
+/// [`gst_tool`] with extra environment variables for the child (the tests' own environment is
+/// never changed: tests run in parallel threads).
+pub fn gst_tool_with_env(
+    tool: &str,
+    args: &[&str],
+    env: &[(String, String)],
+    timeout: Duration,
+) -> ToolOutput {
     let library = plugin_library();
     let scratch = scratch_dir();
     let plugins = tempfile::Builder::new()
@@ -967,6 +982,12 @@ pub fn gst_tool(tool: &str, args: &[&str], timeout: Duration) -> ToolOutput {
             scratch.join("llamavid-gst-tests-registry.bin"),
         )
         // Debug logs would mix with the output the tests read.
-        .env_remove("GST_DEBUG");
+        .env_remove("GST_DEBUG")
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    run_with_timeout(cmd, timeout)
+}
+
+/// Runs any command, killed after `timeout`, with its output captured.
+pub fn run_tool(cmd: Command, timeout: Duration) -> ToolOutput {
     run_with_timeout(cmd, timeout)
 }

@@ -164,9 +164,13 @@ pub(crate) fn model_repo<'h>(
             Err(SelectError::Fetch(e)) => return Err(e),
         };
         if hub.config.offline {
-            return Err(FetchError::Offline {
-                target: target(repo, &missing),
-                cache: state.path(&missing),
+            // Missing, or damaged: `need` tells which, in words.
+            return Err(match state.need(&missing, observer) {
+                Err(e) => e,
+                Ok(_) => FetchError::Offline {
+                    target: target(repo, &missing),
+                    cache: state.path(&missing),
+                },
             });
         }
         state.remote_listing()?;

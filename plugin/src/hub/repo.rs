@@ -12,6 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -133,25 +134,37 @@ impl RepoCache {
         if let Some(dir) = pointer.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        if pointer.canonicalize().ok().as_deref() == blob.canonicalize().ok().as_deref()
-            && pointer.exists()
-        {
+        let target = blob.canonicalize()?;
+        if pointer.canonicalize().ok().as_deref() == Some(target.as_path()) {
             return Ok(pointer);
         }
-        let _ = std::fs::remove_file(&pointer);
         // snapshots/{commit}/{a/b/file} -> ../../(../ per folder)blobs/{etag}
         let depth = file.matches('/').count() + 2;
         let relative: PathBuf = std::iter::repeat_n(Path::new(".."), depth)
             .collect::<PathBuf>()
             .join("blobs")
             .join(etag);
+        // Made under a name of its own and renamed over the pointer: another thread linking
+        // the same file at once never sees a missing or half-made entry.
+        static UNIQUE: AtomicU64 = AtomicU64::new(0);
+        let mut temporary = pointer.as_os_str().to_owned();
+        temporary.push(format!(
+            ".{}-{}.link",
+            std::process::id(),
+            UNIQUE.fetch_add(1, Ordering::Relaxed)
+        ));
+        let temporary = PathBuf::from(temporary);
         #[cfg(unix)]
-        let linked = std::os::unix::fs::symlink(&relative, &pointer);
+        let made = std::os::unix::fs::symlink(&relative, &temporary);
         #[cfg(not(unix))]
-        let linked = Err(std::io::Error::other("no symlinks"));
-        if linked.is_err() {
-            std::fs::copy(&blob, &pointer)?;
+        let made = std::fs::copy(&blob, &temporary).map(|_| ());
+        if made.is_err() {
+            // No symlinks on this file system: a copy.
+            std::fs::copy(&blob, &temporary)?;
         }
+        std::fs::rename(&temporary, &pointer).inspect_err(|_| {
+            let _ = std::fs::remove_file(&temporary);
+        })?;
         Ok(pointer)
     }
 }

@@ -22,7 +22,7 @@ use crate::captioner::{
 use crate::model::nn::Precision;
 use crate::model::{GenerationParams, LlamaVid, LoadOptions};
 
-static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+pub(super) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
         "llamavidcaption",
         gst::DebugColorFlags::empty(),
@@ -219,20 +219,28 @@ impl LlamaVidCaption {
     /// Loads (or shares) the model named by the properties.
     fn load_model(&self) -> Result<(), gst::ErrorMessage> {
         let settings = lock(&self.settings).clone();
-        let Some(model_dir) = settings.model.clone() else {
+        let Some(model) = settings.model.clone() else {
             return Err(gst::error_msg!(
                 gst::LibraryError::Settings,
-                ("No model set: set the `model` property to a LLaMA-VID model directory")
+                ("No model set: set the `model` property to a LLaMA-VID model directory or a hub id (owner/name)")
             ));
         };
         let (device, dtype, precision) = parse_device(&settings.device, settings.dtype)
             .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("{}", e)))?;
+        // A hub id or URL becomes files in the cache (downloaded now if need be).
+        let vision_tower = settings.vision_tower.as_ref().map(|p| p.to_string_lossy());
+        let fetched = super::fetch::fetch_model(
+            self.obj().upcast_ref(),
+            &model.to_string_lossy(),
+            vision_tower.as_deref(),
+        )?;
+        let model_dir = fetched.model_dir.clone();
         let canonical = model_dir
             .canonicalize()
             .unwrap_or_else(|_| model_dir.clone());
         let key = (
             canonical,
-            settings.vision_tower.clone(),
+            fetched.vision_tower.clone(),
             format!("{device:?}"),
             format!("{dtype:?}/{}", precision.as_str()),
         );
@@ -257,7 +265,8 @@ impl LlamaVidCaption {
         let started = Instant::now();
         let loaded = MODELS.get_or_load(&key, || {
             let mut options = LoadOptions::new(&model_dir);
-            options.vision_tower = settings.vision_tower.clone();
+            options.vision_tower = fetched.vision_tower.clone();
+            options.bert_dir = fetched.bert_dir.clone();
             options.device = device.clone();
             options.dtype = dtype;
             options.precision = precision;
@@ -809,12 +818,12 @@ impl ObjectImpl for LlamaVidCaption {
             vec![
                 glib::ParamSpecString::builder("model")
                     .nick("Model")
-                    .blurb("LLaMA-VID model directory (config.json, weights, tokenizer); the EVA weights and bert-base-uncased are looked up beside it")
+                    .blurb("LLaMA-VID model: a directory (config.json, weights, tokenizer; the EVA weights and bert-base-uncased are looked up beside it) or a Hugging Face hub id owner/name[@revision], downloaded into the hub cache with bert-base-uncased and the EVA weights")
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecString::builder("vision-tower")
                     .nick("Vision tower")
-                    .blurb("EVA-ViT-G weights file (eva_vit_g.pth); default: mm_vision_tower of config.json, resolved beside the model")
+                    .blurb("EVA-ViT-G weights (eva_vit_g.pth): a file, an https:// URL, or a hub file owner/name/path[@revision]; default: mm_vision_tower of config.json resolved beside a local model, the LAVIS URL for a hub model")
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecString::builder("prompt")

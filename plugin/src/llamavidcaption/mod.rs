@@ -14,6 +14,7 @@
 use gst::glib;
 use gst::prelude::*;
 
+mod fetch;
 mod frames;
 mod imp;
 mod output;
