@@ -2,10 +2,13 @@
 //! pipelines: for users who want one caption of a clip, and for debugging the model.
 //!
 //! ```text
-//! llamavid-caption --model DIR [--prompt TEXT] [--vision-tower FILE] [--max-new-tokens N]
+//! llamavid-caption --model DIR|owner/name[@revision] [--prompt TEXT]
+//!                  [--vision-tower FILE|URL|owner/name/path] [--max-new-tokens N]
 //!                  [--temperature T] [--top-p P] [--seed S] [--max-frames N] [--fps F]
 //!                  [--weights auto|bin|safetensors] VIDEO_OR_FRAME_DIR
 //! ```
+//! A hub id is fetched into the Hugging Face cache first, with a progress bar (HF_ENDPOINT,
+//! HF_HOME, HF_TOKEN, HF_HUB_OFFLINE apply, as for the element).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -13,17 +16,19 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use gstllamavid::model::preprocess::FrameView;
 use gstllamavid::model::{GenerationParams, LlamaVid, LoadOptions, WeightFormat};
+use llamavid_examples::progress::fetch_model;
 use llamavid_examples::{decode_image_dir, decode_video};
 
-const USAGE: &str = "usage: llamavid-caption --model DIR [--prompt TEXT] [--vision-tower FILE] \
+const USAGE: &str = "usage: llamavid-caption --model DIR|owner/name[@revision] [--prompt TEXT] \
+[--vision-tower FILE|URL|owner/name/path] \
 [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--max-frames N] [--fps F] \
 [--weights auto|bin|safetensors] VIDEO_OR_FRAME_DIR";
 
 struct Args {
-    model: PathBuf,
+    model: String,
     input: PathBuf,
     prompt: String,
-    vision_tower: Option<PathBuf>,
+    vision_tower: Option<String>,
     params: GenerationParams,
     max_frames: usize,
     fps: f64,
@@ -49,9 +54,9 @@ fn parse_args() -> Result<Args> {
                 .with_context(|| format!("{arg} needs a value\n{USAGE}"))
         };
         match arg.as_str() {
-            "--model" => model = Some(PathBuf::from(value()?)),
+            "--model" => model = Some(value()?),
             "--prompt" => prompt = value()?,
-            "--vision-tower" => vision_tower = Some(PathBuf::from(value()?)),
+            "--vision-tower" => vision_tower = Some(value()?),
             "--max-new-tokens" => params.max_new_tokens = value()?.parse()?,
             "--temperature" => params.temperature = value()?.parse()?,
             "--top-p" => params.top_p = value()?.parse()?,
@@ -98,9 +103,11 @@ fn run() -> Result<()> {
     let args = parse_args()?;
     gst::init()?;
 
+    let fetched = fetch_model(&args.model, args.vision_tower.as_deref(), args.weights)?;
     let started = Instant::now();
-    let mut options = LoadOptions::new(&args.model);
-    options.vision_tower = args.vision_tower.clone();
+    let mut options = LoadOptions::new(&fetched.model_dir);
+    options.vision_tower = fetched.vision_tower.clone();
+    options.bert_dir = fetched.bert_dir.clone();
     options.weight_format = args.weights;
     let model = LlamaVid::load(&options)?;
     for note in model.notes() {
