@@ -1,5 +1,6 @@
 //! Small helpers shared by the example programs.
 
+pub mod export_llm;
 pub mod progress;
 
 use std::path::Path;

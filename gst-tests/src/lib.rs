@@ -13,6 +13,7 @@
 //!   [`StopOnDrop`]: nothing may hang a test or leave a pipeline playing;
 //! - [`gst_tool`]: `gst-launch-1.0` and `gst-inspect-1.0` with this build of the plugin, killed
 //!   on timeout;
+//! - [`fake_llm_server`]: a test double of a vLLM (OpenAI-compatible) server, scripted;
 //! - [`hub_mirror`]: `HubMirrorDouble`, a test double of the Hugging Face hub on 127.0.0.1, and
 //!   `FixtureHub`, the fixture served through it.
 
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use gst::prelude::*;
 
+pub mod fake_llm_server;
 pub mod hub_mirror;
 
 pub use gst;

@@ -5,24 +5,35 @@
 //! llamavid-caption --model DIR|owner/name[@revision] [--prompt TEXT]
 //!                  [--vision-tower FILE|URL|owner/name/path] [--max-new-tokens N]
 //!                  [--temperature T] [--top-p P] [--seed S] [--max-frames N] [--fps F]
-//!                  [--weights auto|bin|safetensors] VIDEO_OR_FRAME_DIR
+//!                  [--weights auto|bin|safetensors] [--json]
+//!                  [--llm-server URL --llm-server-model NAME [--llm-server-timeout SECONDS]]
+//!                  VIDEO_OR_FRAME_DIR
 //! ```
 //! A hub id is fetched into the Hugging Face cache first, with a progress bar (HF_ENDPOINT,
 //! HF_HOME, HF_TOKEN, HF_HUB_OFFLINE apply, as for the element).
+//!
+//! With `--llm-server`, the language model runs on that vLLM server (started with
+//! `--enable-prompt-embeds`, serving the output of `llamavid-export-llm` under NAME): only the
+//! vision side and the token embeddings are loaded here. An API key is read from
+//! `LLAMAVID_LLM_SERVER_API_KEY`. `--json` prints `{"text": ..., "token_ids": [...]}`.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use gstllamavid::model::preprocess::FrameView;
-use gstllamavid::model::{GenerationParams, LlamaVid, LoadOptions, WeightFormat};
+use gstllamavid::model::remote::{RemoteLanguageModel, ServerConfig};
+use gstllamavid::model::{
+    GenerationParams, LanguageModelWeights, LlamaVid, LoadOptions, WeightFormat,
+};
 use llamavid_examples::progress::fetch_model;
 use llamavid_examples::{decode_image_dir, decode_video};
 
 const USAGE: &str = "usage: llamavid-caption --model DIR|owner/name[@revision] [--prompt TEXT] \
 [--vision-tower FILE|URL|owner/name/path] \
 [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--max-frames N] [--fps F] \
-[--weights auto|bin|safetensors] VIDEO_OR_FRAME_DIR";
+[--weights auto|bin|safetensors] [--json] [--llm-server URL --llm-server-model NAME \
+[--llm-server-timeout SECONDS]] VIDEO_OR_FRAME_DIR";
 
 struct Args {
     model: String,
@@ -33,6 +44,8 @@ struct Args {
     max_frames: usize,
     fps: f64,
     weights: WeightFormat,
+    json: bool,
+    llm_server: Option<ServerConfig>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -47,6 +60,10 @@ fn parse_args() -> Result<Args> {
     let mut max_frames = 180;
     let mut fps = 1.0;
     let mut weights = WeightFormat::Auto;
+    let mut json = false;
+    let mut llm_server = None;
+    let mut llm_server_model = None;
+    let mut llm_server_timeout = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -63,6 +80,10 @@ fn parse_args() -> Result<Args> {
             "--seed" => params.seed = value()?.parse()?,
             "--max-frames" => max_frames = value()?.parse()?,
             "--fps" => fps = value()?.parse()?,
+            "--json" => json = true,
+            "--llm-server" => llm_server = Some(value()?),
+            "--llm-server-model" => llm_server_model = Some(value()?),
+            "--llm-server-timeout" => llm_server_timeout = Some(value()?.parse::<f64>()?),
             "--weights" => {
                 weights = match value()?.as_str() {
                     "auto" => WeightFormat::Auto,
@@ -79,6 +100,18 @@ fn parse_args() -> Result<Args> {
             other => input = Some(PathBuf::from(other)),
         }
     }
+    let llm_server = match (llm_server, llm_server_model) {
+        (Some(url), Some(name)) => {
+            let mut config = ServerConfig::new(url, name);
+            config.api_key = ServerConfig::api_key_from_env();
+            if let Some(seconds) = llm_server_timeout {
+                config.request_timeout = std::time::Duration::from_secs_f64(seconds);
+            }
+            Some(config)
+        }
+        (None, None) => None,
+        _ => bail!("--llm-server and --llm-server-model go together\n{USAGE}"),
+    };
     Ok(Args {
         model: model.with_context(|| format!("--model is required\n{USAGE}"))?,
         input: input
@@ -89,6 +122,8 @@ fn parse_args() -> Result<Args> {
         max_frames,
         fps,
         weights,
+        json,
+        llm_server,
     })
 }
 
@@ -109,6 +144,14 @@ fn run() -> Result<()> {
     options.vision_tower = fetched.vision_tower.clone();
     options.bert_dir = fetched.bert_dir.clone();
     options.weight_format = args.weights;
+    let remote = match &args.llm_server {
+        Some(config) => {
+            // The decoder runs on the server: only the token embeddings are needed here.
+            options.language_model = LanguageModelWeights::EmbeddingsOnly;
+            Some(RemoteLanguageModel::new(config.clone())?)
+        }
+        None => None,
+    };
     let model = LlamaVid::load(&options)?;
     for note in model.notes() {
         eprintln!("note: {note}");
@@ -137,12 +180,26 @@ fn run() -> Result<()> {
     );
 
     let started = Instant::now();
-    let caption = model.caption(&video, &prompt, &args.params, None)?;
+    let caption = match &remote {
+        Some(remote) => model.caption_remote(&video, &prompt, &args.params, remote, None)?,
+        None => model.caption(&video, &prompt, &args.params, None)?,
+    };
     eprintln!(
-        "captioned in {:.2?} ({} tokens)",
+        "captioned in {:.2?} ({} tokens{})",
         started.elapsed(),
-        caption.token_ids.len()
+        caption.token_ids.len(),
+        match &args.llm_server {
+            Some(config) => format!(", by {} at {}", config.model, config.url),
+            None => String::new(),
+        }
     );
-    println!("{}", caption.text);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"text": caption.text, "token_ids": caption.token_ids})
+        );
+    } else {
+        println!("{}", caption.text);
+    }
     Ok(())
 }

@@ -239,8 +239,8 @@ pub enum LogitsFor {
 pub struct Llama {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    lm_head: Linear,
+    /// The final norm and `lm_head`; `None` when only the embeddings were loaded.
+    head: Option<(RmsNorm, Linear)>,
     rotary: Rotary,
     max_positions: usize,
     hidden: usize,
@@ -263,12 +263,30 @@ impl Llama {
         Ok(Self {
             embed_tokens,
             layers,
-            norm: rms_norm(h, cfg.rms_norm_eps, model.pp("norm"))?,
-            lm_head,
+            head: Some((rms_norm(h, cfg.rms_norm_eps, model.pp("norm"))?, lm_head)),
             rotary: Rotary::new(cfg, vb.dtype(), vb.device())?,
             max_positions: cfg.max_position_embeddings,
             hidden: h,
         })
+    }
+
+    /// The token embedding table alone, for a language model that runs elsewhere: `embed`
+    /// works, `forward` refuses.
+    pub fn embeddings_only(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            embed_tokens: embedding(cfg.vocab_size, h, vb.pp("model").pp("embed_tokens"))?,
+            layers: Vec::new(),
+            head: None,
+            rotary: Rotary::new(cfg, vb.dtype(), vb.device())?,
+            max_positions: cfg.max_position_embeddings,
+            hidden: h,
+        })
+    }
+
+    /// Whether the decoder (layers, norm, `lm_head`) is loaded.
+    pub fn has_decoder(&self) -> bool {
+        self.head.is_some()
     }
 
     pub fn hidden_size(&self) -> usize {
@@ -306,6 +324,9 @@ impl Llama {
         logits_for: LogitsFor,
         hidden_states: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
+        let Some((norm, lm_head)) = &self.head else {
+            candle_core::bail!("the language model's decoder was not loaded (embeddings only)");
+        };
         let len = embeddings.dim(1)?;
         let start = cache.len;
         if start + len > self.max_positions {
@@ -328,11 +349,11 @@ impl Llama {
             LogitsFor::LastPosition => x.narrow(1, len - 1, 1)?,
             LogitsFor::AllPositions => x,
         };
-        let x = self.norm.forward(&x)?;
+        let x = norm.forward(&x)?;
         if let Some(states) = collected {
             states.push(x.clone());
         }
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        lm_head.forward(&x)?.to_dtype(DType::F32)
     }
 }
 

@@ -37,6 +37,21 @@ pub struct LoadOptions {
     /// Arithmetic of the linear layers on the CPU (f32 is exact; see `Precision`). Applied
     /// while loading: reduced-precision weights replace the f32 ones layer by layer.
     pub precision: Precision,
+    /// Which language-model weights to load: all of them, or only the token embedding table
+    /// when a server generates the captions (`LlamaVid::caption_remote`).
+    pub language_model: LanguageModelWeights,
+}
+
+/// The language-model weights a loaded model holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LanguageModelWeights {
+    /// Everything: captions are generated locally.
+    #[default]
+    All,
+    /// The token embedding table only (the prompt's text tokens must be embedded exactly as
+    /// the local model would); the decoder layers, final norm and `lm_head` stay on disk, and
+    /// [`LlamaVid::generate`] refuses to run.
+    EmbeddingsOnly,
 }
 
 impl LoadOptions {
@@ -49,6 +64,7 @@ impl LoadOptions {
             dtype: DType::F32,
             weight_format: WeightFormat::Auto,
             precision: Precision::F32,
+            language_model: LanguageModelWeights::All,
         }
     }
 }
@@ -269,7 +285,10 @@ impl LlamaVid {
         };
         let vb = hf.var_builder(dtype, device);
         let tokens = TokenGenerator::new(&token_cfg, vb.pp("model"))?;
-        let llm = Llama::new(&config, vb)?;
+        let llm = match options.language_model {
+            LanguageModelWeights::All => Llama::new(&config, vb)?,
+            LanguageModelWeights::EmbeddingsOnly => Llama::embeddings_only(&config, vb)?,
+        };
 
         let llm_tokenizer = LlamaTokenizer::from_model_dir(model_dir)?;
         let qformer_tokenizer = BertTokenizer::from_vocab_file(&files.bert_vocab)?;
@@ -431,6 +450,13 @@ impl LlamaVid {
         keep_step_logits: bool,
         cancel: Option<&AtomicBool>,
     ) -> Result<Generation> {
+        if !self.llm.has_decoder() {
+            return Err(ModelError::InvalidInput(
+                "this model was loaded with the token embeddings only (its language model runs \
+                 on a server): it cannot generate locally"
+                    .into(),
+            ));
+        }
         let prefill_len = embeddings.dim(1)?;
         let room = self.llm.max_positions().saturating_sub(prefill_len);
         let max_new = params.max_new_tokens.min(room + 1);
@@ -483,10 +509,15 @@ impl LlamaVid {
     ) -> Result<Caption> {
         let embeddings = self.input_embeddings(prompt, video_tokens)?;
         let generation = self.generate(&embeddings, params, false, cancel)?;
-        let text = self.llm_tokenizer.decode(&generation.token_ids)?;
+        self.caption_from_ids(generation.token_ids)
+    }
+
+    /// The caption of generated ids: decoded and cleaned as the reference does.
+    pub fn caption_from_ids(&self, token_ids: Vec<u32>) -> Result<Caption> {
+        let text = self.llm_tokenizer.decode(&token_ids)?;
         Ok(Caption {
             text: clean_answer(&text).to_owned(),
-            token_ids: generation.token_ids,
+            token_ids,
         })
     }
 }
