@@ -62,11 +62,7 @@ impl FetchObserver for BusProgress {
                 overall_total,
             } => {
                 let percent = |done: u64, total: u64| {
-                    if total == 0 {
-                        0
-                    } else {
-                        (done.min(total) * 100 / total) as i32
-                    }
+                    (done.min(total) * 100).checked_div(total).unwrap_or(0) as i32
                 };
                 let overall = percent(overall_done, overall_total);
                 {
