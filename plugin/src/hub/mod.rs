@@ -69,6 +69,12 @@ impl ModelRequest {
             weights: WeightFormat::Auto,
         })
     }
+
+    /// Only local files: nothing to fetch, no network.
+    pub fn is_local(&self) -> bool {
+        matches!(self.model, ModelSource::Local(_))
+            && matches!(self.vision_tower, None | Some(VisionTowerSource::Local(_)))
+    }
 }
 
 /// Local paths of everything the loader reads.

@@ -143,15 +143,21 @@ pub(super) fn fetch_model(
         element: element.clone(),
         posted: Mutex::new(None),
     };
+    let request = ModelRequest::parse(model, vision_tower).map_err(|e| element_error(model, &e))?;
+    if request.is_local() {
+        // Nothing to fetch: no progress to show.
+        return Hub::from_env()
+            .and_then(|hub| hub.fetch_model(&request, &()))
+            .map_err(|e| element_error(model, &e));
+    }
     // Every start is closed by a complete or an error: gst-launch-1.0 (and other apps) hold
     // the pipeline in PAUSED while a progress is open.
     progress.post(
         gst::ProgressType::Start,
-        &format!("Looking for the model files of {model}"),
+        &format!("Looking for the files of {model}"),
         None,
     );
-    let result = ModelRequest::parse(model, vision_tower)
-        .and_then(|request| Hub::from_env()?.fetch_model(&request, &progress));
+    let result = Hub::from_env().and_then(|hub| hub.fetch_model(&request, &progress));
     match &result {
         Ok(_) => progress.post(gst::ProgressType::Complete, "Model files ready", None),
         Err(e) => progress.post(gst::ProgressType::Error, &e.to_string(), None),
