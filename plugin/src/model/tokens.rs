@@ -5,8 +5,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
-use super::nn::{linear, Linear};
+use super::nn::{linear, Linear, LoadContext};
 
+use super::cancel::Cancel;
 use super::config::ContentPooling;
 use super::qformer::{QFormer, QFormerConfig, TextGuidance};
 
@@ -20,12 +21,18 @@ pub enum MmProjector {
 }
 
 impl MmProjector {
-    pub fn new(kind: Option<&str>, in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        kind: Option<&str>,
+        in_dim: usize,
+        out_dim: usize,
+        vb: VarBuilder,
+        ctx: &LoadContext,
+    ) -> Result<Self> {
         match kind {
-            Some("linear") => Ok(Self::Linear(linear(in_dim, out_dim, vb)?)),
+            Some("linear") => Ok(Self::Linear(linear(in_dim, out_dim, vb, ctx)?)),
             _ => Ok(Self::Mlp2xGelu(
-                linear(in_dim, out_dim, vb.pp("0"))?,
-                linear(out_dim, out_dim, vb.pp("2"))?,
+                linear(in_dim, out_dim, vb.pp("0"), ctx)?,
+                linear(out_dim, out_dim, vb.pp("2"), ctx)?,
             )),
         }
     }
@@ -70,7 +77,7 @@ pub struct TokenGenerator {
 }
 
 impl TokenGenerator {
-    pub fn new(cfg: &TokenConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &TokenConfig, vb: VarBuilder, ctx: &LoadContext) -> Result<Self> {
         let (w, h, d) = (
             cfg.vision_width,
             cfg.qformer.bert.hidden_size,
@@ -79,15 +86,16 @@ impl TokenGenerator {
         Ok(Self {
             vision_norm: layer_norm(w, VISION_LN_EPS, vb.pp("vlm_att_ln"))?,
             query_tokens: vb.get((1, cfg.num_queries, h), "vlm_att_query")?,
-            qformer: QFormer::new(&cfg.qformer, vb.pp("vlm_att_encoder.bert"))?,
-            text_projector: linear(h, w, vb.pp("vlm_att_projector"))?,
-            key_projector: linear(w, w, vb.pp("vlm_att_key_projector"))?,
-            value_projector: linear(w, d, vb.pp("vlm_att_val_projector"))?,
+            qformer: QFormer::new(&cfg.qformer, vb.pp("vlm_att_encoder.bert"), ctx)?,
+            text_projector: linear(h, w, vb.pp("vlm_att_projector"), ctx)?,
+            key_projector: linear(w, w, vb.pp("vlm_att_key_projector"), ctx)?,
+            value_projector: linear(w, d, vb.pp("vlm_att_val_projector"), ctx)?,
             mm_projector: MmProjector::new(
                 cfg.projector_type.as_deref(),
                 w,
                 d,
                 vb.pp("mm_projector"),
+                ctx,
             )?,
             pooling: cfg.pooling,
             grid: cfg.grid,
@@ -184,8 +192,21 @@ impl TokenGenerator {
 
     /// Vision features (B, 1 + N, W) to the frame tokens (B, 1 + k, D): context token first.
     pub fn forward(&self, guidance: &TextGuidance, vision_features: &Tensor) -> Result<Tensor> {
+        self.forward_cancellable(guidance, vision_features, Cancel::NEVER)
+    }
+
+    /// [`Self::forward`], checking `cancel` between the Q-Former's layers.
+    pub fn forward_cancellable(
+        &self,
+        guidance: &TextGuidance,
+        vision_features: &Tensor,
+        cancel: Cancel,
+    ) -> Result<Tensor> {
         let visual_input = self.qformer_visual_input(vision_features)?;
-        let text_queries = self.text_queries(&self.qformer_output(guidance, &visual_input)?)?;
+        let qformer_output = self
+            .qformer
+            .forward_cancellable(guidance, &visual_input, cancel)?;
+        let text_queries = self.text_queries(&qformer_output)?;
         let patches = self.patches(vision_features)?;
         let keys = self.context_keys(&patches)?;
         let (context_pooled, content_pooled) = if patches.device().is_cuda()
