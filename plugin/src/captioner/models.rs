@@ -101,6 +101,8 @@ impl Arithmetic {
 pub struct ModelRequest {
     pub model_dir: PathBuf,
     pub vision_tower: Option<PathBuf>,
+    /// bert-base-uncased's folder (`config.json`, `vocab.txt`); `None`: beside the model.
+    pub bert_dir: Option<PathBuf>,
     pub device: DeviceRequest,
     pub arithmetic: Arithmetic,
     /// Size of the model's own thread pool (`None`: the default). Not part of the key: a
@@ -127,6 +129,7 @@ pub struct ModelRequest {
 pub struct ModelKey {
     pub model_dir: PathBuf,
     pub vision_tower: Option<PathBuf>,
+    pub bert_dir: Option<PathBuf>,
     pub device: DeviceId,
     pub dtype: DType,
     /// As requested (`Auto` stays `Auto`: it resolves the same way for every element).
@@ -144,6 +147,7 @@ impl ModelRequest {
         ModelKey {
             model_dir: canonical(&self.model_dir),
             vision_tower: self.vision_tower.as_deref().map(canonical),
+            bert_dir: self.bert_dir.as_deref().map(canonical),
             device,
             dtype,
             precision,
@@ -155,6 +159,7 @@ impl ModelRequest {
     fn load_options(&self, key: &ModelKey, device: Device) -> LoadOptions {
         let mut options = LoadOptions::new(&self.model_dir);
         options.vision_tower = self.vision_tower.clone();
+        options.bert_dir = self.bert_dir.clone();
         options.device = device;
         options.dtype = key.dtype;
         options.precision = key.precision;
@@ -353,6 +358,7 @@ mod tests {
         ModelRequest {
             model_dir: PathBuf::from("/models/llama-vid"),
             vision_tower: None,
+            bert_dir: None,
             device: device.parse().unwrap(),
             arithmetic: Arithmetic::Auto,
             threads: None,

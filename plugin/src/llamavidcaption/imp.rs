@@ -123,9 +123,22 @@ impl LlamaVidCaption {
     /// Loads (or shares) the model named by the properties, and checks the settings against
     /// it: a prompt it cannot take fails here, a window longer than its context is a warning.
     fn load_model(&self) -> Result<(), gst::ErrorMessage> {
-        let request = lock(&self.settings)
+        let mut request = lock(&self.settings)
             .model_request()
             .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("{}", e)))?;
+        // A hub id or URL becomes files in the cache (downloaded now if need be).
+        let fetched = super::fetch::fetch_model(
+            self.obj().upcast_ref(),
+            &request.model_dir.to_string_lossy(),
+            request
+                .vision_tower
+                .as_ref()
+                .map(|p| p.to_string_lossy())
+                .as_deref(),
+        )?;
+        request.model_dir = fetched.model_dir;
+        request.vision_tower = fetched.vision_tower;
+        request.bert_dir = fetched.bert_dir;
         self.post_progress(gst::ProgressType::Start, "Loading the LLaMA-VID model");
         gst::info!(CAT, imp = self, "loading {request:?}");
         let started = Instant::now();

@@ -16,6 +16,7 @@ use std::sync::LazyLock;
 use gst::glib;
 use gst::prelude::*;
 
+mod fetch;
 mod frames;
 mod imp;
 mod liveness;

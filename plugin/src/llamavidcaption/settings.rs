@@ -81,13 +81,14 @@ impl Settings {
     /// The model these settings name; `Err` says which property is wrong.
     pub fn model_request(&self) -> Result<ModelRequest, String> {
         let model_dir = self.model.clone().ok_or(
-            "No model set: set the `model` property to a LLaMA-VID model directory".to_owned(),
+            "No model set: set the `model` property to a LLaMA-VID model directory or a hub id (owner/name)".to_owned(),
         )?;
         let device = self.device.parse::<DeviceRequest>()?;
         let set = |n: u32| (n > 0).then_some(n as usize);
         Ok(ModelRequest {
             model_dir,
             vision_tower: self.vision_tower.clone(),
+            bert_dir: None,
             device,
             arithmetic: self.dtype.into(),
             threads: set(self.threads),
@@ -184,12 +185,12 @@ pub fn properties() -> &'static [glib::ParamSpec] {
         vec![
             glib::ParamSpecString::builder("model")
                 .nick("Model")
-                .blurb("LLaMA-VID model directory (config.json, weights, tokenizer); the EVA weights and bert-base-uncased are looked up beside it")
+                .blurb("LLaMA-VID model: a directory (config.json, weights, tokenizer; the EVA weights and bert-base-uncased are looked up beside it) or a Hugging Face hub id owner/name[@revision], downloaded into the hub cache with bert-base-uncased and the EVA weights")
                 .mutable_ready()
                 .build(),
             glib::ParamSpecString::builder("vision-tower")
                 .nick("Vision tower")
-                .blurb("EVA-ViT-G weights file (eva_vit_g.pth); default: mm_vision_tower of config.json, resolved beside the model")
+                .blurb("EVA-ViT-G weights (eva_vit_g.pth): a file, an https:// URL, or a hub file owner/name/path[@revision]; default: mm_vision_tower of config.json resolved beside a local model, the LAVIS URL for a hub model")
                 .mutable_ready()
                 .build(),
             glib::ParamSpecString::builder("prompt")
