@@ -61,11 +61,13 @@ fn host_effects_happen_only_when_the_load_options_ask() {
 }
 
 /// The shipped code (kernels and model) reads no environment variable to decide how to
-/// compute: the only reads allowed are the remote server's API key (a credential, documented).
+/// compute: the only reads allowed are the remote server's API key (a credential, documented)
+/// and the Hugging Face hub's own variables (HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN:
+/// where model files come from, as every hub client reads them; documented in the README).
 #[test]
 fn no_environment_variable_changes_how_the_model_computes() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let allowed = ["plugin/src/model/remote/client.rs"];
+    let allowed = ["plugin/src/model/remote/client.rs", "plugin/src/hub/config.rs"];
     let mut offenders = Vec::new();
     let mut stack = vec![root.join("plugin/src"), root.join("kernels/src")];
     while let Some(dir) = stack.pop() {
