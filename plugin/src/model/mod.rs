@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod error;
 pub mod eva;
 pub mod files;
+pub mod gguf;
 pub mod llama;
 pub mod nn;
 pub mod preprocess;

@@ -12,6 +12,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
 
@@ -174,6 +175,8 @@ fn load_pack_rows() -> Option<usize> {
 #[derive(Clone)]
 enum Backend {
     Candle(candle_nn::Linear),
+    /// Block-quantized weights as a GGUF file stores them (Q4_K, Q8_0, ...), used as they are.
+    Quantized(QMatMul),
     Cpu {
         kernel: Arc<CpuLinear>,
         device: Device,
@@ -194,6 +197,10 @@ impl fmt::Debug for Linear {
                 .field("weight", &l.weight().shape())
                 .field("precision", &"f32")
                 .finish(),
+            Backend::Quantized(_) => f
+                .debug_struct("Linear")
+                .field("precision", &"gguf")
+                .finish(),
             Backend::Cpu { kernel, .. } => f
                 .debug_struct("Linear")
                 .field("out", &kernel.out_features())
@@ -210,6 +217,20 @@ impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self::with_precision(weight, bias, load_precision())
             .unwrap_or_else(|(weight, bias)| Self::candle(weight, bias))
+    }
+
+    /// A layer on weights (out, in) as a GGUF file stores them. Block-quantized ones stay
+    /// quantized (candle's quantized products); f32/f16/bf16 ones become f32 weights, built as
+    /// [`Linear::new`] builds them.
+    pub fn quantized(weight: Arc<QTensor>) -> Result<Self> {
+        match weight.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                Ok(Self::new(weight.dequantize(&weight.device())?, None))
+            }
+            _ => Ok(Self {
+                backend: Backend::Quantized(QMatMul::from_arc(weight)?),
+            }),
+        }
     }
 
     fn candle(weight: Tensor, bias: Option<Tensor>) -> Self {
@@ -275,7 +296,7 @@ impl Linear {
     pub fn cpu_kernel(&self) -> Option<&CpuLinear> {
         match &self.backend {
             Backend::Cpu { kernel, .. } => Some(kernel),
-            Backend::Candle(_) => None,
+            Backend::Candle(_) | Backend::Quantized(_) => None,
         }
     }
 
@@ -283,6 +304,7 @@ impl Linear {
     pub fn weight(&self) -> Option<&Tensor> {
         match &self.backend {
             Backend::Candle(l) => Some(l.weight()),
+            Backend::Quantized(_) => None,
             Backend::Cpu { kernel, .. } => match &**kernel {
                 CpuLinear::F32(l) => l.weight(),
                 _ => None,
@@ -294,14 +316,15 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         match &self.backend {
             Backend::Candle(l) => l.bias(),
-            Backend::Cpu { .. } => None,
+            Backend::Cpu { .. } | Backend::Quantized(_) => None,
         }
     }
 
-    /// The arithmetic this layer runs.
+    /// The arithmetic this layer runs (f32 for GGUF block-quantized weights: see
+    /// [`Linear::gguf_type`]).
     pub fn precision(&self) -> Precision {
         match &self.backend {
-            Backend::Candle(_) => Precision::F32,
+            Backend::Candle(_) | Backend::Quantized(_) => Precision::F32,
             Backend::Cpu { kernel, .. } => match **kernel {
                 CpuLinear::Bf16(_) => Precision::Bf16,
                 CpuLinear::Int8(_) => Precision::Int8,
@@ -310,9 +333,21 @@ impl Linear {
         }
     }
 
+    /// The GGUF block type of the weights, when they are block-quantized.
+    pub fn gguf_type(&self) -> Option<GgmlDType> {
+        match &self.backend {
+            Backend::Quantized(QMatMul::QTensor(q)) => Some(q.dtype()),
+            _ => None,
+        }
+    }
+
     /// Bytes held by the weights.
     pub fn weight_bytes(&self) -> usize {
         match &self.backend {
+            Backend::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Backend::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
+                w.elem_count() * w.dtype().size_in_bytes()
+            }
             Backend::Candle(l) => l.weight().elem_count() * l.weight().dtype().size_in_bytes(),
             Backend::Cpu { kernel, .. } => kernel.weight_bytes(),
         }
@@ -348,6 +383,7 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.backend {
             Backend::Candle(l) => l.forward(x),
+            Backend::Quantized(q) => q.forward(x),
             Backend::Cpu { kernel, device } => cpu_forward(kernel, device, x),
         }
     }
