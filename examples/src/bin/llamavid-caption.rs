@@ -4,7 +4,7 @@
 //! ```text
 //! llamavid-caption --model DIR [--prompt TEXT] [--vision-tower FILE] [--max-new-tokens N]
 //!                  [--temperature T] [--top-p P] [--seed S] [--max-frames N] [--fps F]
-//!                  [--weights auto|bin|safetensors] VIDEO_OR_FRAME_DIR
+//!                  [--weights auto|bin|safetensors] [--llm-gguf FILE] VIDEO_OR_FRAME_DIR
 //! ```
 
 use std::path::PathBuf;
@@ -17,13 +17,14 @@ use llamavid_examples::{decode_image_dir, decode_video};
 
 const USAGE: &str = "usage: llamavid-caption --model DIR [--prompt TEXT] [--vision-tower FILE] \
 [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--max-frames N] [--fps F] \
-[--weights auto|bin|safetensors] VIDEO_OR_FRAME_DIR";
+[--weights auto|bin|safetensors] [--llm-gguf FILE] VIDEO_OR_FRAME_DIR";
 
 struct Args {
     model: PathBuf,
     input: PathBuf,
     prompt: String,
     vision_tower: Option<PathBuf>,
+    llm_gguf: Option<PathBuf>,
     params: GenerationParams,
     max_frames: usize,
     fps: f64,
@@ -35,6 +36,7 @@ fn parse_args() -> Result<Args> {
     let mut input = None;
     let mut prompt = "Describe what is happening in the video.".to_owned();
     let mut vision_tower = None;
+    let mut llm_gguf = None;
     let mut params = GenerationParams {
         max_new_tokens: 128,
         ..GenerationParams::default()
@@ -52,6 +54,7 @@ fn parse_args() -> Result<Args> {
             "--model" => model = Some(PathBuf::from(value()?)),
             "--prompt" => prompt = value()?,
             "--vision-tower" => vision_tower = Some(PathBuf::from(value()?)),
+            "--llm-gguf" => llm_gguf = Some(PathBuf::from(value()?)),
             "--max-new-tokens" => params.max_new_tokens = value()?.parse()?,
             "--temperature" => params.temperature = value()?.parse()?,
             "--top-p" => params.top_p = value()?.parse()?,
@@ -80,6 +83,7 @@ fn parse_args() -> Result<Args> {
             .with_context(|| format!("a video file or frame directory is required\n{USAGE}"))?,
         prompt,
         vision_tower,
+        llm_gguf,
         params,
         max_frames,
         fps,
@@ -101,6 +105,7 @@ fn run() -> Result<()> {
     let started = Instant::now();
     let mut options = LoadOptions::new(&args.model);
     options.vision_tower = args.vision_tower.clone();
+    options.llm_gguf = args.llm_gguf.clone();
     options.weight_format = args.weights;
     let model = LlamaVid::load(&options)?;
     for note in model.notes() {

@@ -45,13 +45,14 @@ const QUEUE_CAPACITY: usize = 4;
 const MS: u64 = 1_000_000;
 
 /// Models shared by every element in the process, keyed by what was loaded and where.
-type ModelKey = (PathBuf, Option<PathBuf>, String, String);
+type ModelKey = (PathBuf, Option<PathBuf>, Option<PathBuf>, String, String);
 static MODELS: LazyLock<Registry<ModelKey, LlamaVid>> = LazyLock::new(Registry::default);
 
 #[derive(Debug, Clone)]
 struct Settings {
     model: Option<PathBuf>,
     vision_tower: Option<PathBuf>,
+    llm_gguf: Option<PathBuf>,
     prompt: String,
     device: String,
     sample_interval_ms: u64,
@@ -71,6 +72,7 @@ impl Default for Settings {
         Self {
             model: None,
             vision_tower: None,
+            llm_gguf: None,
             prompt: DEFAULT_PROMPT.into(),
             device: DEFAULT_DEVICE.into(),
             sample_interval_ms: DEFAULT_SAMPLE_INTERVAL_MS,
@@ -233,6 +235,7 @@ impl LlamaVidCaption {
         let key = (
             canonical,
             settings.vision_tower.clone(),
+            settings.llm_gguf.clone(),
             format!("{device:?}"),
             format!("{dtype:?}/{}", precision.as_str()),
         );
@@ -258,6 +261,7 @@ impl LlamaVidCaption {
         let loaded = MODELS.get_or_load(&key, || {
             let mut options = LoadOptions::new(&model_dir);
             options.vision_tower = settings.vision_tower.clone();
+            options.llm_gguf = settings.llm_gguf.clone();
             options.device = device.clone();
             options.dtype = dtype;
             options.precision = precision;
@@ -817,6 +821,11 @@ impl ObjectImpl for LlamaVidCaption {
                     .blurb("EVA-ViT-G weights file (eva_vit_g.pth); default: mm_vision_tower of config.json, resolved beside the model")
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecString::builder("llm-gguf")
+                    .nick("Language model GGUF")
+                    .blurb("llama.cpp GGUF file (llama architecture, e.g. Q4_K_M) to take the language model from instead of the checkpoint; the vision side still comes from the model directory")
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecString::builder("prompt")
                     .nick("Prompt")
                     .blurb("Question asked about the video; a change applies to the next caption and to frames encoded after it")
@@ -900,6 +909,7 @@ impl ObjectImpl for LlamaVidCaption {
         match pspec.name() {
             "model" => settings.model = path(value),
             "vision-tower" => settings.vision_tower = path(value),
+            "llm-gguf" => settings.llm_gguf = path(value),
             "prompt" => {
                 settings.prompt = value
                     .get::<Option<String>>()
@@ -948,6 +958,7 @@ impl ObjectImpl for LlamaVidCaption {
         match pspec.name() {
             "model" => path(&settings.model).to_value(),
             "vision-tower" => path(&settings.vision_tower).to_value(),
+            "llm-gguf" => path(&settings.llm_gguf).to_value(),
             "prompt" => settings.prompt.to_value(),
             "device" => settings.device.to_value(),
             "sample-interval" => settings.sample_interval_ms.to_value(),

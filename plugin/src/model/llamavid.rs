@@ -10,7 +10,8 @@ use super::checkpoint::{Checkpoint, WeightFormat};
 use super::config::{read_json, BertConfig, LlavaConfig, VisionOverrides};
 use super::eva::{EvaConfig, EvaVit};
 use super::files::ModelFiles;
-use super::llama::{Llama, LogitsFor};
+use super::gguf::GgufLlama;
+use super::llama::{CheckpointWeights, Llama, LogitsFor};
 use super::nn::{Precision, PrecisionScope};
 use super::preprocess::{ClipPreprocess, FrameView, ResizeTarget};
 use super::prompt::{clean_answer, split_at_image, tokenize_with_image, vicuna_v1_prompt};
@@ -37,6 +38,11 @@ pub struct LoadOptions {
     /// Arithmetic of the linear layers on the CPU (f32 is exact; see `Precision`). Applied
     /// while loading: reduced-precision weights replace the f32 ones layer by layer.
     pub precision: Precision,
+    /// A llama.cpp GGUF file (`llama` architecture) to take the language model from instead of
+    /// the checkpoint: its quantized matrices are used as they are (`precision` then applies
+    /// to the vision side and to the GGUF's f32/f16 tensors only). The embedding comes from the
+    /// GGUF too, or from the checkpoint when the GGUF has none.
+    pub llm_gguf: Option<PathBuf>,
 }
 
 impl LoadOptions {
@@ -49,6 +55,7 @@ impl LoadOptions {
             dtype: DType::F32,
             weight_format: WeightFormat::Auto,
             precision: Precision::F32,
+            llm_gguf: None,
         }
     }
 }
@@ -152,6 +159,42 @@ fn eva_config(eva: &Checkpoint, overrides: &VisionOverrides, path: &Path) -> Res
         num_heads,
         mlp_hidden,
     })
+}
+
+/// The language model from a GGUF file, checked against the checkpoint's configuration (the
+/// projectors' width and the tokenizer's vocabulary must fit it).
+fn load_gguf_llm(
+    path: &Path,
+    config: &LlavaConfig,
+    config_path: &Path,
+    vb: candle_nn::VarBuilder,
+    dtype: DType,
+    device: &Device,
+) -> Result<Llama> {
+    let gguf = GgufLlama::open(path)?;
+    let llm = gguf.config();
+    for (what, ours, theirs) in [
+        ("hidden_size (llama.embedding_length)", config.hidden_size, llm.hidden_size),
+        ("vocab_size (token_embd rows)", config.vocab_size, llm.vocab_size),
+    ] {
+        if ours != theirs {
+            return Err(ModelError::bad_file(
+                path,
+                format!(
+                    "{what} is {theirs}, but the checkpoint's {} says {ours}: this GGUF holds \
+                     another language model than the one the projectors were trained for",
+                    config_path.display()
+                ),
+            ));
+        }
+    }
+    let checkpoint = CheckpointWeights(vb);
+    Ok(Llama::from_weights(
+        llm,
+        &gguf.weights(dtype, device, Some(&checkpoint)),
+        dtype,
+        device,
+    )?)
 }
 
 impl LlamaVid {
@@ -269,7 +312,10 @@ impl LlamaVid {
         };
         let vb = hf.var_builder(dtype, device);
         let tokens = TokenGenerator::new(&token_cfg, vb.pp("model"))?;
-        let llm = Llama::new(&config, vb)?;
+        let llm = match &options.llm_gguf {
+            None => Llama::new(&config, vb)?,
+            Some(path) => load_gguf_llm(path, &config, &files.config, vb, dtype, device)?,
+        };
 
         let llm_tokenizer = LlamaTokenizer::from_model_dir(model_dir)?;
         let qformer_tokenizer = BertTokenizer::from_vocab_file(&files.bert_vocab)?;

@@ -5,7 +5,9 @@
 //!
 //! A matrix whose rows do not split into the type's blocks (K-quants need multiples of 256
 //! columns) falls back as llama.cpp's `llama-quantize` does: Q4_K to Q5_0, Q5_K to Q5_1, Q6_K
-//! to Q8_0, then f16 when even 32 does not divide them. The report lists those tensors.
+//! to Q8_0; when even 32 does not divide them, to f32 (llama-quantize takes f16, but llama.cpp
+//! multiplies f16 weights with activations rounded to f16, which we do not: f32 is exact in
+//! both, and such widths only occur in toy models). The report lists those tensors.
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -98,7 +100,7 @@ fn fitting_type(wanted: GgmlDType, columns: usize) -> GgmlDType {
         };
     }
     if !columns.is_multiple_of(t.block_size()) {
-        t = GgmlDType::F16;
+        t = GgmlDType::F32;
     }
     t
 }

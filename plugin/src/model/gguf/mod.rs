@@ -402,11 +402,13 @@ impl GgufLlama {
     /// when the file has none.
     pub fn weights<'a>(
         &'a self,
+        dtype: DType,
         device: &'a Device,
         fallback: Option<&'a dyn LlamaWeights>,
     ) -> GgufWeights<'a> {
         GgufWeights {
             file: self,
+            dtype,
             device,
             fallback,
         }
@@ -416,7 +418,7 @@ impl GgufLlama {
     pub fn load(&self, device: &Device) -> Result<Llama> {
         Ok(Llama::from_weights(
             &self.config,
-            &self.weights(device, None),
+            &self.weights(DType::F32, device, None),
             DType::F32,
             device,
         )?)
@@ -426,6 +428,8 @@ impl GgufLlama {
 /// [`LlamaWeights`] read from a [`GgufLlama`].
 pub struct GgufWeights<'a> {
     file: &'a GgufLlama,
+    /// Of the activations: the f32/f16/bf16 tensors (norms, dense embeddings) are converted.
+    dtype: DType,
     device: &'a Device,
     fallback: Option<&'a dyn LlamaWeights>,
 }
@@ -437,7 +441,7 @@ fn to_candle(e: ModelError) -> candle_core::Error {
 impl GgufWeights<'_> {
     fn dense(&self, param: LlamaParam) -> candle_core::Result<Tensor> {
         let q = self.file.tensor(param, self.device).map_err(to_candle)?;
-        q.dequantize(self.device)
+        q.dequantize(self.device)?.to_dtype(self.dtype)
     }
 }
 
