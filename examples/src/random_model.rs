@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::torch_save::{StorageType, TensorEntry};
+use gstllamavid::model::torch_save::{StorageType, TensorEntry};
 
 /// Sizes of every part, read from the shape JSON.
 #[derive(Debug, Clone)]

@@ -13,6 +13,7 @@
 //!   [`StopOnDrop`]: nothing may hang a test or leave a pipeline playing;
 //! - [`gst_tool`]: `gst-launch-1.0` and `gst-inspect-1.0` with this build of the plugin, killed
 //!   on timeout.
+//! - [`fake_llm_server`]: a test double of a vLLM (OpenAI-compatible) server, scripted.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,8 @@ use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
+
+pub mod fake_llm_server;
 
 pub use gst;
 pub use gst_check;

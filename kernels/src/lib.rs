@@ -1,6 +1,10 @@
-//! GPU kernels of gst-llamavid and their CPU twins.
+//! The compute kernels of gst-llamavid: the CPU kernels the model runs on (fused vision and
+//! LLaMA layers, matrix products in f32, bf16 and int8, MKL bindings), and the GPU kernels of
+//! the two hot spots candle has no single op for, with their CPU twins.
 //!
-//! Two hot spots of LLaMA-VID that candle has no single op for:
+//! * [`cpu`]: the CPU's fused transformer layers and linear-layer products (see its docs).
+//!
+//! The GPU kernels:
 //!
 //! * [`preprocess`]: raw video memory (RGB, RGBx, BGRx, RGBA, BGRA, I420, NV12, any stride) to
 //!   the normalised channel-first pixels of the vision tower, in one pass per frame: Pillow's
@@ -16,6 +20,7 @@
 //! candle [`candle_core::CudaDevice`].
 
 pub mod compress;
+pub mod cpu;
 pub mod preprocess;
 
 pub use compress::{compress, compress_with_scale, default_scale, CompressShape, Pooled};

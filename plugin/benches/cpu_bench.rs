@@ -338,13 +338,13 @@ fn run() -> Result<(), String> {
     let load_s = secs(t);
     let rss_after_load = proc_status_kib("VmRSS:").unwrap_or(0);
     let hwm_after_load = proc_status_kib("VmHWM:").unwrap_or(0);
-    let cpu = gstllamavid::model::cpu::CpuFeatures::get();
+    let cpu = llamavid_kernels::cpu::CpuFeatures::get();
     println!(
         "model {} | precision requested {} -> {} | mkl {} | amx {} | threads: rayon {}, candle gemm {}",
         dir.display(),
         args.precision,
         model.precision(),
-        gstllamavid::model::cpu::HAS_MKL,
+        llamavid_kernels::cpu::HAS_MKL,
         cpu.amx,
         rayon_threads(),
         candle_core::utils::get_num_threads()
@@ -359,7 +359,7 @@ fn run() -> Result<(), String> {
         gib(rss_before)
     );
 
-    gstllamavid::model::cpu::vit::take_profile();
+    llamavid_kernels::cpu::vit::take_profile();
     let prompt = model
         .prompt_from_ids(&work.question, work.llm_ids.clone(), &work.qformer_ids)
         .map_err(|e| e.to_string())?;
@@ -524,7 +524,7 @@ fn run() -> Result<(), String> {
         results.insert("peak_rss_gib".into(), json!(gib(hwm)));
         results.insert("peak_rss_after_load_gib".into(), json!(gib(hwm_after_load)));
         results.insert("rss_after_load_gib".into(), json!(gib(rss_after_load)));
-        results.insert("mkl".into(), json!(gstllamavid::model::cpu::HAS_MKL));
+        results.insert("mkl".into(), json!(llamavid_kernels::cpu::HAS_MKL));
         results.insert("amx".into(), json!(cpu.amx));
         results.insert("model".into(), json!(dir.display().to_string()));
         results.insert("notes".into(), json!(model.notes()));
@@ -544,7 +544,7 @@ const GEMM_FLOP: f64 = 2.0 * 2048.0 * 2048.0 * 2048.0;
 /// The machine's speed now, through the same kernels the model uses: best of 5 of a 2048³
 /// product in f32 and in bf16 (ms), and the rate of reading 512 MiB on all threads (GB/s).
 fn machine_speed() -> [f64; 3] {
-    use gstllamavid::model::cpu::{Bf16Linear, CpuLinear, F32Linear};
+    use llamavid_kernels::cpu::{Bf16Linear, CpuLinear, F32Linear};
     use rayon::prelude::*;
     let n = 2048;
     let w: Vec<f32> = (0..n * n)
@@ -587,11 +587,11 @@ fn machine_speed() -> [f64; 3] {
 
 /// The fused ViT blocks' time per stage and frame, when they ran (`LLAMAVID_BENCH_STAGES=1`).
 fn stage_profile(table: &mut Vec<(String, f64, &'static str)>, frames: f64) {
-    let profile = gstllamavid::model::cpu::vit::take_profile();
+    let profile = llamavid_kernels::cpu::vit::take_profile();
     if std::env::var_os("LLAMAVID_BENCH_STAGES").is_none() || profile.iter().all(|&s| s == 0.0) {
         return;
     }
-    for (name, s) in gstllamavid::model::cpu::vit::PROFILE_STAGES
+    for (name, s) in llamavid_kernels::cpu::vit::PROFILE_STAGES
         .iter()
         .zip(profile)
     {

@@ -10,6 +10,7 @@ cd "$repo"
 # shellcheck source=mkl-env.sh
 . plugin/scripts/mkl-env.sh
 
-cargo clippy -p gst-plugin-llamavid --all-targets --features mkl -- -D warnings
+cargo clippy -p llamavid-kernels -p gst-plugin-llamavid --all-targets --features mkl -- -D warnings
+cargo test -p llamavid-kernels --features mkl --no-fail-fast --lib
 cargo test -p gst-plugin-llamavid --features mkl --no-fail-fast \
     --lib --test model_stages --test model_errors --test kernel_twins

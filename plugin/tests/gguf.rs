@@ -85,7 +85,11 @@ fn quantized_exports_stay_close_to_the_reference() {
     for (t, tol) in [(GgmlDType::Q8_0, 6e-2), (GgmlDType::Q4K, 3e-1)] {
         let file = GgufLlama::open(&exported(t)).unwrap();
         let types = file.tensor_types();
-        assert_ne!(types["blk.0.attn_q.weight"], GgmlDType::F32, "{t:?} export is quantized");
+        assert_ne!(
+            types["blk.0.attn_q.weight"],
+            GgmlDType::F32,
+            "{t:?} export is quantized"
+        );
         let llm = file.load(&Device::Cpu).unwrap();
         assert_close(
             &format!("logits ({t:?} GGUF)"),
@@ -109,9 +113,14 @@ fn llamavid_takes_its_language_model_from_a_gguf() {
     let generation = model
         .generate(&reference_tensor("inputs_embeds"), &params, true, None)
         .unwrap();
-    assert_eq!(generation.token_ids, expected, "greedy ids through the GGUF LLM");
+    assert_eq!(
+        generation.token_ids, expected,
+        "greedy ids through the GGUF LLM"
+    );
     // And the prompt embeddings come from the GGUF's token_embd.
-    let prompt = model.prompt("Describe what is happening in the video.").unwrap();
+    let prompt = model
+        .prompt("Describe what is happening in the video.")
+        .unwrap();
     assert!(!prompt.input_ids.is_empty());
 
     // q8_0: the same greedy ids on the fixture (its top-2 margins are far above q8_0's error).
@@ -120,7 +129,10 @@ fn llamavid_takes_its_language_model_from_a_gguf() {
     let generation = model
         .generate(&reference_tensor("inputs_embeds"), &params, false, None)
         .unwrap();
-    assert_eq!(generation.token_ids, expected, "greedy ids through the q8_0 GGUF LLM");
+    assert_eq!(
+        generation.token_ids, expected,
+        "greedy ids through the q8_0 GGUF LLM"
+    );
 }
 
 // ---- bad input ----------------------------------------------------------------------------
@@ -155,7 +167,10 @@ fn refused(path: &Path, words: &[&str]) -> ModelError {
         .expect("a broken GGUF must not panic")
         .expect_err("a broken GGUF must be refused");
     let msg = err.to_string();
-    assert!(msg.contains(&path.display().to_string()), "names the file: {msg}");
+    assert!(
+        msg.contains(&path.display().to_string()),
+        "names the file: {msg}"
+    );
     for w in words {
         assert!(msg.contains(w), "{msg:?} should contain {w:?}");
     }
@@ -219,7 +234,13 @@ fn missing_tensors_and_wrong_shapes_are_refused_naming_the_tensor() {
     let wrong = Tensor::zeros((32, 64), DType::F32, &Device::Cpu).unwrap();
     slot.1 = QTensor::quantize(&wrong, GgmlDType::F32).unwrap();
     write(&path, &meta, &tensors);
-    refused(&path, &["tensor `blk.0.attn_k.weight`", "shape [32, 64], expected [64, 64]"]);
+    refused(
+        &path,
+        &[
+            "tensor `blk.0.attn_k.weight`",
+            "shape [32, 64], expected [64, 64]",
+        ],
+    );
 }
 
 #[test]
@@ -234,10 +255,17 @@ fn unsupported_quantization_types_are_refused_naming_the_tensor() {
         .position(|w| w == name)
         .expect("tensor name in the header");
     let type_at = at + name.len() + 4 + 2 * 8;
-    assert_eq!(bytes[type_at..type_at + 4], 0u32.to_le_bytes(), "an f32 tensor");
+    assert_eq!(
+        bytes[type_at..type_at + 4],
+        0u32.to_le_bytes(),
+        "an f32 tensor"
+    );
     bytes[type_at..type_at + 4].copy_from_slice(&16u32.to_le_bytes()); // IQ2_XXS
     std::fs::write(&path, &bytes).unwrap();
-    refused(&path, &["tensor `blk.1.attn_v.weight`", "IQ2_XXS", "not supported"]);
+    refused(
+        &path,
+        &["tensor `blk.1.attn_v.weight`", "IQ2_XXS", "not supported"],
+    );
 }
 
 #[test]
@@ -245,7 +273,10 @@ fn a_gguf_of_another_width_is_refused_by_the_llamavid_loader() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wide.gguf");
     let (mut meta, tensors) = parts();
-    let vocab = meta.iter_mut().find(|(k, _)| k == "llama.vocab_size").unwrap();
+    let vocab = meta
+        .iter_mut()
+        .find(|(k, _)| k == "llama.vocab_size")
+        .unwrap();
     vocab.1 = Value::U32(512);
     // Same file, but the LLaMA-VID config says another vocabulary: pretend by editing rows.
     let mut tensors = tensors;

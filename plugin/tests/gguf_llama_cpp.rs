@@ -43,10 +43,12 @@ fn bound(case: &str) -> f64 {
 #[test]
 #[ignore = "needs llama.cpp's recordings: run gst-tests/llama-cpp-check.sh"]
 fn gguf_decoder_matches_llama_cpp() {
-    let dir = std::env::var_os("LLAMAVID_LLAMA_CPP_CASES").map(PathBuf::from).expect(
-        "LLAMAVID_LLAMA_CPP_CASES is not set: run gst-tests/llama-cpp-check.sh, which records \
+    let dir = std::env::var_os("LLAMAVID_LLAMA_CPP_CASES")
+        .map(PathBuf::from)
+        .expect(
+            "LLAMAVID_LLAMA_CPP_CASES is not set: run gst-tests/llama-cpp-check.sh, which records \
          llama.cpp's outputs and points this test at them",
-    );
+        );
     let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -56,7 +58,11 @@ fn gguf_decoder_matches_llama_cpp() {
     assert!(!cases.is_empty(), "no recordings in {}", dir.display());
     let mut failures = Vec::new();
     for case_path in &cases {
-        let case = case_path.file_stem().unwrap().to_string_lossy().into_owned();
+        let case = case_path
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         let rec: Value =
             serde_json::from_str(&std::fs::read_to_string(case_path).unwrap()).unwrap();
         let model = PathBuf::from(rec["model"].as_str().unwrap());

@@ -4,20 +4,31 @@
 //! ```text
 //! llamavid-caption --model DIR [--prompt TEXT] [--vision-tower FILE] [--max-new-tokens N]
 //!                  [--temperature T] [--top-p P] [--seed S] [--max-frames N] [--fps F]
-//!                  [--weights auto|bin|safetensors] [--llm-gguf FILE] VIDEO_OR_FRAME_DIR
+//!                  [--weights auto|bin|safetensors] [--json] [--llm-gguf FILE]
+//!                  [--llm-server URL --llm-server-model NAME [--llm-server-timeout SECONDS]]
+//!                  VIDEO_OR_FRAME_DIR
 //! ```
+//!
+//! With `--llm-server`, the language model runs on that vLLM server (started with
+//! `--enable-prompt-embeds`, serving the output of `llamavid-export-llm` under NAME): only the
+//! vision side and the token embeddings are loaded here. An API key is read from
+//! `LLAMAVID_LLM_SERVER_API_KEY`. `--json` prints `{"text": ..., "token_ids": [...]}`.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use gstllamavid::model::preprocess::FrameView;
-use gstllamavid::model::{GenerationParams, LlamaVid, LoadOptions, WeightFormat};
+use gstllamavid::model::remote::{RemoteLanguageModel, ServerConfig};
+use gstllamavid::model::{
+    GenerationParams, LanguageModelWeights, LlamaVid, LoadOptions, WeightFormat,
+};
 use llamavid_examples::{decode_image_dir, decode_video};
 
 const USAGE: &str = "usage: llamavid-caption --model DIR [--prompt TEXT] [--vision-tower FILE] \
 [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--max-frames N] [--fps F] \
-[--weights auto|bin|safetensors] [--llm-gguf FILE] VIDEO_OR_FRAME_DIR";
+[--weights auto|bin|safetensors] [--json] [--llm-gguf FILE] [--llm-server URL --llm-server-model NAME \
+[--llm-server-timeout SECONDS]] VIDEO_OR_FRAME_DIR";
 
 struct Args {
     model: PathBuf,
@@ -29,6 +40,8 @@ struct Args {
     max_frames: usize,
     fps: f64,
     weights: WeightFormat,
+    json: bool,
+    llm_server: Option<ServerConfig>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -44,6 +57,10 @@ fn parse_args() -> Result<Args> {
     let mut max_frames = 180;
     let mut fps = 1.0;
     let mut weights = WeightFormat::Auto;
+    let mut json = false;
+    let mut llm_server = None;
+    let mut llm_server_model = None;
+    let mut llm_server_timeout = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -61,6 +78,10 @@ fn parse_args() -> Result<Args> {
             "--seed" => params.seed = value()?.parse()?,
             "--max-frames" => max_frames = value()?.parse()?,
             "--fps" => fps = value()?.parse()?,
+            "--json" => json = true,
+            "--llm-server" => llm_server = Some(value()?),
+            "--llm-server-model" => llm_server_model = Some(value()?),
+            "--llm-server-timeout" => llm_server_timeout = Some(value()?.parse::<f64>()?),
             "--weights" => {
                 weights = match value()?.as_str() {
                     "auto" => WeightFormat::Auto,
@@ -77,6 +98,18 @@ fn parse_args() -> Result<Args> {
             other => input = Some(PathBuf::from(other)),
         }
     }
+    let llm_server = match (llm_server, llm_server_model) {
+        (Some(url), Some(name)) => {
+            let mut config = ServerConfig::new(url, name);
+            config.api_key = ServerConfig::api_key_from_env();
+            if let Some(seconds) = llm_server_timeout {
+                config.request_timeout = std::time::Duration::from_secs_f64(seconds);
+            }
+            Some(config)
+        }
+        (None, None) => None,
+        _ => bail!("--llm-server and --llm-server-model go together\n{USAGE}"),
+    };
     Ok(Args {
         model: model.with_context(|| format!("--model is required\n{USAGE}"))?,
         input: input
@@ -88,6 +121,8 @@ fn parse_args() -> Result<Args> {
         max_frames,
         fps,
         weights,
+        json,
+        llm_server,
     })
 }
 
@@ -107,6 +142,14 @@ fn run() -> Result<()> {
     options.vision_tower = args.vision_tower.clone();
     options.llm_gguf = args.llm_gguf.clone();
     options.weight_format = args.weights;
+    let remote = match &args.llm_server {
+        Some(config) => {
+            // The decoder runs on the server: only the token embeddings are needed here.
+            options.language_model = LanguageModelWeights::EmbeddingsOnly;
+            Some(RemoteLanguageModel::new(config.clone())?)
+        }
+        None => None,
+    };
     let model = LlamaVid::load(&options)?;
     for note in model.notes() {
         eprintln!("note: {note}");
@@ -135,12 +178,26 @@ fn run() -> Result<()> {
     );
 
     let started = Instant::now();
-    let caption = model.caption(&video, &prompt, &args.params, None)?;
+    let caption = match &remote {
+        Some(remote) => model.caption_remote(&video, &prompt, &args.params, remote, None)?,
+        None => model.caption(&video, &prompt, &args.params, None)?,
+    };
     eprintln!(
-        "captioned in {:.2?} ({} tokens)",
+        "captioned in {:.2?} ({} tokens{})",
         started.elapsed(),
-        caption.token_ids.len()
+        caption.token_ids.len(),
+        match &args.llm_server {
+            Some(config) => format!(", by {} at {}", config.model, config.url),
+            None => String::new(),
+        }
     );
-    println!("{}", caption.text);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"text": caption.text, "token_ids": caption.token_ids})
+        );
+    } else {
+        println!("{}", caption.text);
+    }
     Ok(())
 }

@@ -15,8 +15,6 @@
 
 #[path = "../random_model.rs"]
 mod random_model;
-#[path = "../torch_save.rs"]
-mod torch_save;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,8 +24,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+use gstllamavid::model::torch_save::{self, StorageType};
 use random_model::{count, eva_tensors, fill_f32, hf_tensors, ModelShape, Rng, TensorSpec};
-use torch_save::StorageType;
 
 const USAGE: &str = "usage: llamavid-random-model --shape FILE.json --out DIR [--dtype f32|bf16] \
 [--seed N] [--shard-gb GB] [--name MODEL_DIR_NAME] [--force]";
@@ -264,7 +262,7 @@ fn write_torch_file(
                     left -= bytes.len() as u64;
                     sink(&bytes)?;
                 }
-                Ok(())
+                anyhow::Ok(())
             })?;
         }
         producer

@@ -36,6 +36,9 @@ pub enum ModelError {
     InvalidInput(String),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    /// The language-model server failed; see [`RemoteError::is_retryable`].
+    #[error(transparent)]
+    Remote(#[from] super::remote::RemoteError),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

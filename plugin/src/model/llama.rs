@@ -393,8 +393,8 @@ pub enum LogitsFor {
 pub struct Llama {
     embed_tokens: TokenEmbedding,
     layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    lm_head: Linear,
+    /// The final norm and `lm_head`; `None` when only the embeddings were loaded.
+    head: Option<(RmsNorm, Linear)>,
     rotary: Rotary,
     max_positions: usize,
     hidden: usize,
@@ -429,13 +429,36 @@ impl Llama {
         Ok(Self {
             embed_tokens,
             layers,
-            norm: weights.rms_norm(LlamaParam::FinalNorm, h, cfg.rms_norm_eps)?,
-            lm_head,
+            head: Some((
+                weights.rms_norm(LlamaParam::FinalNorm, h, cfg.rms_norm_eps)?,
+                lm_head,
+            )),
             rotary: Rotary::new(cfg, dtype, device)?,
             max_positions: cfg.max_position_embeddings,
             hidden: h,
             device: device.clone(),
         })
+    }
+
+    /// The token embedding table alone, for a language model that runs elsewhere: `embed`
+    /// works, `forward` refuses.
+    pub fn embeddings_only(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let embed_tokens = CheckpointWeights(vb.clone()).embedding(cfg.vocab_size, h)?;
+        Ok(Self {
+            embed_tokens,
+            layers: Vec::new(),
+            head: None,
+            rotary: Rotary::new(&cfg.into(), vb.dtype(), vb.device())?,
+            max_positions: cfg.max_position_embeddings,
+            hidden: h,
+            device: vb.device().clone(),
+        })
+    }
+
+    /// Whether the decoder (layers, norm, `lm_head`) is loaded.
+    pub fn has_decoder(&self) -> bool {
+        self.head.is_some()
     }
 
     pub fn hidden_size(&self) -> usize {
@@ -476,6 +499,9 @@ impl Llama {
         logits_for: LogitsFor,
         hidden_states: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
+        let Some((norm, lm_head)) = &self.head else {
+            candle_core::bail!("the language model's decoder was not loaded (embeddings only)");
+        };
         let len = embeddings.dim(1)?;
         let start = cache.len;
         if start + len > self.max_positions {
@@ -498,11 +524,11 @@ impl Llama {
             LogitsFor::LastPosition => x.narrow(1, len - 1, 1)?,
             LogitsFor::AllPositions => x,
         };
-        let x = self.norm.forward(&x)?;
+        let x = norm.forward(&x)?;
         if let Some(states) = collected {
             states.push(x.clone());
         }
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        lm_head.forward(&x)?.to_dtype(DType::F32)
     }
 }
 

@@ -43,6 +43,21 @@ pub struct LoadOptions {
     /// to the vision side and to the GGUF's f32/f16 tensors only). The embedding comes from the
     /// GGUF too, or from the checkpoint when the GGUF has none.
     pub llm_gguf: Option<PathBuf>,
+    /// Which language-model weights to load: all of them, or only the token embedding table
+    /// when a server generates the captions (`LlamaVid::caption_remote`).
+    pub language_model: LanguageModelWeights,
+}
+
+/// The language-model weights a loaded model holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LanguageModelWeights {
+    /// Everything: captions are generated locally.
+    #[default]
+    All,
+    /// The token embedding table only (the prompt's text tokens must be embedded exactly as
+    /// the local model would); the decoder layers, final norm and `lm_head` stay on disk, and
+    /// [`LlamaVid::generate`] refuses to run.
+    EmbeddingsOnly,
 }
 
 impl LoadOptions {
@@ -56,6 +71,7 @@ impl LoadOptions {
             weight_format: WeightFormat::Auto,
             precision: Precision::F32,
             llm_gguf: None,
+            language_model: LanguageModelWeights::All,
         }
     }
 }
@@ -174,8 +190,16 @@ fn load_gguf_llm(
     let gguf = GgufLlama::open(path)?;
     let llm = gguf.config();
     for (what, ours, theirs) in [
-        ("hidden_size (llama.embedding_length)", config.hidden_size, llm.hidden_size),
-        ("vocab_size (token_embd rows)", config.vocab_size, llm.vocab_size),
+        (
+            "hidden_size (llama.embedding_length)",
+            config.hidden_size,
+            llm.hidden_size,
+        ),
+        (
+            "vocab_size (token_embd rows)",
+            config.vocab_size,
+            llm.vocab_size,
+        ),
     ] {
         if ours != theirs {
             return Err(ModelError::bad_file(
@@ -312,9 +336,12 @@ impl LlamaVid {
         };
         let vb = hf.var_builder(dtype, device);
         let tokens = TokenGenerator::new(&token_cfg, vb.pp("model"))?;
-        let llm = match &options.llm_gguf {
-            None => Llama::new(&config, vb)?,
-            Some(path) => load_gguf_llm(path, &config, &files.config, vb, dtype, device)?,
+        let llm = match (options.language_model, &options.llm_gguf) {
+            (LanguageModelWeights::EmbeddingsOnly, _) => Llama::embeddings_only(&config, vb)?,
+            (LanguageModelWeights::All, None) => Llama::new(&config, vb)?,
+            (LanguageModelWeights::All, Some(path)) => {
+                load_gguf_llm(path, &config, &files.config, vb, dtype, device)?
+            }
         };
 
         let llm_tokenizer = LlamaTokenizer::from_model_dir(model_dir)?;
@@ -477,6 +504,13 @@ impl LlamaVid {
         keep_step_logits: bool,
         cancel: Option<&AtomicBool>,
     ) -> Result<Generation> {
+        if !self.llm.has_decoder() {
+            return Err(ModelError::InvalidInput(
+                "this model was loaded with the token embeddings only (its language model runs \
+                 on a server): it cannot generate locally"
+                    .into(),
+            ));
+        }
         let prefill_len = embeddings.dim(1)?;
         let room = self.llm.max_positions().saturating_sub(prefill_len);
         let max_new = params.max_new_tokens.min(room + 1);
@@ -529,10 +563,15 @@ impl LlamaVid {
     ) -> Result<Caption> {
         let embeddings = self.input_embeddings(prompt, video_tokens)?;
         let generation = self.generate(&embeddings, params, false, cancel)?;
-        let text = self.llm_tokenizer.decode(&generation.token_ids)?;
+        self.caption_from_ids(generation.token_ids)
+    }
+
+    /// The caption of generated ids: decoded and cleaned as the reference does.
+    pub fn caption_from_ids(&self, token_ids: Vec<u32>) -> Result<Caption> {
+        let text = self.llm_tokenizer.decode(&token_ids)?;
         Ok(Caption {
             text: clean_answer(&text).to_owned(),
-            token_ids: generation.token_ids,
+            token_ids,
         })
     }
 }

@@ -8,7 +8,6 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod cpu;
 pub mod error;
 pub mod eva;
 pub mod files;
@@ -18,14 +17,18 @@ pub mod nn;
 pub mod preprocess;
 pub mod prompt;
 pub mod qformer;
+pub mod remote;
 pub mod sampling;
 pub mod tokenizer;
 pub mod tokens;
+pub mod torch_save;
 
 mod llamavid;
 
 pub use checkpoint::WeightFormat;
 pub use error::{ModelError, Result};
-pub use llamavid::{Caption, CaptionPrompt, Generation, LlamaVid, LoadOptions};
+pub use llamavid::{
+    Caption, CaptionPrompt, Generation, LanguageModelWeights, LlamaVid, LoadOptions,
+};
 pub use nn::Precision;
 pub use sampling::GenerationParams;

@@ -1,7 +1,7 @@
 //! The layers every module builds from. `Linear` is ours rather than candle's so that the
 //! matrix products, where nearly all the time goes, have one place to choose how they run:
 //! candle's gemm in f32 (the exact mode, and the only one on GPUs), or the reduced-precision
-//! CPU kernels of [`super::cpu`] (bf16 or int8 weights, see [`Precision`]).
+//! CPU kernels of [`llamavid_kernels::cpu`] (bf16 or int8 weights, see [`Precision`]).
 //!
 //! The precision is chosen when the model loads: `LlamaVid::load` opens a [`PrecisionScope`]
 //! around the construction of its modules, and every `Linear` built inside it converts its
@@ -16,7 +16,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
 
-use super::cpu::{self, CpuFeatures, CpuLinear};
+use llamavid_kernels::cpu::{self, CpuFeatures, CpuLinear};
 
 /// Arithmetic of the linear layers (everything else stays f32).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]

@@ -1,8 +1,11 @@
-//! A streaming writer of PyTorch checkpoints in the format of `torch.save` (the zip
-//! serialization of torch >= 1.6): a stored (uncompressed) zip archive holding
+//! The one writer of the `torch.save` format (the zip serialization of torch >= 1.6) in the
+//! project: random checkpoints for tests and benchmarks are written with it, and so are the
+//! `prompt_embeds` a vLLM server decodes with `torch.load(weights_only=True)`.
+//!
+//! A `torch.save` file is a stored (uncompressed) zip archive holding
 //!
 //! ```text
-//! <archive>/data.pkl     protocol-2 pickle of an OrderedDict name -> tensor
+//! <archive>/data.pkl     protocol-2 pickle: one tensor, or an OrderedDict name -> tensor
 //! <archive>/byteorder    "little"
 //! <archive>/data/<key>   raw little-endian storage of each tensor, 64-byte aligned
 //! <archive>/version      "3"
@@ -10,14 +13,23 @@
 //!
 //! Each tensor is rebuilt by `torch._utils._rebuild_tensor_v2(persistent_load(('storage',
 //! torch.<Dtype>Storage, key, 'cpu', numel)), 0, size, stride, False, OrderedDict())`, exactly
-//! what `torch.save(state_dict)` writes. Tensor data is streamed chunk by chunk, so a file far
-//! larger than memory can be written; ZIP64 records are added when offsets pass 4 GiB.
+//! what `torch.save` writes; the weights-only unpickler accepts every global used. Tensor data
+//! is streamed chunk by chunk, so a file far larger than memory can be written; ZIP64 records
+//! are added when offsets pass 4 GiB.
 
 use std::fs::File;
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Cursor, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+type Result<T> = std::io::Result<T>;
+
+fn invalid(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
+}
+
+macro_rules! bail {
+    ($($arg:tt)*) => { return Err(invalid(format!($($arg)*))) };
+}
 
 /// Storage types this writer knows (the ones release checkpoints use).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,36 +84,46 @@ pub fn state_dict_pickle(entries: &[TensorEntry]) -> Vec<u8> {
     p.global("collections", "OrderedDict");
     p.out.push(b')'); // EMPTY_TUPLE
     p.out.push(b'R'); // REDUCE -> OrderedDict()
-    for batch in entries.chunks(1000).enumerate() {
-        let (b, batch) = batch;
+    for (b, batch) in entries.chunks(1000).enumerate() {
         p.out.push(b'('); // MARK
         for (i, entry) in batch.iter().enumerate() {
-            let key = (b * 1000 + i).to_string();
             p.unicode(&entry.name);
-            p.global("torch._utils", "_rebuild_tensor_v2");
-            p.out.push(b'('); // MARK (args of _rebuild_tensor_v2)
-            p.out.push(b'('); // MARK (persistent id tuple)
-            p.unicode("storage");
-            p.global("torch", entry.dtype.class());
-            p.unicode(&key);
-            p.unicode("cpu");
-            p.int(entry.numel() as i64);
-            p.out.push(b't'); // TUPLE
-            p.out.push(b'Q'); // BINPERSID
-            p.int(0); // storage offset
-            p.tuple_of_ints(&entry.shape);
-            p.tuple_of_ints(&contiguous_strides(&entry.shape));
-            p.out.push(0x89); // NEWFALSE (requires_grad)
-            p.global("collections", "OrderedDict");
-            p.out.push(b')');
-            p.out.push(b'R'); // backward_hooks = OrderedDict()
-            p.out.push(b't'); // TUPLE
-            p.out.push(b'R'); // REDUCE
+            p.tensor(entry, &(b * 1000 + i).to_string());
         }
         p.out.push(b'u'); // SETITEMS
     }
     p.out.push(b'.'); // STOP
     p.out
+}
+
+/// The pickle `torch.save(tensor)` writes for a single tensor (its storage key is "0").
+pub fn tensor_pickle(entry: &TensorEntry) -> Vec<u8> {
+    let mut p = Pickler::default();
+    p.out.extend_from_slice(&[0x80, 2]); // PROTO 2
+    p.tensor(entry, "0");
+    p.out.push(b'.'); // STOP
+    p.out
+}
+
+/// The bytes of `torch.save(tensor)` for one tensor of `dtype` and `shape` whose raw
+/// little-endian, row-major storage is `data` (the name of `entry` is not used).
+pub fn save_tensor_to_vec(entry: &TensorEntry, data: &[u8]) -> Result<Vec<u8>> {
+    if data.len() as u64 != entry.bytes() {
+        bail!(
+            "tensor of shape {:?} needs {} bytes of data, got {}",
+            entry.shape,
+            entry.bytes(),
+            data.len()
+        );
+    }
+    // torch names the folder after the file; for a buffer it uses "archive".
+    let archive = "archive";
+    let mut zip = ZipStoreWriter::new(Cursor::new(Vec::with_capacity(data.len() + 1024)));
+    zip.add_entry(&format!("{archive}/data.pkl"), &tensor_pickle(entry))?;
+    zip.add_entry(&format!("{archive}/byteorder"), b"little")?;
+    zip.add_entry(&format!("{archive}/data/0"), data)?;
+    zip.add_entry(&format!("{archive}/version"), b"3\n")?;
+    Ok(zip.finish()?.into_inner())
 }
 
 fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
@@ -118,6 +140,30 @@ struct Pickler {
 }
 
 impl Pickler {
+    /// `_rebuild_tensor_v2(persistent_load(('storage', torch.<Dtype>Storage, key, 'cpu',
+    /// numel)), 0, size, stride, False, OrderedDict())`, leaving the tensor on the stack.
+    fn tensor(&mut self, entry: &TensorEntry, key: &str) {
+        self.global("torch._utils", "_rebuild_tensor_v2");
+        self.out.push(b'('); // MARK (args of _rebuild_tensor_v2)
+        self.out.push(b'('); // MARK (persistent id tuple)
+        self.unicode("storage");
+        self.global("torch", entry.dtype.class());
+        self.unicode(key);
+        self.unicode("cpu");
+        self.int(entry.numel() as i64);
+        self.out.push(b't'); // TUPLE
+        self.out.push(b'Q'); // BINPERSID
+        self.int(0); // storage offset
+        self.tuple_of_ints(&entry.shape);
+        self.tuple_of_ints(&contiguous_strides(&entry.shape));
+        self.out.push(0x89); // NEWFALSE (requires_grad)
+        self.global("collections", "OrderedDict");
+        self.out.push(b')');
+        self.out.push(b'R'); // backward_hooks = OrderedDict()
+        self.out.push(b't'); // TUPLE
+        self.out.push(b'R'); // REDUCE
+    }
+
     fn global(&mut self, module: &str, name: &str) {
         self.out.push(b'c');
         self.out.extend_from_slice(module.as_bytes());
@@ -179,8 +225,8 @@ struct CentralEntry {
 
 /// A zip archive of stored entries, written front to back with one seek back per entry to
 /// fill in its CRC.
-pub struct ZipStoreWriter {
-    file: BufWriter<File>,
+pub struct ZipStoreWriter<W: Write + Seek = BufWriter<File>> {
+    file: W,
     pos: u64,
     entries: Vec<CentralEntry>,
     /// The entry being written: its header position, expected size, bytes so far, CRC state.
@@ -192,13 +238,22 @@ const LOCAL_HEADER: u64 = 30;
 
 impl ZipStoreWriter {
     pub fn create(path: &Path) -> Result<Self> {
-        let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self {
-            file: BufWriter::with_capacity(8 << 20, file),
+        let file = File::create(path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("creating {}: {e}", path.display()))
+        })?;
+        Ok(Self::new(BufWriter::with_capacity(8 << 20, file)))
+    }
+}
+
+impl<W: Write + Seek> ZipStoreWriter<W> {
+    /// An archive written to `file` from its current position 0.
+    pub fn new(file: W) -> Self {
+        Self {
+            file,
             pos: 0,
             entries: Vec::new(),
             open: None,
-        })
+        }
     }
 
     /// Starts an entry of exactly `size` bytes whose data begins 64-byte aligned (as torch
@@ -279,8 +334,9 @@ impl ZipStoreWriter {
         self.finish_entry()
     }
 
-    /// Writes the central directory (with ZIP64 records when needed) and flushes.
-    pub fn finish(mut self) -> Result<()> {
+    /// Writes the central directory (with ZIP64 records when needed), flushes, and returns
+    /// the sink.
+    pub fn finish(mut self) -> Result<W> {
         if self.open.is_some() {
             bail!("zip finished with an entry still open");
         }
@@ -352,7 +408,7 @@ impl ZipStoreWriter {
         tail.extend_from_slice(&0u16.to_le_bytes());
         self.file.write_all(&tail)?;
         self.file.flush()?;
-        Ok(())
+        Ok(self.file)
     }
 }
 
@@ -390,15 +446,16 @@ impl TorchFileWriter {
     }
 
     /// Streams the data of the next tensor: `produce` is called with a sink for its bytes.
-    pub fn write_next(
+    pub fn write_next<E: From<std::io::Error>>(
         &mut self,
-        produce: impl FnOnce(&TensorEntry, &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>,
-    ) -> Result<()> {
-        let entry = self
-            .entries
-            .get(self.next)
-            .cloned()
-            .context("no tensor left to write")?;
+        produce: impl FnOnce(
+            &TensorEntry,
+            &mut dyn FnMut(&[u8]) -> Result<()>,
+        ) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let Some(entry) = self.entries.get(self.next).cloned() else {
+            return Err(invalid("no tensor left to write".into()).into());
+        };
         self.zip.start_entry(
             &format!("{}/data/{}", self.archive, self.next),
             entry.bytes(),
@@ -416,7 +473,7 @@ impl TorchFileWriter {
         }
         self.zip
             .add_entry(&format!("{}/version", self.archive), b"3\n")?;
-        self.zip.finish()
+        self.zip.finish().map(drop)
     }
 }
 

@@ -147,7 +147,7 @@ impl<T: ScratchElem> std::ops::DerefMut for Scratch<T> {
 /// the baseline: plain loops in the body get vectorised for the wider registers.
 macro_rules! dispatch_avx512 {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $crate::model::cpu::dispatch_avx512! {
+        $crate::cpu::dispatch_avx512! {
             $(#[$m])* $vis fn $name($($arg: $ty),*) -> () $body
         }
     };
@@ -162,7 +162,7 @@ macro_rules! dispatch_avx512 {
                 unsafe fn wide($($arg: $ty),*) -> $ret {
                     body($($arg),*)
                 }
-                let f = $crate::model::cpu::CpuFeatures::get();
+                let f = $crate::cpu::CpuFeatures::get();
                 if f.avx512f && f.avx512bw {
                     // SAFETY: the features were detected at run time.
                     return unsafe { wide($($arg),*) };

