@@ -25,6 +25,7 @@ pub mod llama;
 pub mod math;
 #[cfg(feature = "mkl")]
 pub mod mkl;
+pub mod quant;
 pub mod vit;
 
 use candle_core::{Storage, Tensor};
@@ -390,6 +391,8 @@ pub enum CpuLinear {
     F32(F32Linear),
     Bf16(Bf16Linear),
     Int8(Int8Linear),
+    /// ggml block-quantized weights from a GGUF file, with ggml's arithmetic.
+    Quant(quant::QuantLinear),
 }
 
 impl CpuLinear {
@@ -398,6 +401,7 @@ impl CpuLinear {
             Self::F32(l) => l.n,
             Self::Bf16(l) => l.n,
             Self::Int8(l) => l.n,
+            Self::Quant(l) => l.out_features(),
         }
     }
 
@@ -406,6 +410,7 @@ impl CpuLinear {
             Self::F32(l) => l.k,
             Self::Bf16(l) => l.k,
             Self::Int8(l) => l.k,
+            Self::Quant(l) => l.in_features(),
         }
     }
 
@@ -422,6 +427,7 @@ impl CpuLinear {
             Self::F32(l) => l.forward_with(x, m, out, epilogue),
             Self::Bf16(l) => l.forward_with(x, m, out, epilogue),
             Self::Int8(l) => l.forward_with(x, m, out, epilogue),
+            Self::Quant(l) => l.forward_with(x, m, out, epilogue),
         }
     }
 
@@ -442,6 +448,7 @@ impl CpuLinear {
             },
             Self::Bf16(l) => l.w.len() * 2,
             Self::Int8(l) => l.w.len() + l.scale.len() * 8,
+            Self::Quant(l) => l.weight_bytes(),
         }
     }
 }

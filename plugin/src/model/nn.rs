@@ -220,17 +220,40 @@ impl Linear {
     }
 
     /// A layer on weights (out, in) as a GGUF file stores them. Block-quantized ones stay
-    /// quantized (candle's quantized products); f32/f16/bf16 ones become f32 weights, built as
-    /// [`Linear::new`] builds them.
+    /// quantized: on the CPU in our kernels, which compute as ggml does (see
+    /// `llamavid_kernels::cpu::quant`), elsewhere (and for Q2_K/Q3_K) in candle's quantized
+    /// products; f32/f16/bf16 ones become f32 weights, built as [`Linear::new`] builds them.
     pub fn quantized(weight: Arc<QTensor>) -> Result<Self> {
-        match weight.dtype() {
+        use cpu::quant::{BlockType, QuantLinear};
+        let block = match weight.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                Ok(Self::new(weight.dequantize(&weight.device())?, None))
+                return Ok(Self::new(weight.dequantize(&weight.device())?, None));
             }
-            _ => Ok(Self {
-                backend: Backend::Quantized(QMatMul::from_arc(weight)?),
-            }),
+            GgmlDType::Q4_0 => Some(BlockType::Q4_0),
+            GgmlDType::Q4_1 => Some(BlockType::Q4_1),
+            GgmlDType::Q5_0 => Some(BlockType::Q5_0),
+            GgmlDType::Q5_1 => Some(BlockType::Q5_1),
+            GgmlDType::Q8_0 => Some(BlockType::Q8_0),
+            GgmlDType::Q4K => Some(BlockType::Q4K),
+            GgmlDType::Q5K => Some(BlockType::Q5K),
+            GgmlDType::Q6K => Some(BlockType::Q6K),
+            _ => None,
+        };
+        let device = weight.device();
+        if let (Some(block), true) = (block, device.is_cpu() && !cpu::candle_only()) {
+            let (n, k) = weight.shape().dims2()?;
+            let kernel = QuantLinear::new(block, n, k, weight.data()?.into_owned())
+                .map_err(candle_core::Error::Msg)?;
+            return Ok(Self {
+                backend: Backend::Cpu {
+                    kernel: Arc::new(CpuLinear::Quant(kernel)),
+                    device,
+                },
+            });
         }
+        Ok(Self {
+            backend: Backend::Quantized(QMatMul::from_arc(weight)?),
+        })
     }
 
     fn candle(weight: Tensor, bias: Option<Tensor>) -> Self {
@@ -321,23 +344,24 @@ impl Linear {
     }
 
     /// The arithmetic this layer runs (f32 for GGUF block-quantized weights: see
-    /// [`Linear::gguf_type`]).
+    /// [`Linear::is_block_quantized`]).
     pub fn precision(&self) -> Precision {
         match &self.backend {
             Backend::Candle(_) | Backend::Quantized(_) => Precision::F32,
             Backend::Cpu { kernel, .. } => match **kernel {
                 CpuLinear::Bf16(_) => Precision::Bf16,
                 CpuLinear::Int8(_) => Precision::Int8,
-                CpuLinear::F32(_) => Precision::F32,
+                CpuLinear::F32(_) | CpuLinear::Quant(_) => Precision::F32,
             },
         }
     }
 
-    /// The GGUF block type of the weights, when they are block-quantized.
-    pub fn gguf_type(&self) -> Option<GgmlDType> {
+    /// Whether the weights are GGUF block-quantized ones.
+    pub fn is_block_quantized(&self) -> bool {
         match &self.backend {
-            Backend::Quantized(QMatMul::QTensor(q)) => Some(q.dtype()),
-            _ => None,
+            Backend::Quantized(QMatMul::QTensor(_)) => true,
+            Backend::Cpu { kernel, .. } => matches!(**kernel, CpuLinear::Quant(_)),
+            _ => false,
         }
     }
 
