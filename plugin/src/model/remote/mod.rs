@@ -19,7 +19,7 @@ pub mod error;
 pub mod payload;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,19 +33,22 @@ use super::{Caption, CaptionPrompt, GenerationParams, LlamaVid, ModelError, Resu
 
 type Work =
     Box<dyn FnOnce(&CompletionsClient) -> std::result::Result<Completion, RemoteError> + Send>;
+type Reply = (u64, std::result::Result<Completion, RemoteError>);
 
 /// Requests of one stream, run one at a time on a thread of their own so that the caller can
-/// give up waiting (a flush, a state change) without a connection being torn down mid-reply.
+/// go on (encode frames) or give up waiting (a flush, a state change) without a connection
+/// being torn down mid-reply.
 struct RequestLine {
     work: Sender<(u64, Work)>,
-    replies: Receiver<(u64, std::result::Result<Completion, RemoteError>)>,
+    replies: Receiver<Reply>,
     next_id: u64,
-    /// A request whose caller stopped waiting: its reply is still to come.
-    abandoned: Option<u64>,
+    /// The request started and not yet answered, and whether its caller still wants it.
+    in_flight: Option<(u64, bool)>,
 }
 
 /// A language model served elsewhere, for one stream: at most one request is in flight at a
-/// time (a new caption waits for an abandoned one to end, cancellably).
+/// time. [`start`](Self::start) and [`reply`](Self::reply) let the caller work meanwhile;
+/// [`complete`](Self::complete) waits, cancellably.
 pub struct RemoteLanguageModel {
     client: Arc<CompletionsClient>,
     /// What the server said about the model, asked once it is first reached.
@@ -53,8 +56,25 @@ pub struct RemoteLanguageModel {
     line: Mutex<RequestLine>,
 }
 
+/// What a server needs to caption a window.
+#[derive(Debug, Clone)]
+pub struct RemoteCaptionInput {
+    /// The language model's input (1, n, H): prompt ‖ window tokens ‖ question.
+    pub embeddings: Tensor,
+    pub sampling: Sampling,
+    /// The local model's context, which also bounds what is asked of the server.
+    pub max_positions: usize,
+}
+
+/// The `finish_reason` of the reply to [`RemoteLanguageModel::start_probe`].
+pub const PROBE: &str = "probe";
+
 /// How often a waiting caller looks at its cancel flag.
 const CANCEL_POLL: Duration = Duration::from_millis(10);
+
+fn thread_stopped() -> ModelError {
+    ModelError::InvalidInput("the language-model request thread has stopped".into())
+}
 
 impl RemoteLanguageModel {
     /// Sets up the client (nothing is sent yet: the server may come up later).
@@ -84,7 +104,7 @@ impl RemoteLanguageModel {
                 work: work_tx,
                 replies: reply_rx,
                 next_id: 0,
-                abandoned: None,
+                in_flight: None,
             }),
         })
     }
@@ -98,68 +118,127 @@ impl RemoteLanguageModel {
         lock(&self.served).clone()
     }
 
-    /// Runs `work` on the request thread and waits for its reply, giving up (with
-    /// [`ModelError::Cancelled`]) when `cancel` is raised; the request then runs to its end
-    /// unobserved, and the next call waits for it first.
-    fn run(&self, work: Work, cancel: Option<&AtomicBool>) -> Result<Completion> {
+    /// Whether a request is in flight (also one whose caller stopped waiting for it).
+    pub fn busy(&self) -> bool {
         let mut line = lock(&self.line);
-        let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
-        let wait = |line: &mut RequestLine, id: u64| -> Result<Option<_>> {
-            loop {
-                if cancelled() {
-                    return Ok(None);
-                }
-                match line.replies.recv_timeout(CANCEL_POLL) {
-                    Ok((got, reply)) if got == id => return Ok(Some(reply)),
-                    Ok(_) => continue,
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        return Err(ModelError::InvalidInput(
-                            "the language-model request thread has stopped".into(),
-                        ))
-                    }
-                }
-            }
+        if line.in_flight.is_some_and(|(_, wanted)| !wanted) {
+            Self::collect(&mut line, Duration::ZERO);
+        }
+        line.in_flight.is_some()
+    }
+
+    /// Takes the reply of the request in flight if it arrives within `wait`; the reply of an
+    /// abandoned request is dropped on the way.
+    fn collect(line: &mut RequestLine, wait: Duration) -> Option<Reply> {
+        let (id, wanted) = line.in_flight?;
+        let reply = if wait.is_zero() {
+            line.replies.try_recv().ok()
+        } else {
+            line.replies.recv_timeout(wait).ok()
         };
-        if let Some(id) = line.abandoned {
-            if wait(&mut line, id)?.is_none() {
-                return Err(ModelError::Cancelled);
+        match reply {
+            Some((got, result)) if got == id => {
+                line.in_flight = None;
+                wanted.then_some((got, result))
             }
-            line.abandoned = None;
+            _ => None,
+        }
+    }
+
+    /// Starts completing `input` in the background. Refused while a request is in flight.
+    pub fn start(&self, input: RemoteCaptionInput) -> Result<()> {
+        self.start_work(self.work(input))
+    }
+
+    /// Starts asking the server which models it serves, in the background (a check at start:
+    /// is it there, does it serve our model). Its [`reply`](Self::reply) is an empty
+    /// completion whose `finish_reason` is [`PROBE`].
+    pub fn start_probe(&self) -> Result<()> {
+        let served = self.served.clone();
+        self.start_work(Box::new(move |client: &CompletionsClient| {
+            let model = client.check_model()?;
+            *lock(&served) = Some(model);
+            Ok(Completion {
+                token_ids: Some(Vec::new()),
+                text: String::new(),
+                finish_reason: Some(PROBE.into()),
+            })
+        }))
+    }
+
+    fn start_work(&self, work: Work) -> Result<()> {
+        let mut line = lock(&self.line);
+        if line.in_flight.is_some_and(|(_, wanted)| !wanted) {
+            Self::collect(&mut line, Duration::ZERO);
+        }
+        if line.in_flight.is_some() {
+            return Err(ModelError::InvalidInput(
+                "a language-model request is already in flight for this stream".into(),
+            ));
         }
         let id = line.next_id;
         line.next_id += 1;
-        if line.work.send((id, work)).is_err() {
-            return Err(ModelError::InvalidInput(
-                "the language-model request thread has stopped".into(),
-            ));
+        line.work.send((id, work)).map_err(|_| thread_stopped())?;
+        line.in_flight = Some((id, true));
+        Ok(())
+    }
+
+    /// The reply of the started request, if it comes within `wait` (`None`: not yet, or
+    /// nothing was started).
+    pub fn reply(&self, wait: Duration) -> Option<Result<Completion>> {
+        let mut line = lock(&self.line);
+        Self::collect(&mut line, wait).map(|(_, result)| result.map_err(ModelError::from))
+    }
+
+    /// Stops wanting the reply of the request in flight (a flush): it still runs to its end,
+    /// and no new request starts before it has.
+    pub fn abandon(&self) {
+        if let Some((_, wanted)) = lock(&self.line).in_flight.as_mut() {
+            *wanted = false;
         }
-        match wait(&mut line, id)? {
-            Some(reply) => Ok(reply?),
-            None => {
-                line.abandoned = Some(id);
-                Err(ModelError::Cancelled)
+    }
+
+    /// Completes `input`, waiting for the reply; gives up with [`ModelError::Cancelled`] when
+    /// `cancel` is raised (the request is then abandoned). A request in flight is waited for
+    /// first.
+    pub fn complete(
+        &self,
+        input: RemoteCaptionInput,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Completion> {
+        let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+        let mut started = false;
+        loop {
+            if cancelled() {
+                if started {
+                    self.abandon();
+                }
+                return Err(ModelError::Cancelled);
+            }
+            if !started {
+                if self.busy() {
+                    std::thread::sleep(CANCEL_POLL);
+                    continue;
+                }
+                self.start(input.clone())?;
+                started = true;
+            }
+            if let Some(reply) = self.reply(CANCEL_POLL) {
+                return reply;
             }
         }
     }
 
-    /// Completes `embeddings` (1, n, H) or (n, H) with `sampling`, asking the server for
-    /// at most what fits its context (and `max_positions`, the local model's).
-    pub fn complete(
-        &self,
-        embeddings: &Tensor,
-        sampling: &Sampling,
-        max_positions: usize,
-        cancel: Option<&AtomicBool>,
-    ) -> Result<Completion> {
-        let embeddings = embeddings.clone();
-        let prompt_len = match embeddings.rank() {
-            3 => embeddings.dim(1)?,
-            _ => embeddings.dim(0)?,
-        };
-        let mut sampling = sampling.clone();
+    /// The request's work on the request thread: learn the server's context once, bound
+    /// `max_tokens` by it, send.
+    fn work(&self, input: RemoteCaptionInput) -> Work {
         let served = self.served.clone();
-        let work: Work = Box::new(move |client: &CompletionsClient| {
+        Box::new(move |client: &CompletionsClient| {
+            let RemoteCaptionInput {
+                embeddings,
+                mut sampling,
+                max_positions,
+            } = input;
             let known = lock(&served).clone();
             let model = match known {
                 Some(model) => model,
@@ -169,18 +248,18 @@ impl RemoteLanguageModel {
                     model
                 }
             };
+            let prompt_len = embeddings.dims().iter().rev().nth(1).copied().unwrap_or(0);
             let context = model
                 .max_model_len
                 .unwrap_or(max_positions)
                 .min(max_positions);
-            // The server counts prompt + max_tokens against its context and refuses more;
-            // a prompt that does not fit is sent as it is, for the server to refuse.
+            // The server counts prompt + max_tokens against its context and refuses more; a
+            // prompt that does not fit is sent as it is, for the server to refuse.
             if prompt_len < context {
                 sampling.max_tokens = sampling.max_tokens.min(context - prompt_len);
             }
             client.complete(&embeddings, &sampling)
-        });
-        self.run(work, cancel)
+        })
     }
 }
 
@@ -189,6 +268,33 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl LlamaVid {
+    /// What a server needs to caption `video_tokens`: the input embeddings
+    /// [`LlamaVid::caption`] would feed the local LLaMA, and the sampling settings.
+    pub fn remote_caption_input(
+        &self,
+        video_tokens: &Tensor,
+        prompt: &CaptionPrompt,
+        params: &GenerationParams,
+    ) -> Result<RemoteCaptionInput> {
+        Ok(RemoteCaptionInput {
+            embeddings: self.input_embeddings(prompt, video_tokens)?,
+            sampling: Sampling::from_params(params, self.llm_tokenizer().eos_id()),
+            max_positions: self.llm().max_positions(),
+        })
+    }
+
+    /// The caption of a server's completion: its ids decoded as [`LlamaVid::caption`] does
+    /// (a server that returns no ids: its text, cleaned the same way).
+    pub fn caption_from_completion(&self, completion: Completion) -> Result<Caption> {
+        match completion.token_ids {
+            Some(ids) => self.caption_from_ids(ids),
+            None => Ok(Caption {
+                text: super::prompt::clean_answer(&completion.text).to_owned(),
+                token_ids: Vec::new(),
+            }),
+        }
+    }
+
     /// [`LlamaVid::caption`] with the language model on `remote`: the same input embeddings,
     /// generated by the server, decoded with this checkpoint's tokenizer.
     pub fn caption_remote(
@@ -199,20 +305,10 @@ impl LlamaVid {
         remote: &RemoteLanguageModel,
         cancel: Option<&AtomicBool>,
     ) -> Result<Caption> {
-        let embeddings = self.input_embeddings(prompt, video_tokens)?;
         if params.max_new_tokens == 0 {
             return self.caption_from_ids(Vec::new());
         }
-        let sampling = Sampling::from_params(params, self.llm_tokenizer().eos_id());
-        let completion =
-            remote.complete(&embeddings, &sampling, self.llm().max_positions(), cancel)?;
-        match completion.token_ids {
-            Some(ids) => self.caption_from_ids(ids),
-            // A server that does not return ids: its own text, cleaned like ours.
-            None => Ok(Caption {
-                text: super::prompt::clean_answer(&completion.text).to_owned(),
-                token_ids: Vec::new(),
-            }),
-        }
+        let input = self.remote_caption_input(video_tokens, prompt, params)?;
+        self.caption_from_completion(remote.complete(input, cancel)?)
     }
 }
