@@ -17,7 +17,16 @@ cd "$repo"
 . examples/scripts/system-deps.sh
 ensure_system_deps
 
-step() { printf '\n==> %s\n' "$*"; }
+step() { printf '\n==> %s (disk free: %s)\n' "$*" "$(df -h --output=avail . | tail -1 | tr -d ' ')"; }
+
+# A CI machine's disk is finite and the checks build in three configurations (debug, the mkl
+# feature, the cuda feature), each a few GB: under CI, a build directory goes once the checks
+# that use it are done. Locally the builds stay, for the next run.
+ci_drop_build() {
+  if [ "${CI:-}" = true ]; then
+    rm -rf "$@"
+  fi
+}
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -48,8 +57,10 @@ if [ "${LLAMAVID_SKIP_MKL_CHECK:-0}" != 1 ]; then
   step "MKL build and CPU kernel tests (feature mkl)"
   plugin/scripts/check-mkl-build.sh
 fi
+ci_drop_build "${CARGO_TARGET_DIR:-$repo/target}"
 
 if [ "${LLAMAVID_SKIP_CUDA_CHECK:-0}" != 1 ] && [ -x kernels/check-cuda-build.sh ]; then
   step "CUDA compile-only check"
   kernels/check-cuda-build.sh
 fi
+ci_drop_build "$repo/target-cuda"
