@@ -18,9 +18,11 @@
 #   * run the whole model on the GPU in f32 against the CPU: video tokens within 1e-3, greedy ids
 #     equal (and equal to the reference's), the frame tokens through the fused kernel within 1e-5
 #     of the candle ops, the kernel's pixels within 1e-5 of the reference pixel_values;
+#   * run 8 sequences of different lengths together (LlamaVid::step, one forward per step) on
+#     the GPU: greedy ids equal to each sequence alone;
 #   * time the preprocessing kernel at 1920x1080 NV12 -> 224 (fps, upload included), the fused
-#     compression vs the candle ops, per-frame encode, prefill and decode per token, and print
-#     a table.
+#     compression vs the candle ops, per-frame encode, prefill and decode per token, encode per
+#     frame and one decode step at batch sizes 1, 8, 32 and 64 (issue 10), and print a table.
 #
 # Environment: CUDA_COMPUTE_CAP (default: detected with nvidia-smi, else 80), LLAMAVID_FIXTURE
 # (model fixture; default ../shared/fixtures/llamavid-tiny-a beside the repository),

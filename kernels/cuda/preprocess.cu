@@ -18,7 +18,7 @@
 #define PRECISION_BITS 22
 #define YUV_SHIFT 16
 
-enum SourceFormat {
+enum PixelFormat {
     FMT_RGB = 0,
     FMT_RGBX = 1,
     FMT_BGRX = 2,
@@ -28,7 +28,7 @@ enum SourceFormat {
     FMT_NV12 = 6,
 };
 
-struct YuvCoeffs {
+struct YuvCoefficients {
     int y_offset, y_gain, r_v, g_u, g_v, b_u;
 };
 
@@ -36,7 +36,7 @@ struct PreprocessArgs {
     long long plane_offset[3];
     long long plane_stride[3];
     int format, width, height;
-    YuvCoeffs yuv;
+    YuvCoefficients yuv;
     int resized_width, resized_height;
     int crop_left, crop_top;
     int out_width, out_height;
@@ -47,7 +47,7 @@ struct PreprocessArgs {
 };
 
 static_assert(sizeof(PreprocessArgs) == 144, "PreprocessArgs must match KernelArgs (144 bytes)");
-static_assert(sizeof(YuvCoeffs) == 24, "YuvCoeffs must match (24 bytes)");
+static_assert(sizeof(YuvCoefficients) == 24, "YuvCoefficients must match (24 bytes)");
 
 __device__ __forceinline__ int clip8(int acc) {
     return min(max(acc >> PRECISION_BITS, 0), 255);

@@ -25,8 +25,7 @@ pub mod preprocess;
 
 pub use compress::{compress, compress_with_scale, default_scale, CompressShape, Pooled};
 pub use preprocess::{
-    AxisTaps, Normalization, Plane, PreprocessParams, SourceFormat, YuvCoeffs, PRECISION_BITS,
-    YUV_SHIFT,
+    AxisTaps, Normalization, PixelFormat, Plane, PreprocessParams, YuvCoefficients, PRECISION_BITS,
 };
 
 #[cfg(feature = "cuda")]

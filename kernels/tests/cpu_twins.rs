@@ -3,16 +3,18 @@
 
 use candle_core::{Device, Tensor};
 use llamavid_kernels::compress::{self, cpu, CompressShape, BLOCK};
-use llamavid_kernels::preprocess::cpu as twin;
-use llamavid_kernels::{AxisTaps, Normalization, Plane, PreprocessParams, SourceFormat, YuvCoeffs};
+use llamavid_kernels::preprocess::{centre_crop_offset, cpu as twin};
+use llamavid_kernels::{
+    AxisTaps, Normalization, PixelFormat, Plane, PreprocessParams, YuvCoefficients,
+};
 
-fn packed_params(format: SourceFormat, w: usize, h: usize, stride: usize) -> PreprocessParams {
+fn packed_params(format: PixelFormat, w: usize, h: usize, stride: usize) -> PreprocessParams {
     PreprocessParams {
         format,
         width: w,
         height: h,
         planes: vec![Plane { offset: 5, stride }],
-        yuv: YuvCoeffs::default(),
+        yuv: YuvCoefficients::default(),
         horizontal: AxisTaps::identity(w),
         vertical: AxisTaps::identity(h),
         crop_left: 0,
@@ -30,11 +32,11 @@ fn packed_params(format: SourceFormat, w: usize, h: usize, stride: usize) -> Pre
 fn identity_taps_copy_the_source_channel_first() {
     let (w, h) = (5, 3);
     for (format, bpp, order) in [
-        (SourceFormat::Rgb, 3, [0, 1, 2]),
-        (SourceFormat::Rgbx, 4, [0, 1, 2]),
-        (SourceFormat::Rgba, 4, [0, 1, 2]),
-        (SourceFormat::Bgrx, 4, [2, 1, 0]),
-        (SourceFormat::Bgra, 4, [2, 1, 0]),
+        (PixelFormat::Rgb, 3, [0, 1, 2]),
+        (PixelFormat::Rgbx, 4, [0, 1, 2]),
+        (PixelFormat::Rgba, 4, [0, 1, 2]),
+        (PixelFormat::Bgrx, 4, [2, 1, 0]),
+        (PixelFormat::Bgra, 4, [2, 1, 0]),
     ] {
         let stride = w * bpp + 3;
         let src: Vec<u8> = (0..5 + stride * h).map(|i| (i * 7 % 251) as u8).collect();
@@ -62,11 +64,11 @@ fn identity_taps_copy_the_source_channel_first() {
 fn crop_outside_the_image_is_zero() {
     let (w, h) = (4, 2);
     let src = vec![200u8; w * 3 * h + 5];
-    let mut p = packed_params(SourceFormat::Rgb, w, h, w * 3);
+    let mut p = packed_params(PixelFormat::Rgb, w, h, w * 3);
     p.out_width = 6;
     p.out_height = 4;
-    p.crop_left = PreprocessParams::centre_crop_offset(w, 6);
-    p.crop_top = PreprocessParams::centre_crop_offset(h, 4);
+    p.crop_left = centre_crop_offset(w, 6);
+    p.crop_top = centre_crop_offset(h, 4);
     assert_eq!((p.crop_left, p.crop_top), (-1, -1));
     let out = twin::resample_u8(&p, &src).unwrap();
     let plane = &out[..24];
@@ -77,7 +79,7 @@ fn crop_outside_the_image_is_zero() {
 
 #[test]
 fn yuv_full_range_grey_is_grey() {
-    let c = YuvCoeffs {
+    let c = YuvCoefficients {
         y_offset: 0,
         y_gain: 1 << 16,
         r_v: 91881,

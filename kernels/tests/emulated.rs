@@ -21,9 +21,9 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use llamavid_kernels::compress::{cpu as compress_twin, CompressShape};
-use llamavid_kernels::preprocess::{cpu as twin, KernelArgs};
+use llamavid_kernels::preprocess::{centre_crop_offset, cpu as twin, KernelArgs};
 use llamavid_kernels::{
-    AxisTaps, Normalization, Plane, PreprocessParams, SourceFormat, YuvCoeffs, PRECISION_BITS,
+    AxisTaps, Normalization, PixelFormat, Plane, PreprocessParams, YuvCoefficients, PRECISION_BITS,
 };
 
 /// The emulator binary, built once per test run; `None` when no compiler is available.
@@ -161,7 +161,7 @@ fn random_taps(rng: &mut Rng, in_size: usize, out_size: usize) -> AxisTaps {
 
 fn random_params(
     rng: &mut Rng,
-    format: SourceFormat,
+    format: PixelFormat,
     w: usize,
     h: usize,
 ) -> (PreprocessParams, Vec<u8>) {
@@ -188,7 +188,7 @@ fn random_params(
         width: w,
         height: h,
         planes,
-        yuv: YuvCoeffs {
+        yuv: YuvCoefficients {
             y_offset: [0, 16][rng.below(2)],
             y_gain: 76309,
             r_v: 104597,
@@ -198,8 +198,8 @@ fn random_params(
         },
         horizontal: random_taps(rng, w, rw),
         vertical: random_taps(rng, h, rh),
-        crop_left: PreprocessParams::centre_crop_offset(rw, ow) + rng.range(-1, 1),
-        crop_top: PreprocessParams::centre_crop_offset(rh, oh) + rng.range(-1, 1),
+        crop_left: centre_crop_offset(rw, ow) + rng.range(-1, 1),
+        crop_top: centre_crop_offset(rh, oh) + rng.range(-1, 1),
         out_width: ow,
         out_height: oh,
         normalization: Normalization {
@@ -248,7 +248,7 @@ fn emulated_preprocess_kernel_matches_twin() {
     let mut rng = Rng(2024);
     let mut frames = 0;
     for &(w, h) in &[(1, 1), (2, 1), (3, 5), (8, 3), (17, 9), (31, 47), (64, 33)] {
-        for format in SourceFormat::ALL {
+        for format in PixelFormat::ALL {
             for _ in 0..3 {
                 let (p, src) = random_params(&mut rng, format, w, h);
                 p.validate(src.len()).unwrap();

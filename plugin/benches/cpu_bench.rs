@@ -17,12 +17,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use gstllamavid::model::llama::LogitsFor;
-use gstllamavid::model::{CaptionPrompt, LlamaVid, LoadOptions, Precision, WeightFormat};
+use gstllamavid::model::llama::{LogitsFor, SequenceStep};
+use gstllamavid::model::{
+    Cancel, CaptionPrompt, IsaLimit, LlamaVid, LoadOptions, Precision, WeightFormat,
+};
+use llamavid_kernels::cpu::{CpuFeatures, CpuKernels, CpuLinear, Isa, WeightType};
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: cpu_bench --model DIR [--dtype f32|bf16|int8|auto] [--shape FILE] \
-[--repeats N] [--threads N] [--json FILE] [--only encode,encode1,encode8,caption,baseline] [--skip-baseline]
+[--repeats N] [--threads N] [--isa best|avx512|avx2|portable] [--stages] [--json FILE]
+       [--only encode,encode1,encode8,caption,batch,baseline] [--skip-baseline]
        cpu_bench --accuracy [--fixture DIR] [--json FILE]   (errors of every precision per stage)";
 
 struct Args {
@@ -31,6 +35,10 @@ struct Args {
     shape: PathBuf,
     repeats: usize,
     threads: usize,
+    /// The most the CPU kernels may use (to measure the AVX2 or portable paths here).
+    isa: IsaLimit,
+    /// Time the fused vision blocks per stage.
+    stages: bool,
     json: Option<PathBuf>,
     only: Option<Vec<String>>,
     /// Accuracy mode: errors per stage on this fixture instead of timings.
@@ -44,6 +52,8 @@ fn parse_args() -> Result<Args, String> {
     let mut shape = repo.join("../shared/bench/cpu-bench.json");
     let mut repeats = 5;
     let mut threads = 2;
+    let mut isa = IsaLimit::Best;
+    let mut stages = false;
     let mut json = None;
     let mut only: Option<Vec<String>> = None;
     let mut accuracy = None;
@@ -56,12 +66,19 @@ fn parse_args() -> Result<Args, String> {
             "--shape" => shape = PathBuf::from(value()?),
             "--repeats" => repeats = value()?.parse().map_err(|e| format!("--repeats: {e}"))?,
             "--threads" => threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?,
+            "--isa" => isa = value()?.parse()?,
+            "--stages" => stages = true,
             "--json" => json = Some(PathBuf::from(value()?)),
             "--only" => only = Some(value()?.split(',').map(str::to_owned).collect()),
             "--accuracy" => accuracy = Some(repo.join("../shared/fixtures/llamavid-tiny-a")),
             "--fixture" => accuracy = Some(PathBuf::from(value()?)),
             "--skip-baseline" => {
-                only = Some(vec!["encode".into(), "caption".into(), "load".into()])
+                only = Some(vec![
+                    "encode".into(),
+                    "caption".into(),
+                    "batch".into(),
+                    "load".into(),
+                ])
             }
             // cargo bench passes --bench to harness-less benches.
             "--bench" => {}
@@ -81,6 +98,8 @@ fn parse_args() -> Result<Args, String> {
         shape,
         repeats: repeats.max(1),
         threads: threads.max(1),
+        isa,
+        stages,
         json,
         only,
         accuracy,
@@ -260,6 +279,43 @@ fn caption(model: &LlamaVid, embeds: &Tensor, new_tokens: usize) -> candle_core:
     ])
 }
 
+/// Decode steps of `batch` sequences advanced together (one forward, `batch` rows: the weight
+/// read shared), after one batched prefill; the median time of one step. EOS is ignored, as
+/// in `caption`.
+fn decode_batch(
+    model: &LlamaVid,
+    embeds: &Tensor,
+    batch: usize,
+    steps: usize,
+) -> candle_core::Result<[f64; 1]> {
+    let llm = model.llm();
+    let capacity = embeds.dim(1)? + steps + 1;
+    let mut caches: Vec<_> = (0..batch).map(|_| llm.new_cache(capacity)).collect();
+    let mut inputs = vec![embeds.clone(); batch];
+    let mut times = Vec::with_capacity(steps);
+    for step in 0..=steps {
+        let start = Instant::now();
+        let mut batch_steps: Vec<SequenceStep> = inputs
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(embeddings, cache)| SequenceStep { embeddings, cache })
+            .collect();
+        let logits = llm.forward_batch(&mut batch_steps, LogitsFor::LastPosition, Cancel::NEVER)?;
+        let tokens = logits
+            .iter()
+            .map(argmax)
+            .collect::<candle_core::Result<Vec<u32>>>()?;
+        let next = llm.embed(&tokens)?;
+        inputs = (0..batch)
+            .map(|i| next.narrow(1, i, 1))
+            .collect::<candle_core::Result<_>>()?;
+        if step > 0 {
+            times.push(secs(start));
+        }
+    }
+    Ok([median(times)])
+}
+
 fn prefill_only(model: &LlamaVid, embeds: &Tensor) -> candle_core::Result<[f64; 1]> {
     let llm = model.llm();
     let start = Instant::now();
@@ -305,7 +361,8 @@ fn main() {
 
 fn run() -> Result<(), String> {
     let args = parse_args()?;
-    // Candle's gemm and rayon read the thread count from here; set it before either starts.
+    // The model runs in its own pool of `--threads` threads; candle's gemm reads its task
+    // count from here (as the baseline runs did), set before it starts.
     std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
     if let Some(fixture) = &args.accuracy {
         return accuracy(fixture, args.json.as_deref());
@@ -326,29 +383,39 @@ fn run() -> Result<(), String> {
 
     // The machine's speed right now, before and after the run: these machines are shared, and
     // the reference figures were taken on an idle one (2048³ bf16 in 12.4 ms on 2 threads).
-    let speed_at_start = machine_speed();
+    let speed_at_start = machine_speed(args.threads);
     let cpu_at_start = cpu_seconds();
     let wall_start = Instant::now();
     let rss_before = proc_status_kib("VmRSS:").unwrap_or(0);
     let mut options = LoadOptions::new(&dir);
     options.weight_format = WeightFormat::Pickle;
     options.precision = args.precision;
+    options.threads = Some(args.threads);
+    options.cpu_isa = args.isa;
+    options.profile = args.stages;
+    // Measured at the priority the baseline ran at: a deprioritised pool would lose to the
+    // other processes of a shared machine and blur the comparison.
+    options.lower_thread_priority = false;
     let t = Instant::now();
     let model = LlamaVid::load(&options).map_err(|e| e.to_string())?;
     let load_s = secs(t);
     let rss_after_load = proc_status_kib("VmRSS:").unwrap_or(0);
     let hwm_after_load = proc_status_kib("VmHWM:").unwrap_or(0);
-    let cpu = llamavid_kernels::cpu::CpuFeatures::get();
+    let cpu = CpuFeatures::detect();
     println!(
-        "model {} | precision requested {} -> {} | mkl {} | amx {} | threads: rayon {}, candle gemm {}",
+        "model {} | precision requested {} -> {} | mkl {} | threads: model pool {}, candle gemm {}",
         dir.display(),
         args.precision,
         model.precision(),
         llamavid_kernels::cpu::HAS_MKL,
-        cpu.amx,
-        rayon_threads(),
+        model.pool().threads(),
         candle_core::utils::get_num_threads()
     );
+    println!("CPU features: {}", cpu.describe());
+    println!("compute: {}", model.compute());
+    for line in model.product_paths() {
+        println!("product path: {line}");
+    }
     for note in model.notes() {
         println!("note: {note}");
     }
@@ -359,7 +426,7 @@ fn run() -> Result<(), String> {
         gib(rss_before)
     );
 
-    llamavid_kernels::cpu::vit::take_profile();
+    take_profile(&model);
     let prompt = model
         .prompt_from_ids(&work.question, work.llm_ids.clone(), &work.qformer_ids)
         .map_err(|e| e.to_string())?;
@@ -382,18 +449,19 @@ fn run() -> Result<(), String> {
         })
         .map_err(e)?;
         table.push(("encode 1 frame".into(), enc1, "s"));
-        stage_profile(&mut table, (1 + args.repeats) as f64);
+        stage_profile(&model, &mut table, (1 + args.repeats) as f64);
         results.insert("encode_one_frame_s".into(), json!(enc1));
     }
     if wants("encode") || wants("encode8") {
         let eight = pixels(8).map_err(e)?;
-        let [total, vision, qformer, rest] =
-            measure(args.repeats, || encode_stages(&model, &prompt, &eight)).map_err(e)?;
+        let [total, vision, qformer, rest] = model
+            .install(|| measure(args.repeats, || encode_stages(&model, &prompt, &eight)))
+            .map_err(e)?;
         table.push(("encode per frame, batch 8".into(), total / 8.0, "s"));
         table.push(("  vision tower".into(), vision / 8.0, "s"));
         table.push(("  Q-Former".into(), qformer / 8.0, "s"));
         table.push(("  rest (projections, pooling)".into(), rest / 8.0, "s"));
-        stage_profile(&mut table, 8.0 * (1 + args.repeats) as f64);
+        stage_profile(&model, &mut table, 8.0 * (1 + args.repeats) as f64);
         results.insert(
             "encode_batch8".into(),
             json!({"batch8_per_frame_s": total / 8.0,
@@ -410,8 +478,9 @@ fn run() -> Result<(), String> {
             .input_embeddings(&prompt, &video)
             .map_err(|e| e.to_string())?;
         let len = embeds.dim(1).map_err(e)?;
-        let [prefill, per_token, total] =
-            measure(args.repeats, || caption(&model, &embeds, work.new_tokens)).map_err(e)?;
+        let [prefill, per_token, total] = model
+            .install(|| measure(args.repeats, || caption(&model, &embeds, work.new_tokens)))
+            .map_err(e)?;
         table.push((format!("caption prefill ({len} tokens)"), prefill, "s"));
         table.push(("decode per token".into(), per_token, "s"));
         table.push((
@@ -423,6 +492,36 @@ fn run() -> Result<(), String> {
             "caption".into(),
             json!({"prefill_len": len, "prefill_s": prefill, "decode_per_token_s": per_token,
                    "new_tokens": work.new_tokens, "total_s": total}),
+        );
+    }
+
+    if wants("batch") {
+        // Decode steps of 1 and 4 sequences at once over the caption's context: the weights
+        // are read once per step for all rows (issue 10's shared weight read).
+        let rows = work.window_frames * work.tokens_per_frame;
+        let video = Tensor::randn(0f32, 1.0, (rows, hidden), &Device::Cpu).map_err(e)?;
+        let embeds = model
+            .input_embeddings(&prompt, &video)
+            .map_err(|e| e.to_string())?;
+        let steps = work.new_tokens.min(16);
+        let [one] = model
+            .install(|| measure(args.repeats, || decode_batch(&model, &embeds, 1, steps)))
+            .map_err(e)?;
+        let [four] = model
+            .install(|| measure(args.repeats, || decode_batch(&model, &embeds, 4, steps)))
+            .map_err(e)?;
+        table.push(("decode step, batch 1".into(), one, "s"));
+        table.push(("decode step, batch 4".into(), four, "s"));
+        table.push(("  per token at batch 4".into(), four / 4.0, "s"));
+        table.push((
+            "  tokens/s batch 4 vs batch 1".into(),
+            4.0 * one / four,
+            "x",
+        ));
+        results.insert(
+            "decode_batch".into(),
+            json!({"steps": steps, "batch1_step_s": one, "batch4_step_s": four,
+                   "speedup": 4.0 * one / four}),
         );
     }
 
@@ -444,8 +543,12 @@ fn run() -> Result<(), String> {
             .input_embeddings(&prompt, &ours)
             .map_err(|e| e.to_string())?;
         let (full_len, ours_len) = (full.dim(1).map_err(e)?, ours.dim(1).map_err(e)?);
-        let [full_s] = measure(args.repeats, || prefill_only(&model, &full)).map_err(e)?;
-        let [ours_s] = measure(args.repeats, || prefill_only(&model, &ours)).map_err(e)?;
+        let [full_s] = model
+            .install(|| measure(args.repeats, || prefill_only(&model, &full)))
+            .map_err(e)?;
+        let [ours_s] = model
+            .install(|| measure(args.repeats, || prefill_only(&model, &ours)))
+            .map_err(e)?;
         table.push((
             format!(
                 "prefill {frames} frames x {} tok ({full_len})",
@@ -481,7 +584,7 @@ fn run() -> Result<(), String> {
         own_cpu / wall,
         foreign_cpu.max(0.0) / wall
     );
-    let speed_at_end = machine_speed();
+    let speed_at_end = machine_speed(args.threads);
     for (when, [f32_ms, bf16_ms, gbps]) in [("start", speed_at_start), ("end", speed_at_end)] {
         println!(
             "machine speed at the {when}: 2048³ products f32 {f32_ms:.1} ms ({:.0} GFLOP/s), \
@@ -525,7 +628,9 @@ fn run() -> Result<(), String> {
         results.insert("peak_rss_after_load_gib".into(), json!(gib(hwm_after_load)));
         results.insert("rss_after_load_gib".into(), json!(gib(rss_after_load)));
         results.insert("mkl".into(), json!(llamavid_kernels::cpu::HAS_MKL));
-        results.insert("amx".into(), json!(cpu.amx));
+        results.insert("cpu_features".into(), json!(cpu.describe()));
+        results.insert("compute".into(), json!(model.compute()));
+        results.insert("product_paths".into(), json!(model.product_paths()));
         results.insert("model".into(), json!(dir.display().to_string()));
         results.insert("notes".into(), json!(model.notes()));
         std::fs::write(
@@ -542,65 +647,67 @@ fn run() -> Result<(), String> {
 const GEMM_FLOP: f64 = 2.0 * 2048.0 * 2048.0 * 2048.0;
 
 /// The machine's speed now, through the same kernels the model uses: best of 5 of a 2048³
-/// product in f32 and in bf16 (ms), and the rate of reading 512 MiB on all threads (GB/s).
-fn machine_speed() -> [f64; 3] {
-    use llamavid_kernels::cpu::{Bf16Linear, CpuLinear, F32Linear};
+/// product in f32 and in bf16 (ms), and the rate of reading 512 MiB on all threads (GB/s), on
+/// a pool of `threads` threads.
+fn machine_speed(threads: usize) -> [f64; 3] {
     use rayon::prelude::*;
-    let n = 2048;
-    let w: Vec<f32> = (0..n * n)
-        .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
-        .collect();
-    let f32_layer = CpuLinear::F32(
-        F32Linear::new(
-            Tensor::from_vec(w.clone(), (n, n), &Device::Cpu).expect("tensor"),
-            None,
-            None,
-        )
-        .expect("f32 layer"),
-    );
-    let bf16_layer = CpuLinear::Bf16(Bf16Linear::new(&w, n, n, None));
-    let mut out = vec![0f32; n * n];
-    let mut best_ms = |layer: &CpuLinear| {
-        layer.forward_into(&w, n, &mut out);
-        (0..5)
-            .map(|_| {
-                let t = Instant::now();
-                layer.forward_into(&w, n, &mut out);
-                secs(t) * 1e3
-            })
-            .fold(f64::MAX, f64::min)
-    };
-    let (f32_ms, bf16_ms) = (best_ms(&f32_layer), best_ms(&bf16_layer));
-    let words = vec![1u64; 64 << 20];
-    let read = |words: &[u64]| {
-        words
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().sum::<u64>())
-            .sum::<u64>()
-    };
-    std::hint::black_box(read(&words));
-    let t = Instant::now();
-    std::hint::black_box(read(&words));
-    let gbps = (words.len() * 8) as f64 / secs(t) * 1e-9;
-    [f32_ms, bf16_ms, gbps]
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool");
+    pool.install(|| {
+        let n = 2048;
+        let w: Vec<f32> = (0..n * n)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+            .collect();
+        // Everything the CPU has; AMX asked for, as a bf16 model load does.
+        let kernels = CpuKernels::new(Isa::detect(IsaLimit::Best).request_amx());
+        let tensor = Tensor::from_vec(w.clone(), (n, n), &Device::Cpu).expect("tensor");
+        let f32_layer = CpuLinear::f32(tensor, None, kernels, None).expect("f32 layer");
+        let bf16_layer = CpuLinear::from_f32(WeightType::Bf16, &w, n, n, None, kernels);
+        let mut out = vec![0f32; n * n];
+        let mut best_ms = |layer: &CpuLinear| {
+            layer.forward_into(&w, n, &mut out);
+            (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    layer.forward_into(&w, n, &mut out);
+                    secs(t) * 1e3
+                })
+                .fold(f64::MAX, f64::min)
+        };
+        let (f32_ms, bf16_ms) = (best_ms(&f32_layer), best_ms(&bf16_layer));
+        let words = vec![1u64; 64 << 20];
+        let read = |words: &[u64]| {
+            words
+                .par_chunks(1 << 16)
+                .map(|c| c.iter().sum::<u64>())
+                .sum::<u64>()
+        };
+        std::hint::black_box(read(&words));
+        let t = Instant::now();
+        std::hint::black_box(read(&words));
+        let gbps = (words.len() * 8) as f64 / secs(t) * 1e-9;
+        [f32_ms, bf16_ms, gbps]
+    })
 }
 
-/// The fused ViT blocks' time per stage and frame, when they ran (`LLAMAVID_BENCH_STAGES=1`).
-fn stage_profile(table: &mut Vec<(String, f64, &'static str)>, frames: f64) {
-    let profile = llamavid_kernels::cpu::vit::take_profile();
-    if std::env::var_os("LLAMAVID_BENCH_STAGES").is_none() || profile.iter().all(|&s| s == 0.0) {
+/// Resets the stage times of the fused vision blocks.
+fn take_profile(model: &LlamaVid) -> Option<[f64; 6]> {
+    model.vision().profile().map(|p| p.take())
+}
+
+/// The fused ViT blocks' time per stage and frame, when profiled (`--stages`).
+fn stage_profile(model: &LlamaVid, table: &mut Vec<(String, f64, &'static str)>, frames: f64) {
+    let Some(profile) = take_profile(model) else {
         return;
-    }
-    for (name, s) in llamavid_kernels::cpu::vit::PROFILE_STAGES
+    };
+    for (name, s) in llamavid_kernels::cpu::vit::VitProfile::STAGES
         .iter()
         .zip(profile)
     {
         table.push((format!("    vit {name}"), s / frames, "s"));
     }
-}
-
-fn rayon_threads() -> usize {
-    rayon::current_num_threads()
 }
 
 /// Largest |a - b| and that error relative to max(1, max |b|) (the fixture tests' measure).

@@ -24,10 +24,11 @@ use candle_core::Device;
 use gstllamavid::model::checkpoint::{Checkpoint, WeightFormat};
 use gstllamavid::model::config::{read_json, LlavaConfig};
 use gstllamavid::model::gguf::export::{export_llm, parse_type, ExportOptions};
-use gstllamavid::model::gguf::GgufLlama;
+use gstllamavid::model::gguf::{cpu_context, GgufLlama};
 use gstllamavid::model::llama::{Llama, LogitsFor};
-use gstllamavid::model::nn::PrecisionScope;
-use gstllamavid::model::Precision;
+use gstllamavid::model::nn::LoadContext;
+use gstllamavid::model::{IsaLimit, Precision};
+use llamavid_kernels::cpu::{CpuFeatures, CpuKernels, Isa};
 
 const USAGE: &str = "usage: gguf_bench --gguf FILE [--pp N] [--tg N] [--threads N] [--repeats N]
        gguf_bench --model LLAMAVID_MODEL_DIR --exports DIR [--types q4_k,q8_0] [--precisions int8,bf16] [--threads N] [--repeats N]";
@@ -107,7 +108,9 @@ fn versus_llama_cpp(gguf: &Path, pp: usize, tg: usize, threads: usize, repeats: 
     });
     let file = GgufLlama::open(gguf).unwrap();
     let vocab = file.config().vocab_size;
-    let llm = file.load(&Device::Cpu).unwrap();
+    let llm = file
+        .load(&cpu_context(IsaLimit::Best), &Device::Cpu)
+        .unwrap();
     pp_tg(&llm, vocab, pp, 8); // warm-up
     let (mut ours_pp, mut ours_tg, mut cpp_pp, mut cpp_tg) = (vec![], vec![], vec![], vec![]);
     for _ in 0..repeats {
@@ -125,8 +128,9 @@ fn versus_llama_cpp(gguf: &Path, pp: usize, tg: usize, threads: usize, repeats: 
         median(cpp_tg),
     );
     println!(
-        "{} ({threads} threads, median of {repeats}):",
-        gguf.display()
+        "{} ({threads} threads, median of {repeats}; CPU: {}):",
+        gguf.display(),
+        CpuFeatures::detect().describe()
     );
     println!("| test | ours tok/s | llama.cpp tok/s | ours / llama.cpp |");
     println!("|---|---|---|---|");
@@ -172,17 +176,19 @@ fn exports_vs_precisions(
 ) {
     let cfg: LlavaConfig = read_json(&model.join("config.json")).unwrap();
     let mut variants: Vec<(String, Llama, f64)> = Vec::new();
+    // As a model load does it: AMX asked for only because bf16/int8 products use it.
+    let kernels = CpuKernels::new(Isa::detect(IsaLimit::Best).request_amx());
     for &p in precisions {
-        let (resolved, note) = p.resolve(&Device::Cpu);
+        let (resolved, note) = p.resolve(&Device::Cpu, Some(kernels));
         if let Some(note) = note {
             eprintln!("note: {note}");
         }
         let started = Instant::now();
-        let _scope = PrecisionScope::enter(resolved);
+        let ctx = LoadContext::cpu(resolved, kernels);
         let vb = Checkpoint::open_model_dir(model, WeightFormat::Auto)
             .unwrap()
             .var_builder(candle_core::DType::F32, &Device::Cpu);
-        let llm = Llama::new(&cfg, vb).unwrap();
+        let llm = Llama::new(&cfg, vb, &ctx).unwrap();
         variants.push((
             format!("checkpoint {resolved}"),
             llm,
@@ -207,7 +213,10 @@ fn exports_vs_precisions(
             );
         }
         let started = Instant::now();
-        let llm = GgufLlama::open(&path).unwrap().load(&Device::Cpu).unwrap();
+        let file = GgufLlama::open(&path).unwrap();
+        let llm = file
+            .load(&cpu_context(IsaLimit::Best), &Device::Cpu)
+            .unwrap();
         variants.push((format!("GGUF {t}"), llm, started.elapsed().as_secs_f64()));
     }
     for (_, llm, _) in &variants {
@@ -220,9 +229,11 @@ fn exports_vs_precisions(
         }
     }
     println!(
-        "{} language model ({} threads, median of {repeats}):",
+        "{} language model ({} threads, median of {repeats}; CPU: {}; MKL: {}):",
         model.display(),
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        CpuFeatures::detect().describe(),
+        llamavid_kernels::cpu::HAS_MKL
     );
     println!("| weights | prefill 115 | decode per token | 32-token caption | load |");
     println!("|---|---|---|---|---|");

@@ -12,27 +12,12 @@ use std::sync::OnceLock;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, model_dir, reference, STAGE_TOL};
+use common::{assert_close, ids, model_dir, reference_tensor, STAGE_TOL};
 use gstllamavid::model::gguf::export::{export_llm, ExportOptions};
-use gstllamavid::model::gguf::GgufLlama;
-use gstllamavid::model::llama::{Llama, LogitsFor};
-use gstllamavid::model::{GenerationParams, LlamaVid, LoadOptions, ModelError};
-
-fn reference_tensor(name: &str) -> Tensor {
-    static REFERENCE: OnceLock<std::collections::HashMap<String, Tensor>> = OnceLock::new();
-    REFERENCE.get_or_init(reference)[name].clone()
-}
-
-fn generated_ids() -> Vec<u32> {
-    reference_tensor("generated_ids")
-        .to_dtype(DType::I64)
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as u32)
-        .collect()
-}
+use gstllamavid::model::gguf::{cpu_context, GgufLlama};
+use gstllamavid::model::llama::{Llama, LlamaCache, LogitsFor, SequenceStep};
+use gstllamavid::model::IsaLimit;
+use gstllamavid::model::{Cancel, GenerationParams, LlamaVid, LoadOptions, ModelError};
 
 /// The fixture's language model exported at `t`, once per type (kept for the whole run).
 fn exported(t: GgmlDType) -> PathBuf {
@@ -64,7 +49,9 @@ fn f32_export_reproduces_the_reference_decoder() {
     let cfg = file.config();
     assert_eq!((cfg.hidden_size, cfg.num_hidden_layers), (64, 2));
     assert!(!cfg.tie_word_embeddings, "the fixture has an lm_head");
-    let llm = file.load(&Device::Cpu).unwrap();
+    let llm = file
+        .load(&cpu_context(IsaLimit::Best), &Device::Cpu)
+        .unwrap();
     // The Q/K rows went to llama.cpp's order and back: any slip shows in every logit.
     assert_close(
         "logits (f32 GGUF)",
@@ -90,7 +77,9 @@ fn quantized_exports_stay_close_to_the_reference() {
             GgmlDType::F32,
             "{t:?} export is quantized"
         );
-        let llm = file.load(&Device::Cpu).unwrap();
+        let llm = file
+            .load(&cpu_context(IsaLimit::Best), &Device::Cpu)
+            .unwrap();
         assert_close(
             &format!("logits ({t:?} GGUF)"),
             &prefill_logits(&llm),
@@ -105,7 +94,7 @@ fn llamavid_takes_its_language_model_from_a_gguf() {
     let mut options = LoadOptions::new(model_dir());
     options.llm_gguf = Some(exported(GgmlDType::F32));
     let model = LlamaVid::load(&options).unwrap();
-    let expected = generated_ids();
+    let expected = ids("generated_ids");
     let params = GenerationParams {
         max_new_tokens: expected.len(),
         ..GenerationParams::default()
@@ -133,6 +122,97 @@ fn llamavid_takes_its_language_model_from_a_gguf() {
         generation.token_ids, expected,
         "greedy ids through the q8_0 GGUF LLM"
     );
+}
+
+/// Index of the largest value (the lowest on ties).
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn last_row(logits: &Tensor) -> Vec<f32> {
+    logits.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// `steps` greedy ids after the prompt embeddings, alone: (ids, the logits that chose them).
+fn alone(llm: &Llama, prompt: &Tensor, steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut cache = llm.new_cache(prompt.dim(1).unwrap() + steps);
+    let mut x = prompt.clone();
+    let (mut ids, mut rows) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        let row = last_row(
+            &llm.forward(&x, &mut cache, LogitsFor::LastPosition, None)
+                .unwrap(),
+        );
+        ids.push(argmax(&row));
+        rows.push(row);
+        x = llm.embed(&ids[ids.len() - 1..]).unwrap();
+    }
+    (ids, rows)
+}
+
+/// The batched forward of the shared scheduler (issue 10) on block-quantized weights: three
+/// sequences of different lengths, prefilled in one forward and then decoded together, get
+/// each the ids and logits it gets alone, on the best and on the portable kernels. The block
+/// products handle every row alone (each activation row quantized by itself), so the batch
+/// changes nothing but the f32 order elsewhere in the layer.
+#[test]
+fn gguf_sequences_batched_match_each_alone() {
+    let embeds = reference_tensor("inputs_embeds");
+    let len = embeds.dim(1).unwrap();
+    let prompts: Vec<Tensor> = [len, len - 7, 5]
+        .iter()
+        .map(|&n| embeds.narrow(1, 0, n).unwrap())
+        .collect();
+    let steps = 4;
+    for t in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+        for limit in [IsaLimit::Best, IsaLimit::Portable] {
+            let file = GgufLlama::open(&exported(t)).unwrap();
+            let llm = file.load(&cpu_context(limit), &Device::Cpu).unwrap();
+            let expected: Vec<_> = prompts.iter().map(|p| alone(&llm, p, steps)).collect();
+            let mut caches: Vec<LlamaCache> = prompts
+                .iter()
+                .map(|p| llm.new_cache(p.dim(1).unwrap() + steps))
+                .collect();
+            let mut inputs = prompts.clone();
+            let mut ids: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+            for step in 0..steps {
+                let mut batch: Vec<SequenceStep> = inputs
+                    .iter()
+                    .zip(caches.iter_mut())
+                    .map(|(embeddings, cache)| SequenceStep { embeddings, cache })
+                    .collect();
+                let logits = llm
+                    .forward_batch(&mut batch, LogitsFor::LastPosition, Cancel::NEVER)
+                    .unwrap();
+                for (i, l) in logits.iter().enumerate() {
+                    let row = last_row(l);
+                    let want = &expected[i].1[step];
+                    let err = row
+                        .iter()
+                        .zip(want)
+                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(
+                        err <= 1e-5,
+                        "{t:?} {limit}: sequence {i} step {step}: logits differ by {err:e}"
+                    );
+                    ids[i].push(argmax(&row));
+                }
+                inputs = ids
+                    .iter()
+                    .map(|s| llm.embed(&s[s.len() - 1..]).unwrap())
+                    .collect();
+            }
+            for (i, (want, _)) in expected.iter().enumerate() {
+                assert_eq!(&ids[i], want, "{t:?} {limit}: sequence {i} ids");
+            }
+        }
+    }
 }
 
 // ---- bad input ----------------------------------------------------------------------------

@@ -14,8 +14,9 @@
 
 use std::path::PathBuf;
 
-use gstllamavid::model::gguf::GgufLlama;
+use gstllamavid::model::gguf::{cpu_context, GgufLlama};
 use gstllamavid::model::llama::greedy_continuation;
+use gstllamavid::model::IsaLimit;
 use serde_json::Value;
 
 /// llama.cpp's top-2 margin below which either id may be picked.
@@ -67,7 +68,9 @@ fn gguf_decoder_matches_llama_cpp() {
             serde_json::from_str(&std::fs::read_to_string(case_path).unwrap()).unwrap();
         let model = PathBuf::from(rec["model"].as_str().unwrap());
         let file = GgufLlama::open(&model).unwrap_or_else(|e| panic!("{case}: {e}"));
-        let llm = file.load(&candle_core::Device::Cpu).unwrap();
+        let llm = file
+            .load(&cpu_context(IsaLimit::Best), &candle_core::Device::Cpu)
+            .unwrap();
         let prompts = rec["prompts"].as_array().unwrap();
         assert!(prompts.len() >= 20, "{case}: at least 20 prompts");
         let (mut worst, mut exact, mut near_ties, mut checked_ids) = (0f64, 0, 0, 0);

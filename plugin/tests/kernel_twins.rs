@@ -1,6 +1,6 @@
 //! The CPU twins of the `llamavid-kernels` CUDA kernels against the model's own CPU path:
 //!
-//! * preprocessing: the twin, fed with the model's integer resampling weights (`AxisCoeffs`),
+//! * preprocessing: the twin, fed with the model's integer resampling weights (`AxisTaps`),
 //!   YUV coefficients and `ClipPreprocess` settings, must give the model's
 //!   `ClipPreprocess::pixels` bit for bit (and its uint8 stage byte for byte), on the fixture
 //!   frames and on random frames of odd sizes, in every pixel format, with padded strides and
@@ -18,15 +18,15 @@ mod common;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, model_dir, reference, STAGE_TOL};
+use common::{assert_close, model_dir, reference_tensor, STAGE_TOL};
 use gstllamavid::model::preprocess::{
-    resize_bicubic, AxisCoeffs, ClipPreprocess, FrameView, Normalize, PixelFormat, ResizeTarget,
-    RgbImage, YuvMatrix, YuvRange, YuvToRgb,
+    resize_bicubic, ClipPreprocess, FrameView, Normalize, PixelFormat, ResizeTarget, RgbImage,
+    YuvMatrix, YuvRange, YuvToRgb,
 };
 use gstllamavid::model::{LlamaVid, LoadOptions};
 use llamavid_kernels::compress::{self, CompressShape};
-use llamavid_kernels::preprocess::{cpu as twin, KernelArgs};
-use llamavid_kernels::{AxisTaps, Normalization, Plane, PreprocessParams, SourceFormat, YuvCoeffs};
+use llamavid_kernels::preprocess::{centre_crop_offset, cpu as twin, KernelArgs};
+use llamavid_kernels::{Plane, PreprocessParams};
 
 // ---------------------------------------------------------------------------------------------
 // Shared helpers
@@ -35,11 +35,6 @@ use llamavid_kernels::{AxisTaps, Normalization, Plane, PreprocessParams, SourceF
 fn model() -> &'static LlamaVid {
     static MODEL: OnceLock<LlamaVid> = OnceLock::new();
     MODEL.get_or_init(|| LlamaVid::load(&LoadOptions::new(model_dir())).expect("fixture model"))
-}
-
-fn reference_tensor(name: &str) -> Tensor {
-    static REFERENCE: OnceLock<std::collections::HashMap<String, Tensor>> = OnceLock::new();
-    REFERENCE.get_or_init(reference)[name].clone()
 }
 
 /// SplitMix64: a small deterministic generator, so failures reproduce.
@@ -70,78 +65,14 @@ impl Rng {
     }
 }
 
-fn source_format(format: PixelFormat) -> SourceFormat {
-    match format {
-        PixelFormat::Rgb => SourceFormat::Rgb,
-        PixelFormat::Rgbx => SourceFormat::Rgbx,
-        PixelFormat::Bgrx => SourceFormat::Bgrx,
-        PixelFormat::Rgba => SourceFormat::Rgba,
-        PixelFormat::Bgra => SourceFormat::Bgra,
-        PixelFormat::I420 => SourceFormat::I420,
-        PixelFormat::Nv12 => SourceFormat::Nv12,
-    }
-}
+const ALL_FORMATS: [PixelFormat; 7] = PixelFormat::ALL;
 
-const ALL_FORMATS: [PixelFormat; 7] = [
-    PixelFormat::Rgb,
-    PixelFormat::Rgbx,
-    PixelFormat::Bgrx,
-    PixelFormat::Rgba,
-    PixelFormat::Bgra,
-    PixelFormat::I420,
-    PixelFormat::Nv12,
-];
-
-fn taps(c: AxisCoeffs, in_size: usize) -> AxisTaps {
-    AxisTaps {
-        in_size,
-        ksize: c.ksize,
-        starts: c.starts,
-        counts: c.counts,
-        weights: c.weights,
-    }
-}
-
-/// The model's weights for one axis: Pillow leaves an unchanged axis unfiltered.
-fn axis(in_size: usize, out_size: usize) -> AxisTaps {
-    if in_size == out_size {
-        AxisTaps::identity(in_size)
-    } else {
-        taps(AxisCoeffs::bicubic(in_size, out_size), in_size)
-    }
-}
-
-/// The kernel parameters of one frame, built from the model's own preprocessing settings and
-/// coefficients: this is what the element will do when it wires the kernel in.
+/// The kernel parameters of one frame in one buffer (planes at their offsets), built by the
+/// model's own code: this is what the element does when the kernel runs.
 fn kernel_params(pre: &ClipPreprocess, frame: &FrameLayout, yuv: YuvToRgb) -> PreprocessParams {
-    let (w, h) = (frame.width, frame.height);
-    let (rh, rw) = pre.resized_size(w, h);
-    let (oh, ow) = pre.crop.unwrap_or((rh, rw));
-    let c = yuv.coefficients();
-    PreprocessParams {
-        format: source_format(frame.format),
-        width: w,
-        height: h,
-        planes: frame.planes.clone(),
-        yuv: YuvCoeffs {
-            y_offset: c.y_offset,
-            y_gain: c.y_gain,
-            r_v: c.r_v,
-            g_u: c.g_u,
-            g_v: c.g_v,
-            b_u: c.b_u,
-        },
-        horizontal: axis(w, rw),
-        vertical: axis(h, rh),
-        crop_left: PreprocessParams::centre_crop_offset(rw, ow),
-        crop_top: PreprocessParams::centre_crop_offset(rh, oh),
-        out_width: ow,
-        out_height: oh,
-        normalization: Normalization {
-            rescale: pre.rescale,
-            mean_std: pre.normalize.map(|n| (n.mean, n.std)),
-        },
-    }
+    let mut params = pre.kernel_params(&frame.view(yuv));
+    params.planes = frame.planes.clone();
+    params
 }
 
 /// One frame in one buffer: planes at `offset`s (with gaps), rows `stride` apart (padded).
@@ -156,11 +87,10 @@ struct FrameLayout {
 impl FrameLayout {
     /// Random bytes everywhere (padding included), planes placed after random gaps.
     fn random(format: PixelFormat, width: usize, height: usize, rng: &mut Rng) -> Self {
-        let sf = source_format(format);
         let mut planes = Vec::new();
         let mut end = rng.below(19);
-        for i in 0..sf.plane_count() {
-            let (row_bytes, rows) = sf.plane_extent(i, width, height);
+        for i in 0..format.plane_count() {
+            let (row_bytes, rows) = format.plane_extent(i, width, height);
             let stride = row_bytes + [0, 1, 3, 7, 64][rng.below(5)];
             planes.push(Plane {
                 offset: end,
@@ -265,8 +195,8 @@ fn model_u8_stage(pre: &ClipPreprocess, rgb: &RgbImage) -> Vec<u8> {
         resize_bicubic(rgb, rw, rh)
     };
     let (oh, ow) = pre.crop.unwrap_or((rh, rw));
-    let left = PreprocessParams::centre_crop_offset(rw, ow);
-    let top = PreprocessParams::centre_crop_offset(rh, oh);
+    let left = centre_crop_offset(rw, ow);
+    let top = centre_crop_offset(rh, oh);
     let mut out = vec![0u8; 3 * oh * ow];
     for y in 0..oh {
         for x in 0..ow {
@@ -520,7 +450,7 @@ fn preprocess_params_are_validated() {
     );
 
     let mut p = good.clone();
-    p.vertical = axis(18, p.vertical.out_size());
+    p.vertical = llamavid_kernels::AxisTaps::for_resize(18, p.vertical.out_size());
     assert!(
         twin::preprocess(&p, &frame.data).is_err(),
         "taps for another height"
@@ -672,6 +602,101 @@ fn compress_twin_takes_strided_and_half_inputs() {
 
     let bad = llamavid_kernels::compress(&tq, &keys, &patches.narrow(1, 0, n - 1).unwrap());
     assert!(bad.is_err(), "mismatched patch count is refused");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batching on any device (issue 10): used by the GPU checks below; written outside the `cuda`
+// module so that every build type-checks them.
+// ---------------------------------------------------------------------------------------------
+
+/// Sequences of `embeds` with max_new_tokens 1.., advanced together with `LlamaVid::step`
+/// until all finish: the greedy ids of each must equal its generation alone.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn assert_batched_generation_matches_alone(m: &LlamaVid, embeds: &Tensor, batch: usize) {
+    use gstllamavid::model::{Cancel, CaptionSequence, GenerationParams};
+    let params = |i: usize| GenerationParams {
+        max_new_tokens: 4 + 3 * i,
+        ..GenerationParams::default()
+    };
+    let len = embeds.dim(1).unwrap();
+    // Different lengths: prefixes of the prompt and video.
+    let input = |i: usize| embeds.narrow(1, 0, len - (i % len.min(4))).unwrap();
+    let mut sequences: Vec<CaptionSequence> = (0..batch)
+        .map(|i| m.start_sequence(&input(i), &params(i)).unwrap())
+        .collect();
+    while sequences.iter().any(|s| !s.is_finished()) {
+        let mut all: Vec<&mut CaptionSequence> = sequences.iter_mut().collect();
+        m.step(&mut all, Cancel::NEVER).unwrap();
+    }
+    for (i, seq) in sequences.iter().enumerate() {
+        let alone = m.generate(&input(i), &params(i), false, None).unwrap();
+        assert_eq!(
+            seq.token_ids(),
+            alone.token_ids,
+            "sequence {i} of a batch of {batch} against itself alone"
+        );
+    }
+}
+
+/// Per-frame encode time of `b` frames at once and the time of one decode step of `b`
+/// sequences in one forward, for each `b` of `sizes`, on `m`'s device: (stage, time, rate)
+/// rows for the timing table.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn batch_timings(m: &LlamaVid, embeds: &Tensor, sizes: &[usize]) -> Vec<(String, String, String)> {
+    use gstllamavid::model::{Cancel, CaptionSequence, GenerationParams};
+    use std::time::{Duration, Instant};
+    let dev = m.device().clone();
+    let timed = |iters: usize, f: &mut dyn FnMut()| -> Duration {
+        f();
+        dev.synchronize().unwrap();
+        let start = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        dev.synchronize().unwrap();
+        start.elapsed() / iters as u32
+    };
+    let ms = |d: Duration| format!("{:.3} ms", d.as_secs_f64() * 1e3);
+    let prompt = m.prompt("What is happening in this video?").unwrap();
+    let size = m.vision().config().image_size();
+    let dtype = m.dtype();
+    let mut rows = Vec::new();
+    for &b in sizes {
+        let pixels = Tensor::randn(0f32, 1f32, (b, 3, size, size), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let per_frame = timed(3, &mut || {
+            m.encode_pixels(&pixels, &prompt).unwrap();
+        }) / b as u32;
+        rows.push((
+            format!("encode batch {b}, per frame ({dtype:?})"),
+            ms(per_frame),
+            format!("{:.0} frames/s", 1.0 / per_frame.as_secs_f64()),
+        ));
+        // b sequences prefilled together, then decode steps of b rows (EOS ends a sequence
+        // early only by chance; the rows actually run are reported).
+        let steps = 8;
+        let params = GenerationParams {
+            max_new_tokens: steps + 2,
+            ..GenerationParams::default()
+        };
+        let mut sequences: Vec<CaptionSequence> = (0..b)
+            .map(|_| m.start_sequence(embeds, &params).unwrap())
+            .collect();
+        let mut all: Vec<&mut CaptionSequence> = sequences.iter_mut().collect();
+        m.step(&mut all, Cancel::NEVER).unwrap();
+        let running = all.iter().filter(|s| !s.is_finished()).count();
+        let step = timed(steps, &mut || {
+            m.step(&mut all, Cancel::NEVER).unwrap();
+        });
+        rows.push((
+            format!("decode step, {running} of {b} sequences at once ({dtype:?})"),
+            ms(step),
+            format!("{:.0} tokens/s", running as f64 / step.as_secs_f64()),
+        ));
+    }
+    rows
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1039,6 +1064,9 @@ mod gpu {
             generation.token_ids, expected,
             "greedy ids GPU vs reference"
         );
+        // Sequences of different lengths advanced together on the GPU (candle's layers, one
+        // forward per step) give the ids each gives alone.
+        assert_batched_generation_matches_alone(&gpu, &embeds, 8);
 
         // The fused compression inside the model's path on the GPU (the wiring the element
         // will use): same frame tokens as the candle ops.
@@ -1243,6 +1271,8 @@ mod gpu {
                 ms(per_token),
                 format!("{:.0} tokens/s", 1.0 / per_token.as_secs_f64().max(1e-9)),
             ));
+            // Issue 10: encode and decode at batch 1, 8, 32 and 64.
+            rows.extend(batch_timings(&m, &embeds, &[1, 8, 32, 64]));
         }
 
         let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);

@@ -1,49 +1,89 @@
 //! Each stage of the model against the reference implementation's tensors, fed with the
 //! reference input of that stage, then the whole chain from raw frames to generated ids.
+//!
+//! Every test runs on three builds of the model (modules `fused`, `portable_kernels`,
+//! `candle_layers` below), chosen by load options, with the same tolerances:
+//! * the fused CPU kernels on everything this CPU has (the default);
+//! * the fused CPU kernels forced to their portable versions (no SIMD path of ours), which
+//!   proves the fallbacks a CPU without AVX2/AVX-512 runs;
+//! * candle's ops instead of the fused ViT and LLaMA layers: the code the GPU runs.
 
 mod common;
 
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
-use common::{assert_close, model_dir, reference, END_TO_END_TOL, STAGE_TOL};
+use candle_core::{IndexOp, Tensor};
+use common::{assert_close, ids, model_dir, reference_tensor, END_TO_END_TOL, STAGE_TOL};
 use gstllamavid::model::preprocess::FrameView;
-use gstllamavid::model::{GenerationParams, LlamaVid, LoadOptions, WeightFormat};
+use gstllamavid::model::{
+    CpuLayers, GenerationParams, IsaLimit, LlamaVid, LoadOptions, WeightFormat,
+};
 
-fn model() -> &'static LlamaVid {
-    static MODEL: OnceLock<LlamaVid> = OnceLock::new();
-    MODEL.get_or_init(|| {
+/// How the model under test computes.
+#[derive(Clone, Copy)]
+enum Variant {
+    Fused,
+    PortableKernels,
+    CandleLayers,
+}
+
+impl Variant {
+    fn options(self, format: WeightFormat) -> LoadOptions {
         let mut options = LoadOptions::new(model_dir());
-        options.weight_format = WeightFormat::Pickle;
-        LlamaVid::load(&options).expect("fixture model loads from the .bin shards")
+        options.weight_format = format;
+        match self {
+            Variant::Fused => {}
+            Variant::PortableKernels => options.cpu_isa = IsaLimit::Portable,
+            Variant::CandleLayers => options.cpu_layers = CpuLayers::Candle,
+        }
+        options
+    }
+}
+
+fn model_for(variant: Variant) -> &'static LlamaVid {
+    static MODELS: [OnceLock<LlamaVid>; 3] = [const { OnceLock::new() }; 3];
+    MODELS[variant as usize].get_or_init(|| {
+        LlamaVid::load(&variant.options(WeightFormat::Pickle))
+            .expect("fixture model loads from the .bin shards")
     })
 }
 
-fn reference_tensor(name: &str) -> Tensor {
-    static REFERENCE: OnceLock<std::collections::HashMap<String, Tensor>> = OnceLock::new();
-    REFERENCE.get_or_init(reference)[name].clone()
+/// Generates one `#[test]` per stage test for each variant, in a module named after it.
+macro_rules! for_each_variant {
+    ($($test:ident),* $(,)?) => {
+        mod fused {
+            $(#[test] fn $test() { super::$test(super::Variant::Fused) })*
+        }
+        mod portable_kernels {
+            $(#[test] fn $test() { super::$test(super::Variant::PortableKernels) })*
+        }
+        mod candle_layers {
+            $(#[test] fn $test() { super::$test(super::Variant::CandleLayers) })*
+        }
+    };
 }
 
-fn ids(name: &str) -> Vec<u32> {
-    reference_tensor(name)
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::I64)
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|v| u32::try_from(v).expect("non-negative id"))
-        .collect()
+for_each_variant!(
+    vision_tower_matches_reference,
+    qformer_input_is_layer_normed_vision_features,
+    qformer_matches_reference,
+    context_token_path_matches_reference,
+    content_token_path_matches_reference,
+    frame_tokens_are_interleaved_context_then_content,
+    prompt_ids_match_reference,
+    input_embeddings_splice_video_tokens_at_image,
+    llm_prefill_logits_and_hidden_states_match_reference,
+    greedy_decoding_with_kv_cache_matches_reference,
+    end_to_end_from_frames_to_caption,
+    safetensors_copy_gives_the_same_model,
+);
+
+fn patches(m: &LlamaVid, vision_features: &Tensor) -> Tensor {
+    m.token_generator().patches(vision_features).unwrap()
 }
 
-fn patches(vision_features: &Tensor) -> Tensor {
-    model().token_generator().patches(vision_features).unwrap()
-}
-
-#[test]
-fn vision_tower_matches_reference() {
-    let ours = model()
+fn vision_tower_matches_reference(variant: Variant) {
+    let ours = model_for(variant)
         .vision()
         .forward(&reference_tensor("pixel_values"))
         .unwrap();
@@ -55,9 +95,8 @@ fn vision_tower_matches_reference() {
     );
 }
 
-#[test]
-fn qformer_input_is_layer_normed_vision_features() {
-    let tg = model().token_generator();
+fn qformer_input_is_layer_normed_vision_features(variant: Variant) {
+    let tg = model_for(variant).token_generator();
     let ours = tg
         .qformer_visual_input(&reference_tensor("vision_features"))
         .unwrap();
@@ -69,9 +108,8 @@ fn qformer_input_is_layer_normed_vision_features() {
     );
 }
 
-#[test]
-fn qformer_matches_reference() {
-    let tg = model().token_generator();
+fn qformer_matches_reference(variant: Variant) {
+    let tg = model_for(variant).token_generator();
     let guidance = tg.text_guidance(&ids("qformer_input_ids")).unwrap();
     let ours = tg
         .qformer_output(&guidance, &reference_tensor("qformer_visual_input"))
@@ -84,9 +122,8 @@ fn qformer_matches_reference() {
     );
 }
 
-#[test]
-fn context_token_path_matches_reference() {
-    let tg = model().token_generator();
+fn context_token_path_matches_reference(variant: Variant) {
+    let tg = model_for(variant).token_generator();
     let text_queries = tg
         .text_queries(&reference_tensor("qformer_output"))
         .unwrap();
@@ -97,7 +134,7 @@ fn context_token_path_matches_reference() {
         STAGE_TOL,
     );
 
-    let v = patches(&reference_tensor("vision_features"));
+    let v = patches(model_for(variant), &reference_tensor("vision_features"));
     let keys = tg.context_keys(&v).unwrap();
     assert_close(
         "context_keys",
@@ -140,11 +177,13 @@ fn context_token_path_matches_reference() {
     );
 }
 
-#[test]
-fn content_token_path_matches_reference() {
-    let tg = model().token_generator();
+fn content_token_path_matches_reference(variant: Variant) {
+    let tg = model_for(variant).token_generator();
     let pooled = tg
-        .content_pooled(&patches(&reference_tensor("vision_features")))
+        .content_pooled(&patches(
+            model_for(variant),
+            &reference_tensor("vision_features"),
+        ))
         .unwrap();
     assert_close(
         "content_pooled",
@@ -164,9 +203,8 @@ fn content_token_path_matches_reference() {
     );
 }
 
-#[test]
-fn frame_tokens_are_interleaved_context_then_content() {
-    let m = model();
+fn frame_tokens_are_interleaved_context_then_content(variant: Variant) {
+    let m = model_for(variant);
     let guidance_prompt = m.prompt(&question()).unwrap();
     let tokens = m
         .encode_pixels(&reference_tensor("pixel_values"), &guidance_prompt)
@@ -194,9 +232,8 @@ fn question() -> String {
         .to_owned()
 }
 
-#[test]
-fn prompt_ids_match_reference() {
-    let prompt = model().prompt(&question()).unwrap();
+fn prompt_ids_match_reference(variant: Variant) {
+    let prompt = model_for(variant).prompt(&question()).unwrap();
     let expected: Vec<i64> = reference_tensor("input_ids")
         .flatten_all()
         .unwrap()
@@ -205,9 +242,8 @@ fn prompt_ids_match_reference() {
     assert_eq!(prompt.input_ids, expected);
 }
 
-#[test]
-fn input_embeddings_splice_video_tokens_at_image() {
-    let m = model();
+fn input_embeddings_splice_video_tokens_at_image(variant: Variant) {
+    let m = model_for(variant);
     let prompt = m.prompt(&question()).unwrap();
     let ours = m
         .input_embeddings(&prompt, &reference_tensor("video_tokens"))
@@ -220,10 +256,9 @@ fn input_embeddings_splice_video_tokens_at_image() {
     );
 }
 
-#[test]
-fn llm_prefill_logits_and_hidden_states_match_reference() {
+fn llm_prefill_logits_and_hidden_states_match_reference(variant: Variant) {
     use gstllamavid::model::llama::LogitsFor;
-    let llm = model().llm();
+    let llm = model_for(variant).llm();
     let embeds = reference_tensor("inputs_embeds");
     let mut cache = llm.new_cache(embeds.dim(1).unwrap());
     let mut states = Vec::new();
@@ -259,10 +294,9 @@ fn greedy(steps: usize) -> GenerationParams {
     }
 }
 
-#[test]
-fn greedy_decoding_with_kv_cache_matches_reference() {
+fn greedy_decoding_with_kv_cache_matches_reference(variant: Variant) {
     let expected = ids("generated_ids");
-    let generation = model()
+    let generation = model_for(variant)
         .generate(
             &reference_tensor("inputs_embeds"),
             &greedy(expected.len()),
@@ -295,9 +329,8 @@ fn frames() -> Vec<Vec<u8>> {
         .collect()
 }
 
-#[test]
-fn end_to_end_from_frames_to_caption() {
-    let m = model();
+fn end_to_end_from_frames_to_caption(variant: Variant) {
+    let m = model_for(variant);
     let reference_frames = reference_tensor("frames");
     let (_, h, w, _) = reference_frames.dims4().unwrap();
     let data = frames();
@@ -348,10 +381,8 @@ fn end_to_end_from_frames_to_caption() {
     assert_eq!(caption.text, expected_text);
 }
 
-#[test]
-fn safetensors_copy_gives_the_same_model() {
-    let mut options = LoadOptions::new(model_dir());
-    options.weight_format = WeightFormat::Safetensors;
+fn safetensors_copy_gives_the_same_model(variant: Variant) {
+    let options = variant.options(WeightFormat::Safetensors);
     let from_safetensors = LlamaVid::load(&options).expect("loads from model.safetensors");
     let pixels = reference_tensor("pixel_values");
     let prompt = from_safetensors.prompt(&question()).unwrap();
@@ -369,5 +400,25 @@ fn safetensors_copy_gives_the_same_model() {
         .generate(&embeds, &greedy(expected.len()), false, None)
         .unwrap();
     assert_eq!(generation.token_ids, expected);
-    let _ = Device::Cpu;
+}
+
+/// The load options really select the path each variant names (else the variants would test
+/// the same code three times).
+#[test]
+fn each_variant_runs_the_path_it_names() {
+    let paths = |v: Variant| model_for(v).product_paths().join("; ");
+    assert!(
+        paths(Variant::CandleLayers).contains("candle"),
+        "{}",
+        paths(Variant::CandleLayers)
+    );
+    let portable = paths(Variant::PortableKernels);
+    assert!(!portable.contains("candle"), "{portable}");
+    assert!(
+        !portable.contains("avx"),
+        "portable kernels use no extension: {portable}"
+    );
+    let fused = paths(Variant::Fused);
+    assert!(!fused.contains("candle"), "{fused}");
+    eprintln!("fused: {fused}\nportable: {portable}");
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use gstllamavid::model::preprocess::{
-    resize_bicubic, AxisCoeffs, ClipPreprocess, FrameView, Normalize, PixelFormat, ResizeTarget,
+    resize_bicubic, AxisTaps, ClipPreprocess, FrameView, Normalize, PixelFormat, ResizeTarget,
     RgbImage, YuvCoefficients, YuvMatrix, YuvRange, YuvToRgb, CLIP_MEAN, CLIP_STD, PRECISION_BITS,
 };
 use gstllamavid::model::ModelError;
@@ -568,7 +568,7 @@ fn resize_odd_sizes_do_not_panic() {
 fn resize_weights_are_normalised() {
     // Pillow's rounded weights sum to one within a few units per output pixel.
     for (n, m) in [(48, 56), (64, 74), (1280, 398), (7, 224), (1, 9), (9, 1)] {
-        let c = AxisCoeffs::bicubic(n, m);
+        let c = AxisTaps::bicubic(n, m);
         assert_eq!(c.starts.len(), m);
         for i in 0..m {
             let sum: i64 = c.weights[i * c.ksize..][..c.counts[i]]

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! llamavid-generate --gguf FILE --ids 1,2,3 --max-new-tokens N [--threads T] [--logits]
+//!                   [--cpu-isa best|avx512|avx2|portable]
 //! ```
 //!
 //! Exactly N ids are generated (EOS does not stop it, like llama.cpp's `ignore_eos`); ties go
@@ -13,11 +14,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use gstllamavid::model::gguf::GgufLlama;
+use gstllamavid::model::gguf::{cpu_context, GgufLlama};
 use gstllamavid::model::llama::greedy_continuation;
+use gstllamavid::model::pool::ComputePool;
+use gstllamavid::model::IsaLimit;
 
 const USAGE: &str = "usage: llamavid-generate --gguf FILE --ids 1,2,3 --max-new-tokens N \
-[--threads T] [--logits]";
+[--threads T] [--logits] [--cpu-isa best|avx512|avx2|portable]";
 
 fn main() -> Result<()> {
     let mut gguf = None;
@@ -25,6 +28,7 @@ fn main() -> Result<()> {
     let mut max_new = 16usize;
     let mut threads = None;
     let mut want_logits = false;
+    let mut cpu_isa = IsaLimit::Best;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -46,6 +50,7 @@ fn main() -> Result<()> {
             "--max-new-tokens" => max_new = value()?.parse()?,
             "--threads" => threads = Some(value()?.parse::<usize>()?),
             "--logits" => want_logits = true,
+            "--cpu-isa" => cpu_isa = value()?.parse().map_err(anyhow::Error::msg)?,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -60,9 +65,8 @@ fn main() -> Result<()> {
         // when first used; our kernels and candle's other ops run in the rayon pool below.
         std::env::set_var("CANDLE_NUM_THREADS", t.to_string());
     }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.unwrap_or(0))
-        .build()?;
+    // The model's own pool, as the element gives it one (all of its compute runs there).
+    let pool = ComputePool::new(threads, false)?;
     pool.install(|| -> Result<()> {
         let started = Instant::now();
         let file = GgufLlama::open(&gguf)?;
@@ -70,7 +74,7 @@ fn main() -> Result<()> {
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             bail!("--ids: id {bad} is outside the vocabulary of {vocab}");
         }
-        let llm = file.load(&candle_core::Device::Cpu)?;
+        let llm = file.load(&cpu_context(cpu_isa), &candle_core::Device::Cpu)?;
         let loaded = started.elapsed();
         let started = Instant::now();
         let (new_ids, rows) = greedy_continuation(&llm, &ids, max_new)?;

@@ -5,6 +5,8 @@
 
 use rayon::prelude::*;
 
+use super::Isa;
+
 /// Work below this many elements stays on the calling thread.
 const PAR_MIN: usize = 1 << 15;
 
@@ -23,33 +25,27 @@ pub fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
-fn to_bf16_serial(src: &[f32], dst: &mut [u16]) {
+fn to_bf16_serial(isa: Isa, src: &[f32], dst: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
-    if super::CpuFeatures::get().avx512f {
-        // SAFETY: the feature was detected at run time.
-        unsafe { to_bf16_avx512(src, dst) };
-        return;
+    if isa.avx512_bf16() {
+        // SAFETY: `isa` proves AVX-512 BF16.
+        return unsafe { to_bf16_avx512bf16(src, dst) };
     }
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = bf16_bits(s);
-    }
+    to_bf16_plain(isa, src, dst);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [u16]) {
-    if super::CpuFeatures::get().avx512_bf16 {
-        return to_bf16_avx512bf16(src, dst);
-    }
-    // Written as a plain loop: the compiler vectorises it with the enabled features.
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = bf16_bits(s);
+super::isa_fn! {
+    /// Written as a plain loop: the compiler vectorises it for the enabled features.
+    fn to_bf16_plain(src: &[f32], dst: &mut [u16]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = bf16_bits(s);
+        }
     }
 }
 
 /// `vcvtneps2bf16`: round to nearest even, 16 values per instruction.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16")]
 unsafe fn to_bf16_avx512bf16(src: &[f32], dst: &mut [u16]) {
     use std::arch::x86_64::*;
     let n = src.len();
@@ -66,15 +62,15 @@ unsafe fn to_bf16_avx512bf16(src: &[f32], dst: &mut [u16]) {
 }
 
 /// `dst[i] = bf16(src[i])`, in parallel for large slices.
-pub fn to_bf16(src: &[f32], dst: &mut [u16]) {
+pub fn to_bf16(isa: Isa, src: &[f32], dst: &mut [u16]) {
     assert_eq!(src.len(), dst.len());
     if src.len() < PAR_MIN {
-        return to_bf16_serial(src, dst);
+        return to_bf16_serial(isa, src, dst);
     }
     let chunk = src.len().div_ceil(rayon::current_num_threads()).max(4096);
     dst.par_chunks_mut(chunk)
         .zip(src.par_chunks(chunk))
-        .for_each(|(d, s)| to_bf16_serial(s, d));
+        .for_each(|(d, s)| to_bf16_serial(isa, s, d));
 }
 
 /// One row: returns the scale `s` with `x ≈ s · (q - 128)`.
@@ -95,7 +91,7 @@ fn quantize_row_inner(x: &[f32], q: &mut [u8]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn quantize_row_avx512(x: &[f32], q: &mut [u8]) -> f32 {
     use std::arch::x86_64::*;
     let n = x.len();
@@ -132,34 +128,34 @@ unsafe fn quantize_row_avx512(x: &[f32], q: &mut [u8]) -> f32 {
     amax / 127.0
 }
 
-fn quantize_row(x: &[f32], q: &mut [u8]) -> f32 {
+fn quantize_row(isa: Isa, x: &[f32], q: &mut [u8]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if super::CpuFeatures::get().avx512f {
-        // SAFETY: the feature was detected at run time.
+    if isa.avx512() {
+        // SAFETY: `isa` proves the AVX-512 features.
         return unsafe { quantize_row_avx512(x, q) };
     }
     quantize_row_inner(x, q)
 }
 
 /// Quantises each row of `x` (rows of `k`) to u8 with its own symmetric scale.
-pub fn quantize_rows(x: &[f32], k: usize, q: &mut [u8], scales: &mut [f32]) {
+pub fn quantize_rows(isa: Isa, x: &[f32], k: usize, q: &mut [u8], scales: &mut [f32]) {
     assert_eq!(x.len(), q.len());
     assert_eq!(x.len(), scales.len() * k);
     if x.len() < PAR_MIN {
         for ((row, qrow), s) in x.chunks(k).zip(q.chunks_mut(k)).zip(scales.iter_mut()) {
-            *s = quantize_row(row, qrow);
+            *s = quantize_row(isa, row, qrow);
         }
         return;
     }
     q.par_chunks_mut(k)
         .zip(x.par_chunks(k))
         .zip(scales.par_iter_mut())
-        .for_each(|((qrow, row), s)| *s = quantize_row(row, qrow));
+        .for_each(|((qrow, row), s)| *s = quantize_row(isa, row, qrow));
 }
 
 /// Per-output-channel symmetric int8 weights: row `j` of `w` (rows of `k`) becomes
 /// `scale[j] · q[j, :]` with `q` in [-127, 127]. Returns (q, scales, -128 · row sums of q).
-pub fn quantize_weights(w: &[f32], k: usize) -> (Vec<i8>, Vec<f32>, Vec<i32>) {
+pub fn quantize_weights(isa: Isa, w: &[f32], k: usize) -> (Vec<i8>, Vec<f32>, Vec<i32>) {
     let n = w.len() / k;
     let mut q = vec![0i8; w.len()];
     let mut scales = vec![0f32; n];
@@ -168,14 +164,14 @@ pub fn quantize_weights(w: &[f32], k: usize) -> (Vec<i8>, Vec<f32>, Vec<i32>) {
         .zip(w.par_chunks(k))
         .zip(scales.par_iter_mut().zip(offsets.par_iter_mut()))
         .for_each(|((qrow, row), (s, o))| {
-            let (scale, sum) = quantize_weight_row(row, qrow);
+            let (scale, sum) = quantize_weight_row(isa, row, qrow);
             *s = scale;
             *o = -128 * sum;
         });
     (q, scales, offsets)
 }
 
-super::dispatch_avx512! {
+super::isa_fn! {
     /// One weight row to int8 with its scale; returns (scale, Σ q).
     fn quantize_weight_row(row: &[f32], q: &mut [i8]) -> (f32, i32) {
         let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -205,24 +201,38 @@ mod tests {
         assert_eq!(bf16_to_f32(bf16_bits(-2.5)), -2.5);
         assert!(bf16_to_f32(bf16_bits(f32::NAN)).is_nan());
         let src: Vec<f32> = (0..100_000).map(|i| i as f32 * 0.37 - 5000.0).collect();
-        let mut fast = vec![0u16; src.len()];
-        to_bf16(&src, &mut fast);
-        assert!(fast.iter().zip(&src).all(|(&b, &s)| b == bf16_bits(s)));
+        for isa in Isa::available() {
+            let mut fast = vec![0u16; src.len()];
+            to_bf16(isa, &src, &mut fast);
+            assert!(
+                fast.iter().zip(&src).all(|(&b, &s)| b == bf16_bits(s)),
+                "{isa}"
+            );
+        }
     }
 
     #[test]
     fn row_quantisation_round_trips_within_half_a_step() {
+        for isa in Isa::available() {
+            row_quantisation_round_trips_with(isa);
+        }
+    }
+
+    fn row_quantisation_round_trips_with(isa: Isa) {
         let x: Vec<f32> = (0..64).map(|i| (i as f32 - 20.0) * 0.3).collect();
         let mut q = vec![0u8; 64];
         let mut s = vec![0f32; 2];
-        quantize_rows(&x, 32, &mut q, &mut s);
+        quantize_rows(isa, &x, 32, &mut q, &mut s);
         for (row, (qrow, scale)) in x.chunks(32).zip(q.chunks(32).zip(&s)) {
             for (&v, &qv) in row.iter().zip(qrow) {
                 let back = (qv as i32 - 128) as f32 * scale;
-                assert!((back - v).abs() <= scale * 0.5 + 1e-6, "{v} vs {back}");
+                assert!(
+                    (back - v).abs() <= scale * 0.5 + 1e-6,
+                    "{isa}: {v} vs {back}"
+                );
             }
         }
-        let (wq, ws, wo) = quantize_weights(&x, 32);
+        let (wq, ws, wo) = quantize_weights(isa, &x, 32);
         assert_eq!(
             wo[0],
             -128 * wq[..32].iter().map(|&v| v as i32).sum::<i32>()

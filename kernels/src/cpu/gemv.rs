@@ -1,366 +1,499 @@
 //! Products of a few activation rows with a large weight matrix (`y = x · Wᵀ` with at most
-//! `MAX_ROWS` rows of x), the shape of every LLM decode step. They read each weight once and
+//! [`MAX_ROWS`] rows of x), the shape of every LLM decode step. They read each weight once and
 //! are bound by memory bandwidth, which BLAS libraries do not reach at this size on one or two
-//! cores; these kernels stream four weight rows at a time with AVX-512 dot-product
-//! instructions (`vdpbf16ps` for bf16, `vpdpbusd` for u8 x s8), split over the thread pool.
+//! cores: these kernels stream four weight rows at a time against every activation row, split
+//! by columns over the thread pool.
+//!
+//! One generic block ([`block`]) serves every precision and vector width through [`Lanes`]
+//! (how to load, multiply-add and reduce one vector of an operand pair): f32 FMA, bf16
+//! `vdpbf16ps`, u8 × s8 `vpdpbusd` on AVX-512, and portable versions of each. [`product`] is the
+//! only entry: it picks the version the caller's [`Isa`] proves the CPU can run.
 
-#![allow(clippy::too_many_arguments)]
-
-use rayon::prelude::*;
+use super::parallel::{for_ranges, SharedMut};
+use super::Isa;
 
 /// The most activation rows these kernels take.
 pub const MAX_ROWS: usize = 4;
-/// Weight rows per parallel task (a multiple of 4).
+/// Weight rows per parallel task at least (a multiple of 4).
 const ROWS_PER_TASK: usize = 64;
 
-/// A raw output pointer shared by tasks that write disjoint columns.
+/// Activation rows in the weights' operand type: (m, k) row-major.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements; the owner outlives the parallel loop.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-fn tasks(n: usize) -> usize {
-    // Enough tasks to balance two to a few threads without drowning in scheduling.
-    let threads = rayon::current_num_threads().max(1);
-    let by_size = n.div_ceil(ROWS_PER_TASK);
-    by_size.min(threads * 8).max(1)
+pub(crate) enum XRows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+    /// u8 values with a +128 offset, and each row's scale.
+    Int8 {
+        q: &'a [u8],
+        scale: &'a [f32],
+    },
 }
 
-/// Splits [0, n) into `parts` ranges whose boundaries are multiples of 4.
-fn range(n: usize, parts: usize, i: usize) -> (usize, usize) {
-    let per = n.div_ceil(parts).next_multiple_of(4);
-    ((i * per).min(n), ((i + 1) * per).min(n))
+/// Weight rows: (n, k) row-major.
+#[derive(Clone, Copy)]
+pub(crate) enum WRows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+    /// Per-output-channel scales, and `-128 · Σ_k q[j, k]` (removes the activations' offset).
+    Int8 {
+        q: &'a [i8],
+        scale: &'a [f32],
+        offset: &'a [i32],
+    },
 }
 
-/// `out[i, j] = Σ_k x[i, k] · w[j, k]` (+ `bias[j]`), bf16 inputs, f32 accumulation.
-/// `x` is (m, k), `w` (n, k), `out` (m, n); m <= MAX_ROWS.
-pub fn bf16(
-    x: &[u16],
+/// `out[i, j] = x_i · w_j (+ bias[j])` for the m <= [`MAX_ROWS`] rows of `x`; `out` is (m, n).
+/// For int8, `x_i · w_j` is `(Σ_k xq[i, k] · wq[j, k] + offset[j]) · xs[i] · ws[j]`.
+///
+/// # Panics
+/// When the operands' precisions differ or a size does not match.
+pub(crate) fn product(
+    isa: Isa,
+    x: XRows,
     m: usize,
-    w: &[u16],
+    w: WRows,
     n: usize,
     k: usize,
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    assert!((1..=MAX_ROWS).contains(&m));
-    assert_eq!(x.len(), m * k);
-    assert_eq!(w.len(), n * k);
+    assert!((1..=MAX_ROWS).contains(&m), "{m} rows");
     assert_eq!(out.len(), m * n);
-    let parts = tasks(n);
-    let ptr = OutPtr(out.as_mut_ptr());
-    (0..parts).into_par_iter().for_each(|p| {
-        let (j0, j1) = range(n, parts, p);
-        // Capture the whole `OutPtr` (Send + Sync), not its raw-pointer field.
-        #[allow(clippy::redundant_locals)]
-        let ptr = ptr;
-        // SAFETY: the caller checked the CPU features (see `CpuFeatures::reduced_precision`),
-        // the slices have the asserted sizes and each task writes only columns j0..j1.
-        unsafe {
-            match m {
-                1 => bf16_block::<1>(x, w, k, n, j0, j1, bias, ptr.0),
-                2 => bf16_block::<2>(x, w, k, n, j0, j1, bias, ptr.0),
-                3 => bf16_block::<3>(x, w, k, n, j0, j1, bias, ptr.0),
-                _ => bf16_block::<4>(x, w, k, n, j0, j1, bias, ptr.0),
+    assert!(bias.is_none_or(|b| b.len() == n));
+    let shape = Shape { m, n, k, bias };
+    match (x, w) {
+        (XRows::F32(x), WRows::F32(w)) => {
+            #[cfg(target_arch = "x86_64")]
+            if isa.avx512() {
+                // SAFETY: `isa` proves the AVX-512 features `avx512` enables.
+                return unsafe { drive(avx512::<x86::F32x16>, x, w, shape, &(), out) };
             }
+            // SAFETY: the portable block needs no CPU feature.
+            unsafe { drive(portable::<scalar::F32>, x, w, shape, &(), out) }
         }
-    });
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn bf16_block<const M: usize>(
-    x: &[u16],
-    w: &[u16],
-    k: usize,
-    n: usize,
-    j0: usize,
-    j1: usize,
-    bias: Option<&[f32]>,
-    out: *mut f32,
-) {
-    use std::arch::x86_64::*;
-    let full = k / 32;
-    let tail = k % 32;
-    let tail_mask: __mmask32 = if tail == 0 { 0 } else { (1u32 << tail) - 1 };
-    let load = |p: *const u16, masked: bool| -> __m512bh {
-        if masked {
-            std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(
-                tail_mask,
-                p as *const i16,
-            ))
-        } else {
-            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const _))
-        }
-    };
-    let mut j = j0;
-    while j < j1 {
-        let rows = (j1 - j).min(4);
-        let mut acc = [[_mm512_setzero_ps(); 4]; M];
-        let wrow = |r: usize| w.as_ptr().add((j + r.min(rows - 1)) * k);
-        for c in 0..full + (tail > 0) as usize {
-            let masked = c == full;
-            let off = c * 32;
-            let w0 = load(wrow(0).add(off), masked);
-            let w1 = load(wrow(1).add(off), masked);
-            let w2 = load(wrow(2).add(off), masked);
-            let w3 = load(wrow(3).add(off), masked);
-            for (i, a) in acc.iter_mut().enumerate() {
-                let xv = load(x.as_ptr().add(i * k + off), masked);
-                a[0] = _mm512_dpbf16_ps(a[0], xv, w0);
-                a[1] = _mm512_dpbf16_ps(a[1], xv, w1);
-                a[2] = _mm512_dpbf16_ps(a[2], xv, w2);
-                a[3] = _mm512_dpbf16_ps(a[3], xv, w3);
+        (XRows::Bf16(x), WRows::Bf16(w)) => {
+            #[cfg(target_arch = "x86_64")]
+            if isa.avx512_bf16() {
+                // SAFETY: `isa` proves AVX-512 BF16, which `avx512_bf16` enables.
+                return unsafe { drive(avx512_bf16::<x86::Bf16x32>, x, w, shape, &(), out) };
             }
+            // SAFETY: the portable block needs no CPU feature.
+            unsafe { drive(portable::<scalar::Bf16>, x, w, shape, &(), out) }
         }
-        for (i, a) in acc.iter().enumerate() {
-            for (r, v) in a.iter().enumerate().take(rows) {
-                let b = bias.map_or(0.0, |b| b[j + r]);
-                *out.add(i * n + j + r) = _mm512_reduce_add_ps(*v) + b;
+        (
+            XRows::Int8 { q: x, scale: xs },
+            WRows::Int8 {
+                q: w,
+                scale: ws,
+                offset,
+            },
+        ) => {
+            assert_eq!(xs.len(), m);
+            assert_eq!(ws.len(), n);
+            assert_eq!(offset.len(), n);
+            let scales = Int8Scales { xs, ws, offset };
+            #[cfg(target_arch = "x86_64")]
+            if isa.avx512_vnni() {
+                // SAFETY: `isa` proves AVX-512 VNNI, which `avx512_vnni` enables.
+                return unsafe { drive(avx512_vnni::<x86::U8S8x64>, x, w, shape, &scales, out) };
             }
+            // SAFETY: the portable block needs no CPU feature.
+            unsafe { drive(portable::<scalar::U8S8>, x, w, shape, &scales, out) }
         }
-        j += rows;
+        _ => panic!("activations and weights of different precisions"),
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn bf16_block<const M: usize>(
-    _: &[u16],
-    _: &[u16],
-    _: usize,
-    _: usize,
-    _: usize,
-    _: usize,
-    _: Option<&[f32]>,
-    _: *mut f32,
-) {
-    unreachable!("reduced-precision kernels are only selected on x86_64")
-}
-
-/// `out[i, j] = Σ_k x[i, k] · w[j, k]` (+ `bias[j]`) in f32; m <= MAX_ROWS. Needs AVX-512F.
-pub fn f32(
-    x: &[f32],
+#[derive(Clone, Copy)]
+struct Shape<'a> {
     m: usize,
-    w: &[f32],
     n: usize,
     k: usize,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    assert!((1..=MAX_ROWS).contains(&m));
-    assert_eq!(x.len(), m * k);
-    assert_eq!(w.len(), n * k);
-    assert_eq!(out.len(), m * n);
-    let parts = tasks(n);
-    let ptr = OutPtr(out.as_mut_ptr());
-    (0..parts).into_par_iter().for_each(|p| {
-        let (j0, j1) = range(n, parts, p);
-        // Capture the whole `OutPtr` (Send + Sync), not its raw-pointer field.
-        #[allow(clippy::redundant_locals)]
-        let ptr = ptr;
-        // SAFETY: as for `bf16` (the caller checked AVX-512F).
-        unsafe {
-            match m {
-                1 => f32_block::<1>(x, w, k, n, j0, j1, bias, ptr.0),
-                2 => f32_block::<2>(x, w, k, n, j0, j1, bias, ptr.0),
-                3 => f32_block::<3>(x, w, k, n, j0, j1, bias, ptr.0),
-                _ => f32_block::<4>(x, w, k, n, j0, j1, bias, ptr.0),
-            }
-        }
-    });
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn f32_block<const M: usize>(
-    x: &[f32],
-    w: &[f32],
-    k: usize,
-    n: usize,
-    j0: usize,
-    j1: usize,
-    bias: Option<&[f32]>,
-    out: *mut f32,
-) {
-    use std::arch::x86_64::*;
-    let full = k / 16;
-    let tail = k % 16;
-    let tail_mask: __mmask16 = if tail == 0 {
-        0
-    } else {
-        ((1u32 << tail) - 1) as u16
-    };
-    let load = |p: *const f32, masked: bool| -> __m512 {
-        if masked {
-            _mm512_maskz_loadu_ps(tail_mask, p)
-        } else {
-            _mm512_loadu_ps(p)
-        }
-    };
-    let mut j = j0;
-    while j < j1 {
-        let rows = (j1 - j).min(4);
-        let mut acc = [[_mm512_setzero_ps(); 4]; M];
-        let wrow = |r: usize| w.as_ptr().add((j + r.min(rows - 1)) * k);
-        for c in 0..full + (tail > 0) as usize {
-            let masked = c == full;
-            let off = c * 16;
-            let w0 = load(wrow(0).add(off), masked);
-            let w1 = load(wrow(1).add(off), masked);
-            let w2 = load(wrow(2).add(off), masked);
-            let w3 = load(wrow(3).add(off), masked);
-            for (i, a) in acc.iter_mut().enumerate() {
-                let xv = load(x.as_ptr().add(i * k + off), masked);
-                a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
-                a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
-                a[2] = _mm512_fmadd_ps(xv, w2, a[2]);
-                a[3] = _mm512_fmadd_ps(xv, w3, a[3]);
-            }
-        }
-        for (i, a) in acc.iter().enumerate() {
-            for (r, v) in a.iter().enumerate().take(rows) {
-                let b = bias.map_or(0.0, |b| b[j + r]);
-                *out.add(i * n + j + r) = _mm512_reduce_add_ps(*v) + b;
-            }
-        }
-        j += rows;
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn f32_block<const M: usize>(
-    _: &[f32],
-    _: &[f32],
-    _: usize,
-    _: usize,
-    _: usize,
-    _: usize,
-    _: Option<&[f32]>,
-    _: *mut f32,
-) {
-    unreachable!("the f32 small-batch kernel is only selected on x86_64")
-}
-
-/// `out[i, j] = (Σ_k xq[i, k] · wq[j, k] + offset[j]) · xs[i] · ws[j] + bias[j]` where `xq` holds
-/// u8 values with a +128 offset and `offset[j] = -128 · Σ_k wq[j, k]` removes it.
-pub fn int8(
-    xq: &[u8],
-    xs: &[f32],
-    m: usize,
-    wq: &[i8],
-    ws: &[f32],
-    offset: &[i32],
-    n: usize,
-    k: usize,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    assert!((1..=MAX_ROWS).contains(&m));
-    assert_eq!(xq.len(), m * k);
-    assert_eq!(xs.len(), m);
-    assert_eq!(wq.len(), n * k);
-    assert_eq!(ws.len(), n);
-    assert_eq!(offset.len(), n);
-    assert_eq!(out.len(), m * n);
-    let parts = tasks(n);
-    let ptr = OutPtr(out.as_mut_ptr());
-    let w = Int8Weights {
-        wq,
-        ws,
-        offset,
-        bias,
-    };
-    (0..parts).into_par_iter().for_each(|p| {
-        let (j0, j1) = range(n, parts, p);
-        // Capture the whole `OutPtr` (Send + Sync), not its raw-pointer field.
-        #[allow(clippy::redundant_locals)]
-        let ptr = ptr;
-        // SAFETY: as for `bf16`.
-        unsafe {
-            match m {
-                1 => int8_block::<1>(xq, xs, &w, k, n, j0, j1, ptr.0),
-                2 => int8_block::<2>(xq, xs, &w, k, n, j0, j1, ptr.0),
-                3 => int8_block::<3>(xq, xs, &w, k, n, j0, j1, ptr.0),
-                _ => int8_block::<4>(xq, xs, &w, k, n, j0, j1, ptr.0),
-            }
-        }
-    });
-}
-
-struct Int8Weights<'a> {
-    wq: &'a [i8],
-    ws: &'a [f32],
-    offset: &'a [i32],
     bias: Option<&'a [f32]>,
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn int8_block<const M: usize>(
-    xq: &[u8],
-    xs: &[f32],
-    w: &Int8Weights,
-    k: usize,
-    n: usize,
+/// What one task computes: columns `j0..j1` of every output row.
+struct Tile<'a, X, W> {
+    x: &'a [X],
+    w: &'a [W],
+    shape: Shape<'a>,
     j0: usize,
     j1: usize,
-    out: *mut f32,
-) {
-    use std::arch::x86_64::*;
-    let full = k / 64;
-    let tail = k % 64;
-    let tail_mask: __mmask64 = if tail == 0 { 0 } else { (1u64 << tail) - 1 };
-    let load = |p: *const i8, masked: bool| -> __m512i {
-        if masked {
-            _mm512_maskz_loadu_epi8(tail_mask, p)
-        } else {
-            _mm512_loadu_si512(p as *const _)
+    out: SharedMut<f32>,
+}
+
+/// Turns the int8 dot products into outputs.
+struct Int8Scales<'a> {
+    xs: &'a [f32],
+    ws: &'a [f32],
+    offset: &'a [i32],
+}
+
+/// A vector of partial dot products, and its sum.
+trait Accumulator: Copy {
+    type Sum;
+    unsafe fn zero() -> Self;
+    unsafe fn sum(self) -> Self::Sum;
+}
+
+/// Turns an activation row's and a weight row's finished dot product into the output (without
+/// the bias): f32 sums as they are, int8 sums through the scales.
+trait Finish<Sum>: Sync {
+    fn finish(&self, sum: Sum, i: usize, j: usize) -> f32;
+}
+
+impl Finish<f32> for () {
+    #[inline(always)]
+    fn finish(&self, sum: f32, _: usize, _: usize) -> f32 {
+        sum
+    }
+}
+
+impl Finish<i32> for Int8Scales<'_> {
+    /// Exact in i32 until the offset is removed.
+    #[inline(always)]
+    fn finish(&self, dot: i32, i: usize, j: usize) -> f32 {
+        (dot + self.offset[j]) as f32 * self.xs[i] * self.ws[j]
+    }
+}
+
+/// One vector width and operand pairing of the few-row kernels.
+trait Lanes {
+    /// Activation and weight elements (the same size).
+    type X: Copy + Sync;
+    type W: Copy + Sync;
+    /// A vector of either, loaded.
+    type V: Copy;
+    type Acc: Accumulator;
+    /// What turns a finished dot product into the output (scales for int8).
+    type Scales<'s>: Finish<<Self::Acc as Accumulator>::Sum>;
+    /// Elements of k per vector.
+    const STEP: usize;
+
+    /// `STEP` activations from `p` (the first's bytes), or the first `tail` of them (the rest
+    /// zero) when `tail > 0`.
+    unsafe fn load(p: *const u8, tail: usize) -> Self::V;
+    /// The same for weights (different only where their type's bits read differently).
+    unsafe fn load_w(p: *const u8, tail: usize) -> Self::V {
+        Self::load(p, tail)
+    }
+    unsafe fn madd(acc: Self::Acc, x: Self::V, w: Self::V) -> Self::Acc;
+}
+
+/// No scales: f32 sums are the outputs.
+type NoScales<'s> = ();
+
+/// Declares a [`Lanes`] type from its element types, vector, accumulator, scales, step, load
+/// and multiply-add (the table of every pairing the kernels support).
+macro_rules! lanes {
+    ($(#[$m:meta])* $name:ident {
+        x: $x:ty, w: $w:ty, vector: $v:ty, acc: $acc:ty, scales: $s:ident, step: $step:expr,
+        load($p:ident, $tail:ident) $load:block
+        $(load_w($pw:ident, $tw:ident) $load_w:block)?
+        madd($a:ident, $xv:ident, $wv:ident) $madd:block
+    }) => {
+        $(#[$m])*
+        pub struct $name;
+        impl Lanes for $name {
+            type X = $x;
+            type W = $w;
+            type V = $v;
+            type Acc = $acc;
+            type Scales<'s> = $s<'s>;
+            const STEP: usize = $step;
+            #[inline(always)]
+            unsafe fn load($p: *const u8, $tail: usize) -> $v $load
+            $(
+                #[inline(always)]
+                unsafe fn load_w($pw: *const u8, $tw: usize) -> $v $load_w
+            )?
+            #[inline(always)]
+            unsafe fn madd($a: $acc, $xv: $v, $wv: $v) -> $acc $madd
         }
     };
-    let mut j = j0;
-    while j < j1 {
-        let rows = (j1 - j).min(4);
-        let mut acc = [[_mm512_setzero_si512(); 4]; M];
-        let wrow = |r: usize| w.wq.as_ptr().add((j + r.min(rows - 1)) * k);
+}
+
+/// Splits the columns over the pool and runs `kernel` on each range.
+///
+/// # Safety
+/// `kernel` must be safe to run on this CPU.
+unsafe fn drive<X: Sync, W: Sync, S: Sync>(
+    kernel: unsafe fn(&Tile<X, W>, &S),
+    x: &[X],
+    w: &[W],
+    shape: Shape,
+    scales: &S,
+    out: &mut [f32],
+) {
+    assert_eq!(x.len(), shape.m * shape.k);
+    assert_eq!(w.len(), shape.n * shape.k);
+    let out = SharedMut::new(out);
+    for_ranges(shape.n, 4, ROWS_PER_TASK, |j0, j1| {
+        let tile = Tile {
+            x,
+            w,
+            shape,
+            j0,
+            j1,
+            out,
+        };
+        // SAFETY: the caller vouches for the CPU; the sizes are checked above and each task
+        // writes only its columns j0..j1.
+        unsafe { kernel(&tile, scales) }
+    });
+}
+
+/// Four weight rows at a time against the `M` activation rows.
+#[inline(always)]
+unsafe fn block<L: Lanes, const M: usize>(t: &Tile<L::X, L::W>, scales: &L::Scales<'_>) {
+    let Shape { n, k, bias, .. } = t.shape;
+    let (full, tail) = (k / L::STEP, k % L::STEP);
+    let (x, w, out) = (t.x.as_ptr(), t.w.as_ptr(), t.out.get());
+    let mut j = t.j0;
+    while j < t.j1 {
+        let rows = (t.j1 - j).min(4);
+        let mut acc = [[L::Acc::zero(); 4]; M];
+        // Rows past the end repeat the last one (their sums are not stored).
+        let wrow = |r: usize| w.add((j + r.min(rows - 1)) * k);
         for c in 0..full + (tail > 0) as usize {
-            let masked = c == full;
-            let off = c * 64;
-            let w0 = load(wrow(0).add(off), masked);
-            let w1 = load(wrow(1).add(off), masked);
-            let w2 = load(wrow(2).add(off), masked);
-            let w3 = load(wrow(3).add(off), masked);
+            let len = if c == full { tail } else { 0 };
+            let off = c * L::STEP;
+            // No closure around the loads: a closure would not inherit the wrapper's target
+            // features, and the intrinsics would become calls.
+            let wv = [
+                L::load_w(wrow(0).add(off) as *const u8, len),
+                L::load_w(wrow(1).add(off) as *const u8, len),
+                L::load_w(wrow(2).add(off) as *const u8, len),
+                L::load_w(wrow(3).add(off) as *const u8, len),
+            ];
             for (i, a) in acc.iter_mut().enumerate() {
-                // Masked-out bytes load as 0 in x, so they add nothing.
-                let xv = load(xq.as_ptr().add(i * k + off) as *const i8, masked);
-                a[0] = _mm512_dpbusd_epi32(a[0], xv, w0);
-                a[1] = _mm512_dpbusd_epi32(a[1], xv, w1);
-                a[2] = _mm512_dpbusd_epi32(a[2], xv, w2);
-                a[3] = _mm512_dpbusd_epi32(a[3], xv, w3);
+                let xv = L::load(x.add(i * k + off) as *const u8, len);
+                for (a, &wv) in a.iter_mut().zip(&wv) {
+                    *a = L::madd(*a, xv, wv);
+                }
             }
         }
         for (i, a) in acc.iter().enumerate() {
-            for (r, v) in a.iter().enumerate().take(rows) {
-                let jr = j + r;
-                let dot = _mm512_reduce_add_epi32(*v) + w.offset[jr];
-                let b = w.bias.map_or(0.0, |b| b[jr]);
-                *out.add(i * n + jr) = dot as f32 * xs[i] * w.ws[jr] + b;
+            for (r, &v) in a.iter().enumerate().take(rows) {
+                let b = bias.map_or(0.0, |b| b[j + r]);
+                *out.add(i * n + j + r) = scales.finish(v.sum(), i, j + r) + b;
             }
         }
         j += rows;
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn int8_block<const M: usize>(
-    _: &[u8],
-    _: &[f32],
-    _: &Int8Weights,
-    _: usize,
-    _: usize,
-    _: usize,
-    _: usize,
-    _: *mut f32,
-) {
-    unreachable!("reduced-precision kernels are only selected on x86_64")
+/// [`block`] for the tile's row count.
+#[inline(always)]
+unsafe fn rows<L: Lanes>(t: &Tile<L::X, L::W>, scales: &L::Scales<'_>) {
+    match t.shape.m {
+        1 => block::<L, 1>(t, scales),
+        2 => block::<L, 2>(t, scales),
+        3 => block::<L, 3>(t, scales),
+        _ => block::<L, 4>(t, scales),
+    }
+}
+
+unsafe fn portable<L: Lanes>(t: &Tile<L::X, L::W>, scales: &L::Scales<'_>) {
+    rows::<L>(t, scales)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+unsafe fn avx512<L: Lanes>(t: &Tile<L::X, L::W>, scales: &L::Scales<'_>) {
+    rows::<L>(t, scales)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16")]
+unsafe fn avx512_bf16<L: Lanes>(t: &Tile<L::X, L::W>, scales: &L::Scales<'_>) {
+    rows::<L>(t, scales)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni")]
+unsafe fn avx512_vnni<L: Lanes>(t: &Tile<L::X, L::W>, scales: &L::Scales<'_>) {
+    rows::<L>(t, scales)
+}
+
+/// Portable lanes: eight elements in plain arrays (the compiler vectorises them for its
+/// baseline). bf16 products are exact in f32 (8-bit significands); int8 sums exact in i32.
+mod scalar {
+    use super::{Accumulator, Int8Scales, Lanes, NoScales};
+
+    const STEP: usize = 8;
+
+    #[inline(always)]
+    unsafe fn load<T: Copy, V: Copy + Default>(
+        p: *const T,
+        tail: usize,
+        f: impl Fn(T) -> V,
+    ) -> [V; STEP] {
+        let len = if tail == 0 { STEP } else { tail };
+        let mut v = [V::default(); STEP];
+        for (i, v) in v.iter_mut().enumerate().take(len) {
+            *v = f(*p.add(i));
+        }
+        v
+    }
+
+    #[inline(always)]
+    fn madd<V: Copy + std::ops::Mul<Output = V> + std::ops::AddAssign>(
+        mut acc: [V; STEP],
+        x: [V; STEP],
+        w: [V; STEP],
+    ) -> [V; STEP] {
+        for i in 0..STEP {
+            acc[i] += x[i] * w[i];
+        }
+        acc
+    }
+
+    impl<V: Copy + Default + std::iter::Sum> Accumulator for [V; STEP] {
+        type Sum = V;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            [V::default(); STEP]
+        }
+        #[inline(always)]
+        unsafe fn sum(self) -> V {
+            self.into_iter().sum()
+        }
+    }
+
+    lanes!(F32 {
+        x: f32, w: f32, vector: [f32; STEP], acc: [f32; STEP], scales: NoScales, step: STEP,
+        load(p, tail) { load(p as *const f32, tail, |v| v) }
+        madd(acc, x, w) { madd(acc, x, w) }
+    });
+
+    lanes!(Bf16 {
+        x: u16, w: u16, vector: [f32; STEP], acc: [f32; STEP], scales: NoScales, step: STEP,
+        load(p, tail) { load(p as *const u16, tail, crate::cpu::convert::bf16_to_f32) }
+        madd(acc, x, w) { madd(acc, x, w) }
+    });
+
+    lanes!(U8S8 {
+        x: u8, w: i8, vector: [i32; STEP], acc: [i32; STEP], scales: Int8Scales, step: STEP,
+        // u8 activations, s8 weights.
+        load(p, tail) { load(p, tail, i32::from) }
+        load_w(p, tail) { load(p as *const i8, tail, i32::from) }
+        madd(acc, x, w) { madd(acc, x, w) }
+    });
+}
+
+/// AVX-512 lanes. Their methods are `#[inline(always)]` without features of their own: they
+/// only ever run inlined into the `#[target_feature]` wrappers above.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Accumulator, Int8Scales, Lanes, NoScales};
+
+    #[inline(always)]
+    fn mask(tail: usize) -> u64 {
+        (1u64 << tail) - 1
+    }
+
+    impl Accumulator for __m512 {
+        type Sum = f32;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn sum(self) -> f32 {
+            _mm512_reduce_add_ps(self)
+        }
+    }
+
+    impl Accumulator for __m512i {
+        type Sum = i32;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            _mm512_setzero_si512()
+        }
+        #[inline(always)]
+        unsafe fn sum(self) -> i32 {
+            _mm512_reduce_add_epi32(self)
+        }
+    }
+
+    lanes!(F32x16 {
+        x: f32, w: f32, vector: __m512, acc: __m512, scales: NoScales, step: 16,
+        load(p, tail) {
+            if tail == 0 {
+                _mm512_loadu_ps(p as *const f32)
+            } else {
+                _mm512_maskz_loadu_ps(mask(tail) as __mmask16, p as *const f32)
+            }
+        }
+        madd(acc, x, w) { _mm512_fmadd_ps(x, w, acc) }
+    });
+
+    lanes!(Bf16x32 {
+        x: u16, w: u16, vector: __m512bh, acc: __m512, scales: NoScales, step: 32,
+        load(p, tail) {
+            let v = if tail == 0 {
+                _mm512_loadu_si512(p as *const _)
+            } else {
+                _mm512_maskz_loadu_epi16(mask(tail) as __mmask32, p as *const i16)
+            };
+            std::mem::transmute::<__m512i, __m512bh>(v)
+        }
+        madd(acc, x, w) { _mm512_dpbf16_ps(acc, x, w) }
+    });
+
+    lanes!(U8S8x64 {
+        x: u8, w: i8, vector: __m512i, acc: __m512i, scales: Int8Scales, step: 64,
+        // Masked-out bytes load as 0, so they add nothing.
+        load(p, tail) {
+            if tail == 0 {
+                _mm512_loadu_si512(p as *const _)
+            } else {
+                _mm512_maskz_loadu_epi8(mask(tail), p as *const i8)
+            }
+        }
+        madd(acc, x, w) { _mm512_dpbusd_epi32(acc, x, w) }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f32_rows_match_the_f64_product_on_every_isa() {
+        // k with a tail for every vector width, n not a multiple of 4.
+        let (n, k) = (23, 77);
+        let value = |i: usize| ((i * 7919) % 211) as f32 / 105.0 - 1.0;
+        let w: Vec<f32> = (0..n * k).map(value).collect();
+        let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.1).collect();
+        for m in 1..=MAX_ROWS {
+            let x: Vec<f32> = (0..m * k).map(|i| value(i + 5)).collect();
+            for isa in Isa::available() {
+                let mut out = vec![f32::NAN; m * n];
+                product(
+                    isa,
+                    XRows::F32(&x),
+                    m,
+                    WRows::F32(&w),
+                    n,
+                    k,
+                    Some(&bias),
+                    &mut out,
+                );
+                for i in 0..m {
+                    for j in 0..n {
+                        let exact: f64 = (0..k)
+                            .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                            .sum::<f64>()
+                            + bias[j] as f64;
+                        let got = out[i * n + j] as f64;
+                        assert!((got - exact).abs() < 1e-4, "{isa} m={m} ({i}, {j})");
+                    }
+                }
+            }
+        }
+    }
 }

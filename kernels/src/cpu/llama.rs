@@ -1,11 +1,18 @@
 //! One LLaMA decoder layer run on flat f32 buffers: the arithmetic of `llama.rs`'s candle ops
 //! (RMSNorm, rotate-half RoPE, causal attention over the KV cache, SwiGLU MLP) without their
-//! intermediate tensors. Attention runs one task per head; long prefills compute the scores
-//! in row blocks that stop at the causal edge.
+//! intermediate tensors.
+//!
+//! The rows may belong to several sequences (a ragged batch: one sequence's prefill beside
+//! other sequences' decode steps): every product multiplies all rows at once, so each weight
+//! is read once per step, while attention runs per sequence over its own cache and positions.
+//! Attention runs one task per sequence and head; long prefills compute the scores in row
+//! blocks that stop at the causal edge.
 
 use rayon::prelude::*;
 
-use super::{math, CpuLinear, Epilogue, Scratch, SharedMut};
+use super::blas::{self, Dims, Mat, Out};
+use super::parallel::{for_rows, SharedMut};
+use super::{math, CpuLinear, Epilogue, Isa, Scratch};
 
 /// The weights of one layer.
 pub struct LlamaLayer<'a> {
@@ -35,81 +42,92 @@ pub struct CacheView<'a> {
     pub len: usize,
 }
 
+/// One sequence's rows of a ragged batch: the next `rows` rows of the batch (sequences lie in
+/// order), at positions `start..start + rows` of this sequence, whose cache (`keys`, `values`)
+/// already holds them.
+pub struct SequenceRows<'a> {
+    pub rows: usize,
+    pub start: usize,
+    pub keys: CacheView<'a>,
+    pub values: CacheView<'a>,
+}
+
 /// Query rows per block of the causal score computation.
 const ROW_BLOCK: usize = 128;
 
 impl LlamaLayer<'_> {
-    /// Attention input: `h = rmsnorm(x)`, then Q, K, V with RoPE applied to Q and K for
-    /// positions `start..start + len`. Returns (q, k, v), rows of heads·head_dim.
+    fn isa(&self) -> Isa {
+        self.q.kernels().isa()
+    }
+
+    /// Attention input: `h = rmsnorm(x)`, then Q, K, V with RoPE applied to Q and K, row `t`
+    /// of `x` at position `positions[t]`. Returns (q, k, v), rows of heads·head_dim.
     pub fn qkv(
         &self,
         x: &[f32],
-        len: usize,
-        start: usize,
+        positions: &[usize],
         cos: &[f32],
         sin: &[f32],
     ) -> (Scratch<f32>, Vec<f32>, Vec<f32>) {
+        let len = positions.len();
         let hidden = self.input_norm.len();
         let d = self.head_dim;
         let mut h = Scratch::<f32>::new(len * hidden);
-        math::rms_norm(x, self.input_norm, self.eps, &mut h);
+        math::rms_norm(self.isa(), x, self.input_norm, self.eps, &mut h);
         let mut q = Scratch::<f32>::new(len * self.num_heads * d);
         self.q.forward_into(&h, len, &mut q);
         let mut k = vec![0f32; len * self.num_kv_heads * d];
         self.k.forward_into(&h, len, &mut k);
         let mut v = vec![0f32; len * self.num_kv_heads * d];
         self.v.forward_into(&h, len, &mut v);
-        rope(&mut q, self.num_heads, d, start, cos, sin);
-        rope(&mut k, self.num_kv_heads, d, start, cos, sin);
+        rope(&mut q, self.num_heads, d, positions, cos, sin);
+        rope(&mut k, self.num_kv_heads, d, positions, cos, sin);
         (q, k, v)
     }
 
-    /// The rest of the layer once the cache holds this step's keys and values: attention of
-    /// `q` over `keys`/`values`, output projection, residual, MLP, residual; `x` in place.
-    pub fn finish(
-        &self,
-        x: &mut [f32],
-        len: usize,
-        start: usize,
-        q: &[f32],
-        keys: &CacheView,
-        values: &CacheView,
-    ) {
+    /// The rest of the layer once every sequence's cache holds this step's keys and values:
+    /// attention of each sequence's rows of `q` over its cache, output projection, residual,
+    /// MLP, residual; `x` (all the sequences' rows, in order) in place.
+    pub fn finish(&self, x: &mut [f32], q: &[f32], sequences: &[SequenceRows]) {
         let hidden = self.input_norm.len();
         let width = self.num_heads * self.head_dim;
+        let len: usize = sequences.iter().map(|s| s.rows).sum();
+        assert_eq!(
+            x.len(),
+            len * hidden,
+            "rows of x against the sequences' rows"
+        );
         let mut att = Scratch::<f32>::new(len * width);
         attention(
+            self.isa(),
             q,
-            len,
-            start,
+            sequences,
             self.num_heads,
             self.num_kv_heads,
             self.head_dim,
-            keys,
-            values,
             &mut att,
         );
         self.o.forward_with(&att, len, x, Epilogue::Accumulate);
         drop(att);
         let mut h = Scratch::<f32>::new(len * hidden);
-        math::rms_norm(x, self.post_norm, self.eps, &mut h);
+        math::rms_norm(self.isa(), x, self.post_norm, self.eps, &mut h);
         let inter = self.gate.out_features();
         let mut g = Scratch::<f32>::new(len * inter);
         self.gate.forward_into(&h, len, &mut g);
         let mut u = Scratch::<f32>::new(len * inter);
         self.up.forward_into(&h, len, &mut u);
-        math::silu_mul(&mut g, &u);
+        math::silu_mul(self.isa(), &mut g, &u);
         drop(u);
         self.down.forward_with(&g, len, x, Epilogue::Accumulate);
     }
 }
 
-/// Rotate-half RoPE in place on rows of `heads · d` for positions `start..`; `cos`/`sin` are
-/// the tables (positions, d/2).
-fn rope(x: &mut [f32], heads: usize, d: usize, start: usize, cos: &[f32], sin: &[f32]) {
+/// Rotate-half RoPE in place on rows of `heads · d`, row `t` at position `positions[t]`;
+/// `cos`/`sin` are the tables (positions, d/2).
+fn rope(x: &mut [f32], heads: usize, d: usize, positions: &[usize], cos: &[f32], sin: &[f32]) {
     let half = d / 2;
-    math::for_rows(x, heads * d, |t, row| {
-        let pos = start + t;
+    for_rows(x, heads * d, |t, row| {
+        let pos = positions[t];
         let (c, s) = (
             &cos[pos * half..(pos + 1) * half],
             &sin[pos * half..(pos + 1) * half],
@@ -125,72 +143,94 @@ fn rope(x: &mut [f32], heads: usize, d: usize, start: usize, cos: &[f32], sin: &
     });
 }
 
-/// Causal attention: query row `i` (position `start + i`) sees cached positions
-/// `0..=start + i`. `q` and `out` have rows of heads·d; heads share kv heads in groups.
-#[allow(clippy::too_many_arguments)]
+/// Causal attention of each sequence's rows over its own cache: its query row `i` (position
+/// `start + i`) sees its cached positions `0..=start + i`. `q` and `out` have rows of heads·d,
+/// the sequences' rows in order; heads share kv heads in groups. One task per sequence, head
+/// and block of rows.
 fn attention(
+    isa: Isa,
     q: &[f32],
-    len: usize,
-    start: usize,
+    sequences: &[SequenceRows],
     heads: usize,
     kv_heads: usize,
     d: usize,
-    keys: &CacheView,
-    values: &CacheView,
     out: &mut [f32],
 ) {
     let width = heads * d;
     let group = heads / kv_heads;
     let scale = (d as f32).powf(-0.5);
-    let out_ptr = SharedMut(out.as_mut_ptr());
-    let blocks = len.div_ceil(ROW_BLOCK);
-    (0..heads * blocks).into_par_iter().for_each(|task| {
-        let (h, block) = (task / blocks, task % blocks);
+    let total: usize = sequences.iter().map(|s| s.rows).sum();
+    assert!(q.len() == total * width && out.len() == total * width);
+    let out_ptr = SharedMut::new(out);
+    // (sequence, its first row in the batch, the block's first and end rows in the sequence).
+    let mut blocks = Vec::new();
+    let mut first = 0;
+    for (s, seq) in sequences.iter().enumerate() {
+        for r0 in (0..seq.rows).step_by(ROW_BLOCK) {
+            blocks.push((s, first, r0, (r0 + ROW_BLOCK).min(seq.rows)));
+        }
+        first += seq.rows;
+    }
+    (0..heads * blocks.len()).into_par_iter().for_each(|task| {
+        let (h, (s, first, r0, r1)) = (task / blocks.len(), blocks[task % blocks.len()]);
+        let SequenceRows {
+            start,
+            keys,
+            values,
+            ..
+        } = &sequences[s];
+        let start = *start;
         let kv = h / group;
-        let r0 = block * ROW_BLOCK;
-        let r1 = (r0 + ROW_BLOCK).min(len);
         let rows = r1 - r0;
         // Keys this block can see.
         let seen = start + r1;
-        let k = &keys.data[keys.offset + kv * keys.head_stride..];
-        let v = &values.data[values.offset + kv * values.head_stride..];
+        let head = |c: &CacheView| -> usize {
+            let at = c.offset + kv * c.head_stride;
+            assert!(seen <= c.len && at + (seen - 1) * c.token_stride + d <= c.data.len());
+            at
+        };
+        let k = &keys.data[head(keys)..];
+        let v = &values.data[head(values)..];
+        let (q_row, out_row) = (first + r0, first + r0);
         let mut scores = Scratch::<f32>::new(rows * seen);
-        // Capture the whole pointer wrapper (Send + Sync), not its raw field.
-        #[allow(clippy::redundant_locals)]
-        // SAFETY: q rows r0..r1 of this head (row stride `width`), `seen` key and value rows
-        // (stride token_stride) inside the cache, scores (rows, seen); the output rows r0..r1
-        // and columns of head h are written by this task only.
+        // SAFETY: q rows q_row..q_row + rows of this head (row stride `width`, inside q as
+        // checked above), `seen` key and value rows (stride token_stride) inside the cache
+        // (checked by `head`), scores (rows,
+        // seen); the output rows and columns of head h of this block are written by this task
+        // only.
         unsafe {
-            super::sgemm_single(
-                rows,
-                seen,
-                d,
-                q.as_ptr().add(r0 * width + h * d),
-                width,
-                k.as_ptr(),
-                keys.token_stride,
-                true,
+            blas::sgemm(
+                Dims {
+                    m: rows,
+                    n: seen,
+                    k: d,
+                },
+                Mat::rows(q.as_ptr().add(q_row * width + h * d), width),
+                Mat::columns(k.as_ptr(), keys.token_stride),
+                Out {
+                    ptr: scores.as_mut_ptr(),
+                    ld: seen,
+                },
                 false,
-                scores.as_mut_ptr(),
-                seen,
             );
             for (i, row) in scores.chunks_mut(seen).enumerate() {
                 let visible = start + r0 + i + 1;
-                math::softmax_row(&mut row[..visible], scale);
+                math::softmax_row(isa, &mut row[..visible], scale);
                 row[visible..].fill(0.0);
             }
-            super::sgemm_single(
-                rows,
-                d,
-                seen,
-                scores.as_ptr(),
-                seen,
-                v.as_ptr(),
-                values.token_stride,
+            blas::sgemm(
+                Dims {
+                    m: rows,
+                    n: d,
+                    k: seen,
+                },
+                Mat::rows(scores.as_ptr(), seen),
+                Mat::rows(v.as_ptr(), values.token_stride),
+                Out {
+                    ptr: out_ptr.get().add(out_row * width + h * d),
+                    ld: width,
+                },
                 false,
-                false,
-                out_ptr.get().add(r0 * width + h * d),
-                width,
             );
         }
     });

@@ -1,50 +1,14 @@
 //! Row-wise and element-wise f32 kernels of the fused CPU blocks: layer norm, RMS norm,
-//! softmax, GELU (erf form), SiLU gating, residual adds. AVX-512 versions with scalar
-//! fallbacks that compute the same formulas.
+//! softmax, GELU (erf form), SiLU gating, residual adds. AVX-512 versions with portable
+//! versions that compute the same formulas, chosen by the caller's [`Isa`].
 //!
 //! Accuracy: `exp` is Cephes' `expf` polynomial (about 1 ulp); `erf` is Abramowitz & Stegun
 //! 7.1.26 (absolute error below 1.5e-7), the approximation PyTorch's vectorised CPU GELU uses.
 
 #![allow(clippy::excessive_precision)]
 
-use rayon::prelude::*;
-
-use super::CpuFeatures;
-
-/// Rows per parallel task are chosen so that a task holds at least this many elements.
-const TASK_ELEMS: usize = 1 << 14;
-
-fn avx512() -> bool {
-    let f = CpuFeatures::get();
-    f.avx512f && f.avx512bw
-}
-
-/// Runs `f(row_index, row)` over the rows of `data` (rows of `width`), in parallel when large.
-pub fn for_rows(data: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let rows = data.len() / width;
-    if data.len() < 2 * TASK_ELEMS || rows < 2 {
-        data.chunks_mut(width)
-            .enumerate()
-            .for_each(|(i, r)| f(i, r));
-        return;
-    }
-    let per_task = TASK_ELEMS.div_ceil(width).max(1);
-    data.par_chunks_mut(per_task * width)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            for (i, r) in chunk.chunks_mut(width).enumerate() {
-                f(t * per_task + i, r)
-            }
-        });
-}
-
-/// Applies `f` to chunks of `data`, in parallel when large.
-pub fn for_chunks(data: &mut [f32], f: impl Fn(&mut [f32]) + Sync) {
-    if data.len() < 2 * TASK_ELEMS {
-        return f(data);
-    }
-    data.par_chunks_mut(TASK_ELEMS * 2).for_each(&f);
-}
+use super::parallel::{for_chunks, for_rows};
+use super::Isa;
 
 // ---------------------------------------------------------------------------------------
 // Scalar formulas (fallback and reference).
@@ -151,7 +115,7 @@ mod simd {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn gelu_avx512(x: &mut [f32]) {
     let n = x.len();
     let p = x.as_mut_ptr();
@@ -164,11 +128,11 @@ unsafe fn gelu_avx512(x: &mut [f32]) {
 }
 
 /// In place: `x = gelu_erf(x)`.
-pub fn gelu(x: &mut [f32]) {
-    for_chunks(x, |c| {
+pub fn gelu(isa: Isa, x: &mut [f32]) {
+    for_chunks(x, |_, c| {
         #[cfg(target_arch = "x86_64")]
-        if avx512() {
-            // SAFETY: features detected at run time.
+        if isa.avx512() {
+            // SAFETY: `isa` proves the AVX-512 features.
             return unsafe { gelu_avx512(c) };
         }
         c.iter_mut().for_each(|v| *v = gelu_scalar(*v));
@@ -176,7 +140,7 @@ pub fn gelu(x: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) {
     use std::arch::x86_64::*;
     let n = gate.len();
@@ -193,16 +157,13 @@ unsafe fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) {
 }
 
 /// In place: `gate = silu(gate) * up` (LLaMA's gated MLP).
-pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len());
-    let base = gate.as_ptr() as usize;
-    for_chunks(gate, |c| {
-        let start = (c.as_ptr() as usize - base) / 4;
-        let len = c.len();
-        let u = &up[start..start + len];
+    for_chunks(gate, |start, c| {
+        let u = &up[start..start + c.len()];
         #[cfg(target_arch = "x86_64")]
-        if avx512() {
-            // SAFETY: features detected at run time; same lengths.
+        if isa.avx512() {
+            // SAFETY: `isa` proves the AVX-512 features; same lengths.
             return unsafe { silu_mul_avx512(c, u) };
         }
         c.iter_mut()
@@ -211,25 +172,20 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     });
 }
 
-super::dispatch_avx512! {
+super::isa_fn! {
     fn add_slices(x: &mut [f32], y: &[f32]) {
         x.iter_mut().zip(y).for_each(|(a, &b)| *a += b);
     }
 }
 
 /// In place: `x += y`.
-pub fn add_assign(x: &mut [f32], y: &[f32]) {
+pub fn add_assign(isa: Isa, x: &mut [f32], y: &[f32]) {
     assert_eq!(x.len(), y.len());
-    let base = x.as_ptr() as usize;
-    for_chunks(x, |c| {
-        let start = (c.as_ptr() as usize - base) / 4;
-        let len = c.len();
-        add_slices(c, &y[start..start + len]);
-    });
+    for_chunks(x, |start, c| add_slices(isa, c, &y[start..start + c.len()]));
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn layer_norm_row_avx512(
     x: &[f32],
     w: &[f32],
@@ -281,10 +237,10 @@ unsafe fn layer_norm_row_avx512(
     }
 }
 
-fn layer_norm_row(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, out: &mut [f32]) {
+fn layer_norm_row(isa: Isa, x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: features detected at run time; the caller passes equal lengths.
+    if isa.avx512() {
+        // SAFETY: `isa` proves the AVX-512 features; the caller passes equal lengths.
         return unsafe { layer_norm_row_avx512(x, w, b, eps, out) };
     }
     let n = x.len() as f32;
@@ -297,16 +253,16 @@ fn layer_norm_row(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, out: &mut [
 }
 
 /// `out = LayerNorm(x)` over rows of `w.len()`.
-pub fn layer_norm(x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, out: &mut [f32]) {
+pub fn layer_norm(isa: Isa, x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32, out: &mut [f32]) {
     let width = w.len();
     assert_eq!(x.len(), out.len());
     for_rows(out, width, |i, row| {
-        layer_norm_row(&x[i * width..(i + 1) * width], w, b, eps, row)
+        layer_norm_row(isa, &x[i * width..(i + 1) * width], w, b, eps, row)
     });
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn rms_norm_row_avx512(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let n = x.len();
@@ -333,14 +289,14 @@ unsafe fn rms_norm_row_avx512(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// `out = x · rsqrt(mean(x²) + eps) · w` over rows of `w.len()`.
-pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+pub fn rms_norm(isa: Isa, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let width = w.len();
     assert_eq!(x.len(), out.len());
     for_rows(out, width, |i, row| {
         let x = &x[i * width..(i + 1) * width];
         #[cfg(target_arch = "x86_64")]
-        if avx512() {
-            // SAFETY: features detected at run time; equal lengths.
+        if isa.avx512() {
+            // SAFETY: `isa` proves the AVX-512 features; equal lengths.
             return unsafe { rms_norm_row_avx512(x, w, eps, row) };
         }
         let inv = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / width as f32 + eps).sqrt();
@@ -351,7 +307,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn softmax_row_avx512(row: &mut [f32], scale: f32) {
     use std::arch::x86_64::*;
     let n = row.len();
@@ -399,10 +355,10 @@ unsafe fn softmax_row_avx512(row: &mut [f32], scale: f32) {
 }
 
 /// In place on one row: `softmax(scale · row)`. `-inf` entries (masked) become 0.
-pub fn softmax_row(row: &mut [f32], scale: f32) {
+pub fn softmax_row(isa: Isa, row: &mut [f32], scale: f32) {
     #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: features detected at run time.
+    if isa.avx512() {
+        // SAFETY: `isa` proves the AVX-512 features.
         return unsafe { softmax_row_avx512(row, scale) };
     }
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -434,14 +390,20 @@ mod tests {
 
     #[test]
     fn gelu_and_exp_are_accurate() {
+        for isa in Isa::available() {
+            gelu_and_exp_are_accurate_with(isa);
+        }
+    }
+
+    fn gelu_and_exp_are_accurate_with(isa: Isa) {
         let xs: Vec<f32> = (0..2001).map(|i| (i as f32 - 1000.0) / 100.0).collect();
         let mut g = xs.clone();
-        gelu(&mut g);
+        gelu(isa, &mut g);
         for (&x, &y) in xs.iter().zip(&g) {
             let exact = 0.5 * x as f64 * (1.0 + libm_like_erf(x as f64 / 2f64.sqrt()));
             assert!(
                 (y as f64 - exact).abs() < 2e-6 * (1.0 + x.abs() as f64),
-                "gelu({x}) = {y} vs {exact}"
+                "{isa}: gelu({x}) = {y} vs {exact}"
             );
         }
         let mut row: Vec<f32> = (0..37).map(|i| i as f32 * 0.7 - 9.0).collect();
@@ -451,42 +413,62 @@ mod tests {
             let s: f64 = e.iter().sum();
             e.iter().map(|v| v / s).collect()
         };
-        softmax_row(&mut row, 0.5);
+        softmax_row(isa, &mut row, 0.5);
         for (a, b) in row.iter().zip(&expect) {
-            assert!((*a as f64 - b).abs() < 1e-6 * (1.0 + b), "{a} vs {b}");
+            assert!(
+                (*a as f64 - b).abs() < 1e-6 * (1.0 + b),
+                "{isa}: {a} vs {b}"
+            );
         }
     }
 
     #[test]
     fn norms_match_their_formulas() {
+        for isa in Isa::available() {
+            norms_match_their_formulas_with(isa);
+        }
+    }
+
+    fn norms_match_their_formulas_with(isa: Isa) {
         let x: Vec<f32> = (0..3 * 37)
             .map(|i| ((i * 7919) % 101) as f32 * 0.1 - 5.0)
             .collect();
         let w: Vec<f32> = (0..37).map(|i| 1.0 + i as f32 * 0.01).collect();
         let b: Vec<f32> = (0..37).map(|i| i as f32 * -0.02).collect();
         let mut out = vec![0f32; x.len()];
-        layer_norm(&x, &w, Some(&b), 1e-5, &mut out);
+        layer_norm(isa, &x, &w, Some(&b), 1e-5, &mut out);
         for (r, row) in x.chunks(37).enumerate() {
             let mean = row.iter().map(|&v| v as f64).sum::<f64>() / 37.0;
             let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / 37.0;
             for i in 0..37 {
                 let e = (row[i] as f64 - mean) / (var + 1e-5).sqrt() * w[i] as f64 + b[i] as f64;
-                assert!((out[r * 37 + i] as f64 - e).abs() < 1e-5, "layer norm");
+                assert!(
+                    (out[r * 37 + i] as f64 - e).abs() < 1e-5,
+                    "{isa}: layer norm"
+                );
             }
         }
-        rms_norm(&x, &w, 1e-5, &mut out);
+        rms_norm(isa, &x, &w, 1e-5, &mut out);
         for (r, row) in x.chunks(37).enumerate() {
             let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / 37.0;
             for i in 0..37 {
                 let e = row[i] as f64 / (ms + 1e-5).sqrt() * w[i] as f64;
-                assert!((out[r * 37 + i] as f64 - e).abs() < 1e-5, "rms norm");
+                assert!((out[r * 37 + i] as f64 - e).abs() < 1e-5, "{isa}: rms norm");
             }
         }
         let mut g: Vec<f32> = x.clone();
-        silu_mul(&mut g, &x);
+        silu_mul(isa, &mut g, &x);
+        let mut sum = x.clone();
+        add_assign(isa, &mut sum, &w.repeat(3));
+        for (i, &v) in sum.iter().enumerate() {
+            assert_eq!(v, x[i] + w[i % 37], "{isa}: add");
+        }
         for (i, &v) in x.iter().enumerate() {
             let e = v as f64 / (1.0 + (-v as f64).exp()) * v as f64;
-            assert!((g[i] as f64 - e).abs() < 1e-5 * (1.0 + e.abs()), "silu");
+            assert!(
+                (g[i] as f64 - e).abs() < 1e-5 * (1.0 + e.abs()),
+                "{isa}: silu"
+            );
         }
     }
 }

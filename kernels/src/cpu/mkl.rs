@@ -8,6 +8,8 @@
 
 use std::ffi::{c_int, c_void};
 
+use super::blas::{Dims, Mat, Out};
+
 const ROW_MAJOR: c_int = 101;
 const NO_TRANS: c_int = 111;
 const TRANS: c_int = 112;
@@ -105,7 +107,7 @@ const B_MATRIX: c_int = 162;
 /// A weight matrix `W[n, k]` (used as `Wᵀ`, the B of `A · Wᵀ`) in MKL's internal packed
 /// layout, so that a product does not re-pack it on every call. MKL forbids moving the packed
 /// data; the heap buffer of the `Vec` never moves.
-pub struct PackedF32 {
+pub(crate) struct PackedF32 {
     data: Vec<f32>,
     n: usize,
     k: usize,
@@ -166,114 +168,74 @@ fn int(v: usize) -> c_int {
     c_int::try_from(v).expect("matrix dimension fits MKL's 32-bit integers")
 }
 
-/// `C[m, n] = A[m, k] · op(B) + beta · C` with row strides, f32, where `op(B)` is `B[n, k]ᵀ`
-/// when `b_rows_are_columns`, else `B[k, n]`.
-///
-/// # Safety
-/// The pointers must address matrices of the given sizes and strides.
-pub unsafe fn sgemm_strided(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    ldb: usize,
-    b_rows_are_columns: bool,
-    beta: f32,
-    c: *mut f32,
-    ldc: usize,
-) {
-    cblas_sgemm(
-        ROW_MAJOR,
-        NO_TRANS,
-        if b_rows_are_columns { TRANS } else { NO_TRANS },
-        int(m),
-        int(n),
-        int(k),
-        1.0,
-        a,
-        int(lda),
-        b,
-        int(ldb),
-        beta,
-        c,
-        int(ldc),
-    );
+fn trans<T>(m: &Mat<T>) -> c_int {
+    if m.transposed {
+        TRANS
+    } else {
+        NO_TRANS
+    }
 }
 
-/// As [`sgemm_strided`] with bf16 inputs and f32 output.
-///
-/// # Safety
-/// As for [`sgemm_strided`].
-pub unsafe fn bf16_strided(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const u16,
-    lda: usize,
-    b: *const u16,
-    ldb: usize,
-    b_rows_are_columns: bool,
-    c: *mut f32,
-    ldc: usize,
-) {
-    cblas_gemm_bf16bf16f32(
-        ROW_MAJOR,
-        NO_TRANS,
-        if b_rows_are_columns { TRANS } else { NO_TRANS },
-        int(m),
-        int(n),
-        int(k),
-        1.0,
-        a,
-        int(lda),
-        b,
-        int(ldb),
-        0.0,
-        c,
-        int(ldc),
-    );
+/// `cblas_?gemm` with operands of type `T` and f32 output.
+type GemmFn<T> = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const T,
+    c_int,
+    *const T,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
+
+/// The operand types of MKL's floating-point GEMMs (f32 output): f32 (`cblas_sgemm`) and bf16
+/// bits (`cblas_gemm_bf16bf16f32`, on AMX where the CPU has it and the process may use it).
+pub(crate) trait GemmOperand: Sized {
+    const GEMM: GemmFn<Self>;
 }
 
-/// `C[m, n] = A[m, k] · B[n, k]ᵀ + beta · C`, bf16 inputs, f32 accumulation and output.
+impl GemmOperand for f32 {
+    const GEMM: GemmFn<f32> = cblas_sgemm;
+}
+
+impl GemmOperand for u16 {
+    const GEMM: GemmFn<u16> = cblas_gemm_bf16bf16f32;
+}
+
+/// `C = A · op(B) + beta · C` with f32 output.
 ///
 /// # Safety
-/// As for [`sgemm_strided`].
-pub unsafe fn bf16_nt(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const u16,
-    b: *const u16,
-    ldb: usize,
-    beta: f32,
-    c: *mut f32,
-    ldc: usize,
-) {
-    cblas_gemm_bf16bf16f32(
+/// The operands must address matrices of these sizes and strides.
+pub(crate) unsafe fn gemm<T: GemmOperand>(d: Dims, a: Mat<T>, b: Mat<T>, c: Out, beta: f32) {
+    (T::GEMM)(
         ROW_MAJOR,
-        NO_TRANS,
-        TRANS,
-        int(m),
-        int(n),
-        int(k),
+        trans(&a),
+        trans(&b),
+        int(d.m),
+        int(d.n),
+        int(d.k),
         1.0,
-        a,
-        int(k),
-        b,
-        int(ldb),
+        a.ptr,
+        int(a.ld),
+        b.ptr,
+        int(b.ld),
         beta,
-        c,
-        int(ldc),
+        c.ptr,
+        int(c.ld),
     );
 }
 
 /// `C[m, n] = A[m, k] · B[n, k]ᵀ + co[n]` in i32, A unsigned (u8), B signed (s8).
 ///
 /// # Safety
-/// As for [`sgemm_nt`]; `co` has n values.
-pub unsafe fn u8s8_nt(
+/// As for [`gemm`]; `co` has n values.
+pub(crate) unsafe fn u8s8_nt(
     m: usize,
     n: usize,
     k: usize,

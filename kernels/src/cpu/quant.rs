@@ -13,10 +13,14 @@
 //! What remains different is only the order of f32 sums. Weight rows are independent, so the
 //! output columns are split between the threads of the caller's rayon pool; each weight row is
 //! read once per call and multiplied with every activation row while it is in cache.
+//!
+//! The weights live in a [`super::CpuLinear`] (built by [`super::CpuLinear::ggml`]) and its
+//! products take [`super::ProductPath::GgmlBlocks`]: the same code compiled for the vector level
+//! the model's [`Isa`] proves (AVX-512, AVX2) or for the baseline (portable), giving the same
+//! bits on each (integer dots are exact; the f32 sums run in the same order).
 
-use rayon::prelude::*;
-
-use super::{math, Epilogue, SharedMut};
+use super::parallel::{self, SharedMut};
+use super::{math, Epilogue, Isa};
 
 /// The block types (ggml's type ids in the comments).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -40,6 +44,20 @@ pub enum BlockType {
 }
 
 impl BlockType {
+    /// ggml's name of the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q4_0 => "q4_0",
+            Self::Q4_1 => "q4_1",
+            Self::Q5_0 => "q5_0",
+            Self::Q5_1 => "q5_1",
+            Self::Q8_0 => "q8_0",
+            Self::Q4K => "q4_K",
+            Self::Q5K => "q5_K",
+            Self::Q6K => "q6_K",
+        }
+    }
+
     /// Values per block.
     pub fn block_values(self) -> usize {
         match self {
@@ -97,11 +115,7 @@ fn quantize_q8_32(x: &[f32], with_sums: bool) -> QuantRow {
         s: Vec::with_capacity(if with_sums { blocks } else { 0 }),
         bsums: Vec::new(),
     };
-    for (b, (xs, qs)) in x
-        .chunks_exact(32)
-        .zip(row.q.chunks_exact_mut(32))
-        .enumerate()
-    {
+    for (xs, qs) in x.chunks_exact(32).zip(row.q.chunks_exact_mut(32)) {
         let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
@@ -111,7 +125,6 @@ fn quantize_q8_32(x: &[f32], with_sums: bool) -> QuantRow {
             *q = r as i8;
             sum += r;
         }
-        let _ = b;
         row.d.push(f16_round(d));
         if with_sums {
             row.s.push(f16_round(d * sum as f32));
@@ -313,23 +326,25 @@ fn row_dot(t: BlockType, w: &[u8], a: &QuantRow) -> f32 {
     sum
 }
 
-super::dispatch_avx512! {
-    /// Output columns `j0..j1` of every row: `out[i·n + j] (op)= row j · activations i`.
+super::isa_fn! {
+    /// Output columns `j0..j1` of every row: `out[i·n + j] (+)= row j · activations i + b[j]`,
+    /// compiled for the vector level `isa` proves (the integer block dots vectorise).
     fn columns(
         t: BlockType,
         w: &[u8],
         row_bytes: usize,
         acts: &[QuantRow],
         n: usize,
-        j0: usize,
-        j1: usize,
+        cols: (usize, usize),
+        bias: Option<&[f32]>,
         out: SharedMut<f32>,
         accumulate: bool,
     ) {
-        for j in j0..j1 {
+        for j in cols.0..cols.1 {
             let wr = &w[j * row_bytes..(j + 1) * row_bytes];
+            let b = bias.map_or(0.0, |b| b[j]);
             for (i, a) in acts.iter().enumerate() {
-                let y = row_dot(t, wr, a);
+                let y = row_dot(t, wr, a) + b;
                 // SAFETY: element (i, j) of the (m, n) output; column j belongs to this task.
                 unsafe {
                     let o = out.get().add(i * n + j);
@@ -340,18 +355,16 @@ super::dispatch_avx512! {
     }
 }
 
-/// A linear layer `y = x · Wᵀ` on block-quantized weights W (n rows of k values).
-pub struct QuantLinear {
+/// Block-quantized weights of a linear layer: n rows of k values in blocks of one type, as
+/// the GGUF file stores them (held by a [`super::CpuLinear`]).
+pub(crate) struct BlockWeights {
     t: BlockType,
-    n: usize,
-    k: usize,
-    /// n rows of k / block_values blocks, as the GGUF file stores them.
     data: Vec<u8>,
 }
 
-impl QuantLinear {
-    /// `data` holds `n` rows of `k` values in blocks of `t`.
-    pub fn new(t: BlockType, n: usize, k: usize, data: Vec<u8>) -> Result<Self, String> {
+impl BlockWeights {
+    /// `data` must hold `n` rows of `k` values in blocks of `t`.
+    pub(crate) fn new(t: BlockType, n: usize, k: usize, data: Vec<u8>) -> Result<Self, String> {
         if !k.is_multiple_of(t.block_values()) {
             return Err(format!("{k} columns do not split into {t:?} blocks"));
         }
@@ -362,145 +375,150 @@ impl QuantLinear {
                 data.len()
             ));
         }
-        Ok(Self { t, n, k, data })
+        Ok(Self { t, data })
     }
 
-    pub fn block_type(&self) -> BlockType {
+    pub(crate) fn block_type(&self) -> BlockType {
         self.t
     }
 
-    pub fn out_features(&self) -> usize {
-        self.n
-    }
-
-    pub fn in_features(&self) -> usize {
-        self.k
-    }
-
-    pub fn weight_bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.data.len()
     }
 
-    fn quantize(&self, x: &[f32], m: usize) -> Vec<QuantRow> {
-        let k = self.k;
+    /// `y = x · Wᵀ + b` for `x` (m, k), then `out` (m, n) receives `y` as `epilogue` says.
+    /// The activations are quantized once; each weight row is read once and multiplied with
+    /// every activation row while it is in cache (so a batch of decode rows shares the read).
+    pub(crate) fn product(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        (m, n, k): (usize, usize, usize),
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        epilogue: Epilogue,
+    ) {
         let rows = x.chunks_exact(k).take(m);
-        match self.t {
+        let acts: Vec<QuantRow> = match self.t {
             BlockType::Q4_1 | BlockType::Q5_1 => rows.map(|r| quantize_q8_32(r, true)).collect(),
             BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 => {
                 rows.map(|r| quantize_q8_32(r, false)).collect()
             }
             BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => rows.map(quantize_q8_k).collect(),
-        }
-    }
-
-    /// `y = x · Wᵀ` for `x` (m, k), then `out` (m, n) receives `y` as `epilogue` says.
-    pub fn forward_with(&self, x: &[f32], m: usize, out: &mut [f32], epilogue: Epilogue) {
-        assert_eq!(x.len(), m * self.k);
-        assert_eq!(out.len(), m * self.n);
-        let acts = self.quantize(x, m);
-        let row_bytes = self.k / self.t.block_values() * self.t.block_bytes();
-        let threads = rayon::current_num_threads();
-        // Several tasks per thread: the pool balances rows of unequal cost.
-        let per = self.n.div_ceil(threads * 4).max(16);
-        let ptr = SharedMut(out.as_mut_ptr());
+        };
+        let row_bytes = k / self.t.block_values() * self.t.block_bytes();
+        let ptr = SharedMut::new(out);
         let accumulate = epilogue == Epilogue::Accumulate;
-        (0..self.n.div_ceil(per)).into_par_iter().for_each(|c| {
-            let (j0, j1) = (c * per, ((c + 1) * per).min(self.n));
+        // Weight rows are independent: column ranges in parallel, several per thread (rows of
+        // unequal cost on a busy machine).
+        parallel::for_ranges(n, 1, 16, |j0, j1| {
             columns(
-                self.t, &self.data, row_bytes, &acts, self.n, j0, j1, ptr, accumulate,
+                isa,
+                self.t,
+                &self.data,
+                row_bytes,
+                &acts,
+                n,
+                (j0, j1),
+                bias,
+                ptr,
+                accumulate,
             );
         });
         if epilogue == Epilogue::Gelu {
-            math::gelu(out);
+            math::gelu(isa, out);
         }
     }
 
-    /// The weights as f32 (n, k), for checks.
-    pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.n * self.k];
-        // Multiply by the identity, one column at a time, would quantize the identity; decode
-        // the blocks instead.
-        let bytes = self.t.block_bytes();
-        let values = self.t.block_values();
-        for (b, blk) in self.data.chunks_exact(bytes).enumerate() {
-            let o = &mut out[b * values..(b + 1) * values];
-            match self.t {
-                BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 => {
-                    let d = f16_at(blk, 0);
-                    let v = match self.t {
-                        BlockType::Q4_0 => nibbles32(&blk[2..18], 8),
-                        BlockType::Q5_0 => fives32(
-                            u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]),
-                            &blk[6..22],
-                            16,
-                        ),
-                        _ => std::array::from_fn(|i| blk[2 + i] as i8),
-                    };
-                    for (o, v) in o.iter_mut().zip(v) {
-                        *o = d * v as f32;
+    /// The weights as f32 (n, k), decoded from the blocks (for checks).
+    pub(crate) fn dequantize(&self) -> Vec<f32> {
+        dequantize(self.t, &self.data)
+    }
+}
+
+/// Blocks of `t` decoded to f32, in order.
+pub fn dequantize(t: BlockType, data: &[u8]) -> Vec<f32> {
+    let bytes = t.block_bytes();
+    let values = t.block_values();
+    let mut out = vec![0f32; data.len() / bytes * values];
+    for (b, blk) in data.chunks_exact(bytes).enumerate() {
+        let o = &mut out[b * values..(b + 1) * values];
+        match t {
+            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 => {
+                let d = f16_at(blk, 0);
+                let v = match t {
+                    BlockType::Q4_0 => nibbles32(&blk[2..18], 8),
+                    BlockType::Q5_0 => fives32(
+                        u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]),
+                        &blk[6..22],
+                        16,
+                    ),
+                    _ => std::array::from_fn(|i| blk[2 + i] as i8),
+                };
+                for (o, v) in o.iter_mut().zip(v) {
+                    *o = d * v as f32;
+                }
+            }
+            BlockType::Q4_1 | BlockType::Q5_1 => {
+                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+                let v = if t == BlockType::Q4_1 {
+                    nibbles32(&blk[4..20], 0)
+                } else {
+                    fives32(
+                        u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]),
+                        &blk[8..24],
+                        0,
+                    )
+                };
+                for (o, v) in o.iter_mut().zip(v) {
+                    *o = d * v as f32 + m;
+                }
+            }
+            BlockType::Q4K | BlockType::Q5K => {
+                let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                let (scales, qh, qs) = if t == BlockType::Q4K {
+                    (&blk[4..16], &[][..], &blk[16..144])
+                } else {
+                    (&blk[4..16], &blk[16..48], &blk[48..176])
+                };
+                for sb in 0..8 {
+                    let (sc, m) = scale_min_k4(sb, scales);
+                    let ql = &qs[(sb / 2) * 32..(sb / 2) * 32 + 32];
+                    for l in 0..32 {
+                        let nib = if sb % 2 == 0 { ql[l] & 0xF } else { ql[l] >> 4 };
+                        let high = if qh.is_empty() {
+                            0
+                        } else {
+                            ((qh[l] >> sb) & 1) << 4
+                        };
+                        o[sb * 32 + l] = d * sc as f32 * (nib | high) as f32 - dmin * m as f32;
                     }
                 }
-                BlockType::Q4_1 | BlockType::Q5_1 => {
-                    let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
-                    let v = if self.t == BlockType::Q4_1 {
-                        nibbles32(&blk[4..20], 0)
-                    } else {
-                        fives32(
-                            u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]),
-                            &blk[8..24],
-                            0,
-                        )
-                    };
-                    for (o, v) in o.iter_mut().zip(v) {
-                        *o = d * v as f32 + m;
-                    }
-                }
-                BlockType::Q4K | BlockType::Q5K => {
-                    let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
-                    let (scales, qh, qs) = if self.t == BlockType::Q4K {
-                        (&blk[4..16], &[][..], &blk[16..144])
-                    } else {
-                        (&blk[4..16], &blk[16..48], &blk[48..176])
-                    };
-                    for sb in 0..8 {
-                        let (sc, m) = scale_min_k4(sb, scales);
-                        let ql = &qs[(sb / 2) * 32..(sb / 2) * 32 + 32];
-                        for l in 0..32 {
-                            let nib = if sb % 2 == 0 { ql[l] & 0xF } else { ql[l] >> 4 };
-                            let high = if qh.is_empty() {
-                                0
-                            } else {
-                                ((qh[l] >> sb) & 1) << 4
-                            };
-                            o[sb * 32 + l] = d * sc as f32 * (nib | high) as f32 - dmin * m as f32;
-                        }
-                    }
-                }
-                BlockType::Q6K => {
-                    let (ql, qh, sc, d) = (
-                        &blk[0..128],
-                        &blk[128..192],
-                        &blk[192..208],
-                        f16_at(blk, 208),
-                    );
-                    for chunk in 0..2 {
-                        let (ql, qh) = (&ql[chunk * 64..], &qh[chunk * 32..]);
-                        for l in 0..32 {
-                            let q = [
-                                ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32,
-                                ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32,
-                                ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32,
-                                ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32,
-                            ];
-                            for (part, q) in q.into_iter().enumerate() {
-                                let s = sc[chunk * 8 + part * 2 + l / 16] as i8 as f32;
-                                o[chunk * 128 + part * 32 + l] = d * s * q as f32;
-                            }
+            }
+            BlockType::Q6K => {
+                let (ql, qh, sc, d) = (
+                    &blk[0..128],
+                    &blk[128..192],
+                    &blk[192..208],
+                    f16_at(blk, 208),
+                );
+                for chunk in 0..2 {
+                    let (ql, qh) = (&ql[chunk * 64..], &qh[chunk * 32..]);
+                    for l in 0..32 {
+                        let q = [
+                            ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32,
+                            ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32,
+                            ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32,
+                            ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32,
+                        ];
+                        for (part, q) in q.into_iter().enumerate() {
+                            let s = sc[chunk * 8 + part * 2 + l / 16] as i8 as f32;
+                            o[chunk * 128 + part * 32 + l] = d * s * q as f32;
                         }
                     }
                 }
             }
         }
-        out
     }
+    out
 }

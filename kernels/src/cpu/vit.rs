@@ -8,36 +8,52 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use super::{math, CpuLinear, Epilogue, Scratch, SharedMut};
+use super::blas::{self, Dims, Mat, Out};
+use super::parallel::SharedMut;
+use super::scratch::{Scratch, ScratchElem};
+use super::{math, CpuLinear, Epilogue, Isa};
 
-/// Nanoseconds spent per stage of the fused blocks since the last `take_profile` (for the
-/// benchmark's breakdown). The GELU and the residual adds are fused into the products.
-static PROFILE: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
-pub const PROFILE_STAGES: [&str; 6] = [
-    "layer norms",
-    "qkv",
-    "attention",
-    "proj + residual",
-    "fc1 + gelu",
-    "fc2 + residual",
-];
-
-/// Returns and resets the per-stage seconds of the fused ViT blocks.
-pub fn take_profile() -> [f64; 6] {
-    let mut out = [0.0; 6];
-    for (o, p) in out.iter_mut().zip(&PROFILE) {
-        *o = p.swap(0, Ordering::Relaxed) as f64 * 1e-9;
-    }
-    out
+/// Time spent per stage of the fused blocks, for a benchmark's breakdown: kept only when a
+/// model is loaded with profiling asked for (then each block adds its stages' nanoseconds).
+/// The GELU and the residual adds are fused into the products.
+#[derive(Debug, Default)]
+pub struct VitProfile {
+    nanos: [AtomicU64; 6],
 }
 
-struct Stopwatch(Instant);
+impl VitProfile {
+    pub const STAGES: [&'static str; 6] = [
+        "layer norms",
+        "qkv",
+        "attention",
+        "proj + residual",
+        "fc1 + gelu",
+        "fc2 + residual",
+    ];
 
-impl Stopwatch {
+    /// Returns and resets the seconds per stage.
+    pub fn take(&self) -> [f64; 6] {
+        let mut out = [0.0; 6];
+        for (o, p) in out.iter_mut().zip(&self.nanos) {
+            *o = p.swap(0, Ordering::Relaxed) as f64 * 1e-9;
+        }
+        out
+    }
+}
+
+/// Laps of one block's stages into its profile, when it has one.
+struct Stopwatch<'a> {
+    profile: Option<&'a VitProfile>,
+    last: Instant,
+}
+
+impl Stopwatch<'_> {
     fn lap(&mut self, stage: usize) {
-        let now = Instant::now();
-        PROFILE[stage].fetch_add((now - self.0).as_nanos() as u64, Ordering::Relaxed);
-        self.0 = now;
+        if let Some(p) = self.profile {
+            let now = Instant::now();
+            p.nanos[stage].fetch_add((now - self.last).as_nanos() as u64, Ordering::Relaxed);
+            self.last = now;
+        }
     }
 }
 
@@ -59,6 +75,8 @@ pub struct VitBlock<'a> {
     pub num_heads: usize,
     /// Multiplies the attention scores (head_dim^-1/2).
     pub scale: f32,
+    /// Where to add the stages' times, when profiling.
+    pub profile: Option<&'a VitProfile>,
 }
 
 impl VitBlock<'_> {
@@ -68,9 +86,14 @@ impl VitBlock<'_> {
         let width = self.norm1.weight.len();
         let rows = batch * tokens;
         assert_eq!(x.len(), rows * width);
-        let mut t = Stopwatch(Instant::now());
+        let isa = self.qkv.kernels().isa();
+        let mut t = Stopwatch {
+            profile: self.profile,
+            last: Instant::now(),
+        };
         let mut h = Scratch::<f32>::new(rows * width);
         math::layer_norm(
+            isa,
             x,
             self.norm1.weight,
             self.norm1.bias,
@@ -82,24 +105,21 @@ impl VitBlock<'_> {
         self.qkv.forward_into(&h, rows, &mut qkv);
         t.lap(1);
         // Reduced-precision blocks also run the attention's two products in bf16.
-        let attend = match self.qkv {
-            CpuLinear::F32(_) => attention,
-            _ => attention_bf16,
-        };
-        attend(
-            &qkv,
+        let shape = AttentionShape {
             batch,
             tokens,
             width,
-            self.num_heads,
-            self.scale,
-            &mut h,
-        );
+            heads: self.num_heads,
+            scale: self.scale,
+        };
+        let bf16 = self.qkv.weight_type() != super::WeightType::F32;
+        attention(isa, &qkv, shape, bf16, &mut h);
         t.lap(2);
         drop(qkv);
         self.proj.forward_with(&h, rows, x, Epilogue::Accumulate);
         t.lap(3);
         math::layer_norm(
+            isa,
             x,
             self.norm2.weight,
             self.norm2.bias,
@@ -115,130 +135,134 @@ impl VitBlock<'_> {
     }
 }
 
+/// The sizes of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub tokens: usize,
+    /// Model width (heads × head size).
+    pub width: usize,
+    pub heads: usize,
+    /// Multiplies the scores (head_dim^-1/2).
+    pub scale: f32,
+}
+
 /// Multi-head self-attention over `qkv` (rows of [q | k | v], each `width` wide, heads
 /// contiguous inside each): writes the heads' outputs side by side into `out` (rows of width).
-pub fn attention(
-    qkv: &[f32],
-    batch: usize,
-    tokens: usize,
-    width: usize,
-    heads: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
+/// One task per (sequence, head); its two products read Q, K and V in place. With `bf16` (and
+/// the `mkl` feature) both products run in bf16 on MKL's AMX kernels, f32 accumulation and f32
+/// softmax: Q, K, V are converted once, the probabilities per task.
+pub fn attention(isa: Isa, qkv: &[f32], shape: AttentionShape, bf16: bool, out: &mut [f32]) {
+    assert_eq!(qkv.len(), shape.batch * shape.tokens * 3 * shape.width);
+    assert_eq!(out.len(), shape.batch * shape.tokens * shape.width);
+    #[cfg(feature = "mkl")]
+    if bf16 {
+        let mut qkv_b = Scratch::<u16>::new(qkv.len());
+        super::convert::to_bf16(isa, qkv, &mut qkv_b);
+        return attend::<Bf16Operands>(isa, &qkv_b, shape, out);
+    }
+    let _ = bf16;
+    attend::<F32Operands>(isa, qkv, shape, out)
+}
+
+/// The element type of the attention's two products.
+trait Operands {
+    type T: ScratchElem + Sync;
+
+    /// Calls `f` with the probabilities in the products' type.
+    fn with_probs(isa: Isa, probs: &[f32], f: impl FnOnce(&[Self::T]));
+
+    /// `C = A · op(B)` on the calling thread.
+    ///
+    /// # Safety
+    /// As for [`blas::sgemm`].
+    unsafe fn product(d: Dims, a: Mat<Self::T>, b: Mat<Self::T>, c: Out);
+}
+
+struct F32Operands;
+
+impl Operands for F32Operands {
+    type T = f32;
+
+    fn with_probs(_: Isa, probs: &[f32], f: impl FnOnce(&[f32])) {
+        f(probs)
+    }
+
+    unsafe fn product(d: Dims, a: Mat<f32>, b: Mat<f32>, c: Out) {
+        blas::sgemm(d, a, b, c, false)
+    }
+}
+
+#[cfg(feature = "mkl")]
+struct Bf16Operands;
+
+#[cfg(feature = "mkl")]
+impl Operands for Bf16Operands {
+    type T = u16;
+
+    fn with_probs(isa: Isa, probs: &[f32], f: impl FnOnce(&[u16])) {
+        let mut bits = Scratch::<u16>::new(probs.len());
+        super::convert::to_bf16(isa, probs, &mut bits);
+        f(&bits)
+    }
+
+    unsafe fn product(d: Dims, a: Mat<u16>, b: Mat<u16>, c: Out) {
+        super::mkl::gemm(d, a, b, c, 0.0)
+    }
+}
+
+fn attend<O: Operands>(isa: Isa, qkv: &[O::T], shape: AttentionShape, out: &mut [f32]) {
+    let AttentionShape {
+        batch,
+        tokens,
+        width,
+        heads,
+        scale,
+    } = shape;
     let d = width / heads;
     let ld = 3 * width;
-    let out_ptr = SharedMut(out.as_mut_ptr());
+    let out_ptr = SharedMut::new(out);
     (0..batch * heads).into_par_iter().for_each(|task| {
         let (b, h) = (task / heads, task % heads);
         let base = b * tokens * ld + h * d;
-        let q = qkv[base..].as_ptr();
-        let k = qkv[base + width..].as_ptr();
-        let v = qkv[base + 2 * width..].as_ptr();
         let mut scores = Scratch::<f32>::new(tokens * tokens);
-        // Capture the whole pointer wrapper (Send + Sync), not its raw field.
-        #[allow(clippy::redundant_locals)]
-        // SAFETY: Q, K, V are `tokens` rows of `d` at row stride `ld` inside `qkv`; the output
-        // block (rows of this frame, columns of this head) is written by this task only.
+        // SAFETY: Q, K, V are `tokens` rows of `d` at row stride `ld` inside `qkv` (its size
+        // is checked by `attention`); the output block (rows of this sequence, columns of this
+        // head) is written by this task only.
         unsafe {
-            super::sgemm_single(
-                tokens,
-                tokens,
-                d,
-                q,
-                ld,
-                k,
-                ld,
-                true,
-                false,
-                scores.as_mut_ptr(),
-                tokens,
+            let at = |part: usize| qkv.as_ptr().add(base + part * width);
+            O::product(
+                Dims {
+                    m: tokens,
+                    n: tokens,
+                    k: d,
+                },
+                Mat::rows(at(0), ld),
+                Mat::columns(at(1), ld),
+                Out {
+                    ptr: scores.as_mut_ptr(),
+                    ld: tokens,
+                },
             );
             for row in scores.chunks_mut(tokens) {
-                math::softmax_row(row, scale);
+                math::softmax_row(isa, row, scale);
             }
             let o = out_ptr.get().add(b * tokens * width + h * d);
-            super::sgemm_single(
-                tokens,
-                d,
-                tokens,
-                scores.as_ptr(),
-                tokens,
-                v,
-                ld,
-                false,
-                false,
-                o,
-                width,
-            );
+            O::with_probs(isa, &scores, |probs| {
+                O::product(
+                    Dims {
+                        m: tokens,
+                        n: d,
+                        k: tokens,
+                    },
+                    Mat::rows(probs.as_ptr(), tokens),
+                    Mat::rows(at(2), ld),
+                    Out { ptr: o, ld: width },
+                )
+            });
         }
     });
-}
-
-/// [`attention`] with both products in bf16 on MKL's AMX kernels (f32 accumulation, f32
-/// softmax): Q, K, V are converted once, the probabilities per task. Without MKL it is
-/// [`attention`].
-pub fn attention_bf16(
-    qkv: &[f32],
-    batch: usize,
-    tokens: usize,
-    width: usize,
-    heads: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    #[cfg(not(feature = "mkl"))]
-    attention(qkv, batch, tokens, width, heads, scale, out);
-    #[cfg(feature = "mkl")]
-    {
-        let d = width / heads;
-        let ld = 3 * width;
-        let mut qkv_b = Scratch::<u16>::new(qkv.len());
-        super::convert::to_bf16(qkv, &mut qkv_b);
-        let qkv_b = &*qkv_b;
-        let out_ptr = SharedMut(out.as_mut_ptr());
-        (0..batch * heads).into_par_iter().for_each(|task| {
-            let (b, h) = (task / heads, task % heads);
-            let base = b * tokens * ld + h * d;
-            let mut scores = Scratch::<f32>::new(tokens * tokens);
-            let mut probs = Scratch::<u16>::new(tokens * tokens);
-            // SAFETY: as in `attention`, on the bf16 copy of `qkv`.
-            unsafe {
-                let q = qkv_b.as_ptr().add(base);
-                let k = qkv_b.as_ptr().add(base + width);
-                let v = qkv_b.as_ptr().add(base + 2 * width);
-                super::mkl::bf16_strided(
-                    tokens,
-                    tokens,
-                    d,
-                    q,
-                    ld,
-                    k,
-                    ld,
-                    true,
-                    scores.as_mut_ptr(),
-                    tokens,
-                );
-                for row in scores.chunks_mut(tokens) {
-                    math::softmax_row(row, scale);
-                }
-                super::convert::to_bf16(&scores, &mut probs);
-                let o = out_ptr.get().add(b * tokens * width + h * d);
-                super::mkl::bf16_strided(
-                    tokens,
-                    d,
-                    tokens,
-                    probs.as_ptr(),
-                    tokens,
-                    v,
-                    ld,
-                    false,
-                    o,
-                    width,
-                );
-            }
-        });
-    }
 }
 
 #[cfg(test)]
@@ -284,19 +308,29 @@ mod tests {
             .map(|i| ((i * 7919) % 997) as f32 / 997.0 * 2.0 - 1.0)
             .collect();
         let exact = reference(&qkv, batch, tokens, width, heads);
-        let scale = ((width / heads) as f32).powf(-0.5);
+        let shape = AttentionShape {
+            batch,
+            tokens,
+            width,
+            heads,
+            scale: ((width / heads) as f32).powf(-0.5),
+        };
         // bf16 rounds Q, K, V and the probabilities to 8 significant bits.
-        type Attend = fn(&[f32], usize, usize, usize, usize, f32, &mut [f32]);
-        let modes: [(Attend, f64); 2] = [(attention, 1e-5), (attention_bf16, 2e-2)];
-        for (attend, bound) in modes {
+        let modes = Isa::available()
+            .into_iter()
+            .flat_map(|isa| [(isa, false, 1e-5), (isa, true, 2e-2)]);
+        for (isa, bf16, bound) in modes {
             let mut out = vec![f32::NAN; batch * tokens * width];
-            attend(&qkv, batch, tokens, width, heads, scale, &mut out);
+            attention(isa, &qkv, shape, bf16, &mut out);
             let err = out
                 .iter()
                 .zip(&exact)
                 .map(|(&a, &b)| (a as f64 - b).abs())
                 .fold(0.0, f64::max);
-            assert!(err < bound, "attention error {err} (bound {bound})");
+            assert!(
+                err < bound,
+                "{isa} bf16={bf16}: attention error {err} (bound {bound})"
+            );
         }
     }
 }

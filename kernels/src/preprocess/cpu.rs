@@ -4,32 +4,21 @@
 
 use candle_core::Result;
 
-use super::{PreprocessParams, SourceFormat, PRECISION_BITS};
-
-const HALF: i32 = 1 << (PRECISION_BITS - 1);
-
-/// Pillow's `clip8`: drop the fraction bits (arithmetic shift) and saturate.
-#[inline]
-fn clip8(acc: i32) -> i32 {
-    (acc >> PRECISION_BITS).clamp(0, 255)
-}
+use super::{clip8, PixelFormat, PreprocessParams, HALF};
 
 /// The RGB value of source pixel (x, y). `p` has been validated against `src`.
 #[inline]
 fn fetch(p: &PreprocessParams, src: &[u8], x: usize, y: usize) -> [u8; 3] {
     let plane = |i: usize| p.planes[i];
-    let packed = |bpp: usize, order: [usize; 3]| {
-        let i = plane(0).offset + y * plane(0).stride + x * bpp;
-        [src[i + order[0]], src[i + order[1]], src[i + order[2]]]
-    };
-    match p.format {
-        SourceFormat::Rgb => packed(3, [0, 1, 2]),
-        SourceFormat::Rgbx | SourceFormat::Rgba => packed(4, [0, 1, 2]),
-        SourceFormat::Bgrx | SourceFormat::Bgra => packed(4, [2, 1, 0]),
-        SourceFormat::I420 | SourceFormat::Nv12 => {
+    match p.format.packed_layout() {
+        Some((bpp, order)) => {
+            let i = plane(0).offset + y * plane(0).stride + x * bpp;
+            [src[i + order[0]], src[i + order[1]], src[i + order[2]]]
+        }
+        None => {
             let luma = src[plane(0).offset + y * plane(0).stride + x];
             let (cx, cy) = (x / 2, y / 2);
-            let (cb, cr) = if p.format == SourceFormat::I420 {
+            let (cb, cr) = if p.format == PixelFormat::I420 {
                 (
                     src[plane(1).offset + cy * plane(1).stride + cx],
                     src[plane(2).offset + cy * plane(2).stride + cx],
@@ -67,14 +56,10 @@ fn output_pixel(p: &PreprocessParams, src: &[u8], x: usize, y: usize) -> [u8; 3]
         }
         // Pass 2: vertical accumulation over the uint8 intermediate.
         for c in 0..3 {
-            acc[c] += clip8(h[c]) * wv;
+            acc[c] += i32::from(clip8(h[c])) * wv;
         }
     }
-    [
-        clip8(acc[0]) as u8,
-        clip8(acc[1]) as u8,
-        clip8(acc[2]) as u8,
-    ]
+    acc.map(clip8)
 }
 
 /// The resized and cropped uint8 image, channel-first `(3, out_height, out_width)`: the

@@ -19,7 +19,7 @@
 //! 4. The output is `table[c][v]` (see [`Normalization::value_table`]), channel-first.
 //!
 //! `rgb(sx, sy)` is the source pixel converted to RGB: a byte pick for packed formats, the
-//! fixed-point [`YuvCoeffs`] conversion for 4:2:0 formats (chroma replicated over 2×2 blocks).
+//! fixed-point [`YuvCoefficients`] conversion for 4:2:0 formats (chroma replicated over 2×2 blocks).
 //! `clip8(a) = clamp(a >> 22, 0, 255)` with an arithmetic shift, `HALF = 1 << 21`; every sum is
 //! an `i32`. Computing the horizontal value per vertical tap (instead of once per source row)
 //! changes nothing in the result: each is the same deterministic integer function.
@@ -27,196 +27,21 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod format;
+mod taps;
+mod yuv;
 
 use candle_core::{bail, Result};
 
-/// Fraction bits of the resampling weights (Pillow's `PRECISION_BITS`).
-pub const PRECISION_BITS: u32 = 22;
-/// Fraction bits of the YUV coefficients.
-pub const YUV_SHIFT: u32 = 16;
-
-/// Pixel layouts of the source memory. The discriminants are the values the kernel sees.
-#[repr(i32)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SourceFormat {
-    /// One plane, R, G, B.
-    Rgb = 0,
-    /// One plane, R, G, B, padding.
-    Rgbx = 1,
-    /// One plane, B, G, R, padding.
-    Bgrx = 2,
-    /// One plane, R, G, B, alpha (ignored).
-    Rgba = 3,
-    /// One plane, B, G, R, alpha (ignored).
-    Bgra = 4,
-    /// Y plane, then U and V planes of ⌈w/2⌉ × ⌈h/2⌉.
-    I420 = 5,
-    /// Y plane, then one plane of interleaved U, V pairs (⌈w/2⌉ pairs × ⌈h/2⌉ rows).
-    Nv12 = 6,
-}
-
-impl SourceFormat {
-    pub const ALL: [SourceFormat; 7] = [
-        SourceFormat::Rgb,
-        SourceFormat::Rgbx,
-        SourceFormat::Bgrx,
-        SourceFormat::Rgba,
-        SourceFormat::Bgra,
-        SourceFormat::I420,
-        SourceFormat::Nv12,
-    ];
-
-    /// Number of planes.
-    pub fn plane_count(self) -> usize {
-        match self {
-            SourceFormat::I420 => 3,
-            SourceFormat::Nv12 => 2,
-            _ => 1,
-        }
-    }
-
-    /// Whether the samples are Y'CbCr 4:2:0.
-    pub fn is_yuv(self) -> bool {
-        matches!(self, SourceFormat::I420 | SourceFormat::Nv12)
-    }
-
-    /// (bytes used by one row, rows) of plane `plane` for a `width` × `height` frame; chroma
-    /// planes round odd sizes up, as GStreamer does.
-    pub fn plane_extent(self, plane: usize, width: usize, height: usize) -> (usize, usize) {
-        let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
-        match (self, plane) {
-            (SourceFormat::Rgb, _) => (width * 3, height),
-            (
-                SourceFormat::Rgbx | SourceFormat::Bgrx | SourceFormat::Rgba | SourceFormat::Bgra,
-                _,
-            ) => (width * 4, height),
-            (SourceFormat::I420 | SourceFormat::Nv12, 0) => (width, height),
-            (SourceFormat::I420, _) => (cw, ch),
-            (SourceFormat::Nv12, _) => (cw * 2, ch),
-        }
-    }
-}
-
-/// Fixed-point Y'CbCr → R'G'B' coefficients scaled by `1 << YUV_SHIFT`. With
-/// `y = Y - y_offset`, `u = Cb - 128`, `v = Cr - 128`, `half = 1 << (YUV_SHIFT - 1)`:
-///
-/// ```text
-/// R = clamp((y_gain*y         + r_v*v + half) >> 16, 0, 255)
-/// G = clamp((y_gain*y - g_u*u - g_v*v + half) >> 16, 0, 255)
-/// B = clamp((y_gain*y + b_u*u         + half) >> 16, 0, 255)
-/// ```
-///
-/// The same numbers as the model's `YuvCoefficients` (field for field).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct YuvCoeffs {
-    pub y_offset: i32,
-    pub y_gain: i32,
-    pub r_v: i32,
-    pub g_u: i32,
-    pub g_v: i32,
-    pub b_u: i32,
-}
-
-impl YuvCoeffs {
-    /// Converts one sample triple (the CPU twin's definition; the kernel's `yuv_to_rgb`).
-    #[inline]
-    pub fn convert(&self, y: u8, cb: u8, cr: u8) -> [u8; 3] {
-        let half = 1i32 << (YUV_SHIFT - 1);
-        let y = self.y_gain * (i32::from(y) - self.y_offset) + half;
-        let u = i32::from(cb) - 128;
-        let v = i32::from(cr) - 128;
-        [
-            clamp_u8((y + self.r_v * v) >> YUV_SHIFT),
-            clamp_u8((y - self.g_u * u - self.g_v * v) >> YUV_SHIFT),
-            clamp_u8((y + self.b_u * u) >> YUV_SHIFT),
-        ]
-    }
-}
-
-#[inline]
-fn clamp_u8(v: i32) -> u8 {
-    v.clamp(0, 255) as u8
-}
+pub use format::PixelFormat;
+pub use taps::{centre_crop_offset, clip8, AxisTaps, HALF, PRECISION_BITS};
+pub use yuv::{YuvCoefficients, YuvMatrix, YuvRange, YuvToRgb};
 
 /// Where one plane starts in the frame's memory and how far apart its rows are, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Plane {
     pub offset: usize,
     pub stride: usize,
-}
-
-/// Resampling taps of one axis: output pixel `i` reads `counts[i]` source pixels from
-/// `starts[i]`, weighted by `weights[i * ksize ..][.. counts[i]]` (fixed point,
-/// [`PRECISION_BITS`]). The same layout as the model's `AxisCoeffs`, plus the source size.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AxisTaps {
-    /// Source pixels along the axis.
-    pub in_size: usize,
-    pub ksize: usize,
-    pub starts: Vec<usize>,
-    pub counts: Vec<usize>,
-    pub weights: Vec<i32>,
-}
-
-impl AxisTaps {
-    /// Taps that copy each source pixel: for an axis the resize leaves unchanged (Pillow does
-    /// not filter it; one tap of weight 1.0 gives exactly the source bytes).
-    pub fn identity(size: usize) -> Self {
-        AxisTaps {
-            in_size: size,
-            ksize: 1,
-            starts: (0..size).collect(),
-            counts: vec![1; size],
-            weights: vec![1 << PRECISION_BITS; size],
-        }
-    }
-
-    /// Output pixels along the axis (the resized size).
-    pub fn out_size(&self) -> usize {
-        self.starts.len()
-    }
-
-    /// The source start and weights of output pixel `i`.
-    #[inline]
-    pub fn taps(&self, i: usize) -> (usize, &[i32]) {
-        (
-            self.starts[i],
-            &self.weights[i * self.ksize..][..self.counts[i]],
-        )
-    }
-
-    fn validate(&self, axis: &str) -> Result<()> {
-        let n = self.out_size();
-        if n == 0 || self.in_size == 0 || self.ksize == 0 {
-            bail!(
-                "{axis} taps: empty (in {}, out {n}, ksize {})",
-                self.in_size,
-                self.ksize
-            );
-        }
-        if self.counts.len() != n || Some(self.weights.len()) != n.checked_mul(self.ksize) {
-            bail!(
-                "{axis} taps: {n} starts, {} counts, {} weights for ksize {}",
-                self.counts.len(),
-                self.weights.len(),
-                self.ksize
-            );
-        }
-        if self.in_size > i32::MAX as usize || self.weights.len() > i32::MAX as usize / 4 {
-            bail!("{axis} taps: too large for the kernel's 32-bit indices");
-        }
-        for (i, (&s, &c)) in self.starts.iter().zip(&self.counts).enumerate() {
-            if c == 0 || c > self.ksize || s.checked_add(c).is_none_or(|e| e > self.in_size) {
-                bail!(
-                    "{axis} taps: output {i} reads {c} pixels from {s}, outside 0..{} (ksize {})",
-                    self.in_size,
-                    self.ksize
-                );
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Rescale then mean/std normalisation, with numpy's arithmetic: `x * rescale` in f64 rounded
@@ -254,14 +79,14 @@ impl Normalization {
 /// Everything one frame's preprocessing depends on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreprocessParams {
-    pub format: SourceFormat,
+    pub format: PixelFormat,
     /// Source frame size in pixels.
     pub width: usize,
     pub height: usize,
     /// One entry per plane of `format`: offsets into the frame's memory and strides.
     pub planes: Vec<Plane>,
     /// Used for YUV formats only.
-    pub yuv: YuvCoeffs,
+    pub yuv: YuvCoefficients,
     /// Source width → resized width.
     pub horizontal: AxisTaps,
     /// Source height → resized height.
@@ -277,16 +102,6 @@ pub struct PreprocessParams {
 }
 
 impl PreprocessParams {
-    /// `(size - crop) // 2` when cropping, `-((crop - size) // 2)` when the crop is larger (the
-    /// model's centre crop).
-    pub fn centre_crop_offset(size: usize, crop: usize) -> i64 {
-        if size >= crop {
-            ((size - crop) / 2) as i64
-        } else {
-            -(((crop - size) / 2) as i64)
-        }
-    }
-
     /// Resized width and height.
     pub fn resized_size(&self) -> (usize, usize) {
         (self.horizontal.out_size(), self.vertical.out_size())
@@ -506,7 +321,7 @@ pub struct KernelArgs {
     pub format: i32,
     pub width: i32,
     pub height: i32,
-    pub yuv: YuvCoeffs,
+    pub yuv: YuvCoefficients,
     pub resized_width: i32,
     pub resized_height: i32,
     pub crop_left: i32,
@@ -527,4 +342,4 @@ pub struct KernelArgs {
 
 const _: () = assert!(std::mem::size_of::<KernelArgs>() == 144);
 const _: () = assert!(std::mem::align_of::<KernelArgs>() == 8);
-const _: () = assert!(std::mem::size_of::<YuvCoeffs>() == 24);
+const _: () = assert!(std::mem::size_of::<YuvCoefficients>() == 24);

@@ -1,11 +1,15 @@
 //! EVA-ViT-G as LLaMA-VID uses it (LAVIS `eva_vit_g.pth`): patch embedding, CLS and absolute
 //! positions, pre-LN blocks, no final norm. Tensor names follow the LAVIS state dict.
 
+use std::sync::Arc;
+
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
+use llamavid_kernels::cpu::vit::VitProfile;
+
 use super::cancel::Cancel;
-use super::nn::{fused_vit_block, linear, Linear, PackScope};
+use super::nn::{fused_vit_block, linear, Linear, LoadContext};
 
 /// Sizes of the tower. Width, patch size, grid and MLP width come from the weights; the head
 /// count and the number of blocks used are not stored anywhere (see `VisionOverrides`).
@@ -75,7 +79,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &EvaConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &EvaConfig, vb: VarBuilder, ctx: &LoadContext) -> Result<Self> {
         let w = cfg.width;
         let qkv_weight = vb.get((3 * w, w), "qkv.weight")?;
         // The key has no bias: the reference builds [q_bias ; 0 ; v_bias].
@@ -84,8 +88,8 @@ impl Attention {
         let qkv_bias = Tensor::cat(&[&q_bias, &q_bias.zeros_like()?, &v_bias], 0)?;
         let head_dim = w / cfg.num_heads;
         Ok(Self {
-            qkv: Linear::new(qkv_weight, Some(qkv_bias)),
-            proj: linear(w, w, vb.pp("proj"))?,
+            qkv: ctx.linear(qkv_weight, Some(qkv_bias)),
+            proj: linear(w, w, vb.pp("proj"), ctx)?,
             num_heads: cfg.num_heads,
             scale: (head_dim as f64).powf(-0.5),
         })
@@ -127,20 +131,20 @@ struct Block {
 }
 
 impl Block {
-    fn new(cfg: &EvaConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &EvaConfig, vb: VarBuilder, ctx: &LoadContext) -> Result<Self> {
         let w = cfg.width;
         Ok(Self {
             norm1: layer_norm(w, EvaConfig::LN_EPS, vb.pp("norm1"))?,
-            attn: Attention::new(cfg, vb.pp("attn"))?,
+            attn: Attention::new(cfg, vb.pp("attn"), ctx)?,
             norm2: layer_norm(w, EvaConfig::LN_EPS, vb.pp("norm2"))?,
             mlp: Mlp {
-                fc1: linear(w, cfg.mlp_hidden, vb.pp("mlp.fc1"))?,
-                fc2: linear(cfg.mlp_hidden, w, vb.pp("mlp.fc2"))?,
+                fc1: linear(w, cfg.mlp_hidden, vb.pp("mlp.fc1"), ctx)?,
+                fc2: linear(cfg.mlp_hidden, w, vb.pp("mlp.fc2"), ctx)?,
             },
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, profile: Option<&VitProfile>) -> Result<Tensor> {
         // On the CPU, the whole block runs in our kernels (no intermediate tensors; reduced
         // precision when the model was loaded so); elsewhere, the candle ops below.
         let attn = &self.attn;
@@ -154,6 +158,7 @@ impl Block {
             &self.norm2,
             &self.mlp.fc1,
             &self.mlp.fc2,
+            profile,
         )? {
             return Ok(out);
         }
@@ -169,16 +174,17 @@ pub struct EvaVit {
     pos_embed: Tensor,
     blocks: Vec<Block>,
     cfg: EvaConfig,
+    profile: Option<Arc<VitProfile>>,
 }
 
 impl EvaVit {
-    pub fn new(cfg: &EvaConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &EvaConfig, vb: VarBuilder, ctx: &LoadContext) -> Result<Self> {
         let w = cfg.width;
         // The tower only ever runs whole frames (1 + patches rows each): its f32 weights can
         // live in the packed layout of the CPU's matrix library.
-        let _packed = PackScope::enter(1 + cfg.num_patches());
+        let packed = ctx.packed_for(1 + cfg.num_patches());
         let blocks = (0..cfg.depth)
-            .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
+            .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}")), &packed))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             patch_embed: PatchEmbed::new(cfg, vb.pp("patch_embed"))?,
@@ -186,7 +192,18 @@ impl EvaVit {
             pos_embed: vb.get((1, cfg.num_patches() + 1, w), "pos_embed")?,
             blocks,
             cfg: cfg.clone(),
+            profile: ctx.vit_profile().cloned(),
         })
+    }
+
+    /// The first block's QKV projection (to say which kernels the tower's products take).
+    pub fn first_qkv(&self) -> Option<&Linear> {
+        self.blocks.first().map(|b| &b.attn.qkv)
+    }
+
+    /// The stage times of the fused blocks, when the model was loaded with profiling.
+    pub fn profile(&self) -> Option<&VitProfile> {
+        self.profile.as_deref()
     }
 
     pub fn config(&self) -> &EvaConfig {
@@ -205,7 +222,7 @@ impl EvaVit {
         let mut x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.pos_embed)?;
         for block in &self.blocks {
             cancel.check()?;
-            x = block.forward(&x)?;
+            x = block.forward(&x, self.profile.as_deref())?;
         }
         Ok(x)
     }

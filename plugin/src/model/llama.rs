@@ -5,15 +5,20 @@
 //! The weights come through [`LlamaWeights`], by parameter rather than by file name: the HF
 //! checkpoint ([`CheckpointWeights`]) or a GGUF file (`super::gguf`), whose quantized matrices
 //! become quantized [`Linear`] layers of this same decoder.
+//!
+//! A forward pass may carry several sequences at once (a ragged batch: each with its own
+//! cache and its own number of new rows, a prefill beside decode steps): the rows of all of
+//! them go through every linear layer together (each weight is read once), attention runs per
+//! sequence over its own cache and positions.
+
+use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::kv_cache::KvCache;
 use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
-use std::sync::Arc;
 
 use super::cancel::Cancel;
-use super::nn::{fused_llama_layer, linear_no_bias, Linear};
+use super::nn::{fused_llama_layer, linear_no_bias, Linear, LoadContext, SequenceSpan};
 
 use super::config::LlavaConfig;
 
@@ -108,7 +113,8 @@ impl LlamaParam {
 }
 
 /// Where a [`Llama`] gets its weights. Shapes are (out, in) for matrices, as in PyTorch; Q and
-/// K rows in the HF order (rotate-half RoPE).
+/// K rows in the HF order (rotate-half RoPE). Each source builds its layers with the
+/// [`LoadContext`] it was given.
 pub trait LlamaWeights {
     /// A linear layer without bias, weight (out_dim, in_dim).
     fn linear(&self, param: LlamaParam, in_dim: usize, out_dim: usize) -> Result<Linear>;
@@ -116,16 +122,22 @@ pub trait LlamaWeights {
     fn rms_norm(&self, param: LlamaParam, len: usize, eps: f64) -> Result<RmsNorm>;
     /// The token embedding (vocab, hidden).
     fn embedding(&self, vocab: usize, hidden: usize) -> Result<TokenEmbedding>;
+    /// The context the layers are built with (the tied `lm_head` is built with it too).
+    fn context(&self) -> &LoadContext;
 }
 
-/// The HF checkpoint's tensors (`model.*` and `lm_head.*` under `vb`).
-pub struct CheckpointWeights<'a>(pub VarBuilder<'a>);
+/// The HF checkpoint's tensors (`model.*` and `lm_head.*` under `vb`), the matrices built as
+/// `ctx` says.
+pub struct CheckpointWeights<'a> {
+    pub vb: VarBuilder<'a>,
+    pub ctx: &'a LoadContext,
+}
 
 impl LlamaWeights for CheckpointWeights<'_> {
     fn linear(&self, param: LlamaParam, in_dim: usize, out_dim: usize) -> Result<Linear> {
         let name = param.hf_name();
         let prefix = name.strip_suffix(".weight").unwrap_or(&name);
-        linear_no_bias(in_dim, out_dim, self.0.pp(prefix))
+        linear_no_bias(in_dim, out_dim, self.vb.pp(prefix), self.ctx)
     }
 
     fn rms_norm(&self, param: LlamaParam, len: usize, eps: f64) -> Result<RmsNorm> {
@@ -133,13 +145,17 @@ impl LlamaWeights for CheckpointWeights<'_> {
         rms_norm(
             len,
             eps,
-            self.0.pp(name.strip_suffix(".weight").unwrap_or(&name)),
+            self.vb.pp(name.strip_suffix(".weight").unwrap_or(&name)),
         )
     }
 
     fn embedding(&self, vocab: usize, hidden: usize) -> Result<TokenEmbedding> {
-        let e = embedding(vocab, hidden, self.0.pp("model.embed_tokens"))?;
+        let e = embedding(vocab, hidden, self.vb.pp("model.embed_tokens"))?;
         Ok(TokenEmbedding::Dense(e))
+    }
+
+    fn context(&self) -> &LoadContext {
+        self.ctx
     }
 }
 
@@ -161,11 +177,11 @@ impl TokenEmbedding {
         }
     }
 
-    /// The same matrix as an output layer (tied `lm_head`).
-    fn tied_lm_head(&self) -> Result<Linear> {
+    /// The same matrix as an output layer (tied `lm_head`), built as `ctx` says.
+    fn tied_lm_head(&self, ctx: &LoadContext) -> Result<Linear> {
         match self {
-            Self::Dense(e) => Ok(Linear::new(e.embeddings().clone(), None)),
-            Self::Quantized(q) => Linear::quantized(q.clone()),
+            Self::Dense(e) => Ok(ctx.linear(e.embeddings().clone(), None)),
+            Self::Quantized(q) => ctx.gguf_linear(q.clone()),
         }
     }
 }
@@ -228,40 +244,65 @@ impl SelfAttention {
         })
     }
 
+    /// Attention of every sequence's rows of `x` (1, R, H) over its own cache: `spans` say
+    /// which rows belong to which sequence (in order) and at which positions they sit, and
+    /// `caches` (one per span) receive their keys and values.
     fn forward(
         &self,
         x: &Tensor,
-        start: usize,
+        spans: &[SequenceSpan],
         rotary: &Rotary,
-        cache: &mut KvCache,
+        caches: &mut [&mut LayerCache],
     ) -> Result<Tensor> {
-        let (b, len, _) = x.dims3()?;
-        let split = |t: Tensor, heads: usize| {
-            t.reshape((b, len, heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+        let (q_all, k_all, v_all) = (
+            self.q_proj.forward(x)?,
+            self.k_proj.forward(x)?,
+            self.v_proj.forward(x)?,
+        );
+        let mut outs = Vec::with_capacity(spans.len());
+        let mut first = 0;
+        for (span, cache) in spans.iter().zip(caches.iter_mut()) {
+            let (len, start) = (span.rows, span.start);
+            let heads = |t: &Tensor, heads: usize| {
+                t.narrow(1, first, len)?
+                    .reshape((1, len, heads, self.head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = rotary.apply(&heads(&q_all, self.num_heads)?, start)?;
+            let k = rotary.apply(&heads(&k_all, self.num_kv_heads)?, start)?;
+            let v = heads(&v_all, self.num_kv_heads)?;
+            let (k, v) = cache.write(&k, &v, start)?;
+            outs.push(self.attend(&q, &k, &v, start)?);
+            first += len;
+        }
+        let out = match outs.len() {
+            1 => outs.pop().expect("one"),
+            _ => Tensor::cat(&outs, 1)?,
         };
-        let q = rotary.apply(&split(self.q_proj.forward(x)?, self.num_heads)?, start)?;
-        let k = rotary.apply(&split(self.k_proj.forward(x)?, self.num_kv_heads)?, start)?;
-        let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?;
-        let (k, v) = cache.append(&k, &v)?;
+        self.o_proj.forward(&out)
+    }
+
+    /// One sequence's attention: queries (1, heads, S, d) at positions `start..start + S` over
+    /// its keys and values (1, kv_heads, start + S, d); (1, S, heads · d).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor> {
+        let len = q.dim(2)?;
         let repeat = self.num_heads / self.num_kv_heads;
         let (k, v) = if repeat > 1 {
-            (repeat_kv(&k, repeat)?, repeat_kv(&v, repeat)?)
+            (repeat_kv(k, repeat)?, repeat_kv(v, repeat)?)
         } else {
-            (k, v)
+            (k.clone(), v.clone())
         };
         let scale = (self.head_dim as f64).powf(-0.5);
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if len > 1 {
-            scores = scores.broadcast_add(&causal_mask(len, start, x.dtype(), x.device())?)?;
+            scores = scores.broadcast_add(&causal_mask(len, start, q.dtype(), q.device())?)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
+        probs
             .matmul(&v.contiguous()?)?
             .transpose(1, 2)?
-            .reshape((b, len, ()))?;
-        self.o_proj.forward(&out)
+            .reshape((1, len, ()))
     }
 }
 
@@ -329,15 +370,16 @@ impl DecoderLayer {
     fn forward(
         &self,
         x: &Tensor,
-        start: usize,
+        spans: &[SequenceSpan],
         rotary: &Rotary,
-        cache: &mut KvCache,
+        caches: &mut [&mut LayerCache],
     ) -> Result<Tensor> {
         // On the CPU, the whole layer runs in our kernels; elsewhere, the candle ops below.
         let (attn, mlp) = (&self.self_attn, &self.mlp);
+        let write = |i: usize, k: &Tensor, v: &Tensor| caches[i].write(k, v, spans[i].start);
         if let Some(out) = fused_llama_layer(
             x,
-            start,
+            spans,
             &rotary.cos,
             &rotary.sin,
             &self.input_layernorm,
@@ -352,13 +394,13 @@ impl DecoderLayer {
             &mlp.gate_proj,
             &mlp.up_proj,
             &mlp.down_proj,
-            cache,
+            write,
         )? {
             return Ok(out);
         }
         let attended =
             self.self_attn
-                .forward(&self.input_layernorm.forward(x)?, start, rotary, cache)?;
+                .forward(&self.input_layernorm.forward(x)?, spans, rotary, caches)?;
         let x = (x + attended)?;
         &x + self
             .mlp
@@ -366,16 +408,67 @@ impl DecoderLayer {
     }
 }
 
+/// One layer's keys and values for one sequence: (1, kv_heads, capacity, head_dim) buffers,
+/// allocated on first use. A forward writes its rows after the sequence's committed length and
+/// the cache commits them only once the whole forward succeeded, so a failed or cancelled pass
+/// leaves the sequence as it was.
+struct LayerCache {
+    keys: Option<Tensor>,
+    values: Option<Tensor>,
+    capacity: usize,
+}
+
+impl LayerCache {
+    /// Writes `k`, `v` (1, kv_heads, n, d) at positions `at..at + n`; views of `0..at + n`.
+    fn write(&mut self, k: &Tensor, v: &Tensor, at: usize) -> Result<(Tensor, Tensor)> {
+        let n = k.dim(2)?;
+        if at + n > self.capacity {
+            candle_core::bail!(
+                "the KV cache holds {} positions, {} asked for",
+                self.capacity,
+                at + n
+            );
+        }
+        let capacity = self.capacity;
+        let write = |buffer: &mut Option<Tensor>, src: &Tensor| -> Result<Tensor> {
+            if buffer.is_none() {
+                let (b, heads, _, d) = src.dims4()?;
+                *buffer = Some(Tensor::zeros(
+                    (b, heads, capacity, d),
+                    src.dtype(),
+                    src.device(),
+                )?);
+            }
+            let buffer = buffer.as_ref().expect("allocated");
+            buffer.slice_set(&src.contiguous()?, 2, at)?;
+            buffer.narrow(2, 0, at + n)
+        };
+        Ok((write(&mut self.keys, k)?, write(&mut self.values, v)?))
+    }
+}
+
 /// Keys and values of every layer for one sequence being generated.
 pub struct LlamaCache {
-    layers: Vec<KvCache>,
+    layers: Vec<LayerCache>,
+    /// Positions committed: written by forward passes that completed.
     len: usize,
+    capacity: usize,
 }
 
 impl LlamaCache {
     /// Positions processed so far.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Makes the `rows` positions a forward wrote after the committed ones part of the cache.
+    pub(crate) fn commit(&mut self, rows: usize) {
+        self.len = (self.len + rows).min(self.capacity);
+    }
+
+    /// Positions this cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     pub fn is_empty(&self) -> bool {
@@ -404,9 +497,10 @@ pub struct Llama {
 
 impl Llama {
     /// `vb` points at the checkpoint root (`model.*` and `lm_head.*`).
-    pub fn new(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &LlavaConfig, vb: VarBuilder, ctx: &LoadContext) -> Result<Self> {
         let (dtype, device) = (vb.dtype(), vb.device().clone());
-        Self::from_weights(&cfg.into(), &CheckpointWeights(vb), dtype, &device)
+        let weights = CheckpointWeights { vb, ctx };
+        Self::from_weights(&cfg.into(), &weights, dtype, &device)
     }
 
     /// Builds the decoder from any weight source; `dtype` and `device` are those of the
@@ -420,7 +514,7 @@ impl Llama {
         let h = cfg.hidden_size;
         let embed_tokens = weights.embedding(cfg.vocab_size, h)?;
         let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.tied_lm_head()?
+            embed_tokens.tied_lm_head(weights.context())?
         } else {
             weights.linear(LlamaParam::LmHead, h, cfg.vocab_size)?
         };
@@ -445,9 +539,9 @@ impl Llama {
     /// works, `forward` refuses.
     pub fn embeddings_only(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
-        let embed_tokens = CheckpointWeights(vb.clone()).embedding(cfg.vocab_size, h)?;
+        let embed = embedding(cfg.vocab_size, h, vb.pp("model").pp("embed_tokens"))?;
         Ok(Self {
-            embed_tokens,
+            embed_tokens: TokenEmbedding::Dense(embed),
             layers: Vec::new(),
             head: None,
             rotary: Rotary::new(&cfg.into(), vb.dtype(), vb.device())?,
@@ -455,6 +549,13 @@ impl Llama {
             hidden: h,
             device: vb.device().clone(),
         })
+    }
+
+    /// The first layer's query projection and the `lm_head` (to say which kernels the
+    /// products take), when the decoder is loaded.
+    pub fn sample_layers(&self) -> Option<(&Linear, &Linear)> {
+        let first = self.layers.first()?;
+        Some((&first.self_attn.q_proj, &self.head.as_ref()?.1))
     }
 
     /// Whether the decoder (layers, norm, `lm_head`) is loaded.
@@ -475,9 +576,14 @@ impl Llama {
         let capacity = capacity.clamp(1, self.max_positions);
         LlamaCache {
             layers: (0..self.layers.len())
-                .map(|_| KvCache::new(2, capacity))
+                .map(|_| LayerCache {
+                    keys: None,
+                    values: None,
+                    capacity,
+                })
                 .collect(),
             len: 0,
+            capacity,
         }
     }
 
@@ -503,8 +609,8 @@ impl Llama {
         self.forward_cancellable(embeddings, cache, logits_for, hidden_states, Cancel::NEVER)
     }
 
-    /// [`Self::forward`], checking `cancel` before every layer. A cancelled pass leaves the
-    /// cache part-filled: the sequence cannot go on.
+    /// [`Self::forward`], checking `cancel` before every layer. A cancelled or failed pass
+    /// leaves the cache as it was.
     pub fn forward_cancellable(
         &self,
         embeddings: &Tensor,
@@ -513,37 +619,129 @@ impl Llama {
         hidden_states: Option<&mut Vec<Tensor>>,
         cancel: Cancel,
     ) -> Result<Tensor> {
+        let mut steps = [SequenceStep { embeddings, cache }];
+        let mut logits = self.forward_rows(&mut steps, logits_for, hidden_states, cancel)?;
+        commit(&mut steps);
+        Ok(logits.pop().expect("one sequence"))
+    }
+
+    /// One forward of several sequences at once (a ragged batch): each step's embeddings
+    /// (1, S_i, H) run at the positions after its own cache's, and the caches are extended.
+    /// Returns each sequence's logits (1, 1 or S_i, vocab). Every linear layer multiplies the
+    /// rows of all sequences together; attention stays within each sequence. `cancel` is
+    /// checked before every layer; a cancelled or failed pass leaves every cache as it was.
+    pub fn forward_batch(
+        &self,
+        steps: &mut [SequenceStep<'_>],
+        logits_for: LogitsFor,
+        cancel: Cancel,
+    ) -> Result<Vec<Tensor>> {
+        let logits = self.forward_rows(steps, logits_for, None, cancel)?;
+        commit(steps);
+        Ok(logits)
+    }
+
+    /// [`Self::forward_batch`] without extending the caches: the new rows are written after
+    /// each cache's length, and `commit` makes them part of it (for callers that have more
+    /// to do, which may fail, before the step counts).
+    pub(crate) fn forward_rows(
+        &self,
+        steps: &mut [SequenceStep<'_>],
+        logits_for: LogitsFor,
+        hidden_states: Option<&mut Vec<Tensor>>,
+        cancel: Cancel,
+    ) -> Result<Vec<Tensor>> {
         let Some((norm, lm_head)) = &self.head else {
             candle_core::bail!("the language model's decoder was not loaded (embeddings only)");
         };
-        let len = embeddings.dim(1)?;
-        let start = cache.len;
-        if start + len > self.max_positions {
-            candle_core::bail!(
-                "sequence of {} positions exceeds the model's {} (shorten the window or the caption)",
-                start + len,
-                self.max_positions
-            );
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut spans = Vec::with_capacity(steps.len());
+        for step in steps.iter() {
+            let (batch, len, hidden) = step.embeddings.dims3()?;
+            if batch != 1 || hidden != self.hidden || len == 0 {
+                candle_core::bail!(
+                    "a sequence's input embeddings are (1, S > 0, {}), got {:?}",
+                    self.hidden,
+                    step.embeddings.dims()
+                );
+            }
+            let start = step.cache.len;
+            if start + len > self.max_positions {
+                candle_core::bail!(
+                    "sequence of {} positions exceeds the model's {} (shorten the window or the caption)",
+                    start + len,
+                    self.max_positions
+                );
+            }
+            spans.push(SequenceSpan { rows: len, start });
         }
         let mut collected = hidden_states;
-        let mut x = embeddings.clone();
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let mut x = match steps {
+            [one] => one.embeddings.clone(),
+            _ => Tensor::cat(&steps.iter().map(|s| s.embeddings).collect::<Vec<_>>(), 1)?,
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
             cancel.check()?;
             if let Some(states) = collected.as_deref_mut() {
                 states.push(x.clone());
             }
-            x = layer.forward(&x, start, &self.rotary, layer_cache)?;
+            let mut caches: Vec<&mut LayerCache> =
+                steps.iter_mut().map(|s| &mut s.cache.layers[l]).collect();
+            x = layer.forward(&x, &spans, &self.rotary, &mut caches)?;
         }
-        cache.len += len;
+        // The rows whose logits are read: each sequence's last, or all of them.
         let x = match logits_for {
-            LogitsFor::LastPosition => x.narrow(1, len - 1, 1)?,
             LogitsFor::AllPositions => x,
+            LogitsFor::LastPosition if spans.len() == 1 => x.narrow(1, spans[0].rows - 1, 1)?,
+            LogitsFor::LastPosition => {
+                let mut end = 0u32;
+                let last: Vec<u32> = spans
+                    .iter()
+                    .map(|s| {
+                        end += s.rows as u32;
+                        end - 1
+                    })
+                    .collect();
+                x.index_select(&Tensor::new(last.as_slice(), x.device())?, 1)?
+            }
         };
         let x = norm.forward(&x)?;
         if let Some(states) = collected {
             states.push(x.clone());
         }
-        lm_head.forward(&x)?.to_dtype(DType::F32)
+        let logits = lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        if spans.len() == 1 {
+            return Ok(vec![logits]);
+        }
+        let mut first = 0;
+        spans
+            .iter()
+            .map(|s| {
+                let rows = match logits_for {
+                    LogitsFor::AllPositions => s.rows,
+                    LogitsFor::LastPosition => 1,
+                };
+                let part = logits.narrow(1, first, rows);
+                first += rows;
+                part
+            })
+            .collect()
+    }
+}
+
+/// One sequence's part of a batched forward: its new rows and its cache.
+pub struct SequenceStep<'a> {
+    /// (1, S, H): a prefill of S rows, or a decode step's one row.
+    pub embeddings: &'a Tensor,
+    pub cache: &'a mut LlamaCache,
+}
+
+/// Makes the rows a forward wrote part of each sequence's cache.
+fn commit(steps: &mut [SequenceStep<'_>]) {
+    for step in steps {
+        step.cache.commit(step.embeddings.dim(1).unwrap_or(0));
     }
 }
 

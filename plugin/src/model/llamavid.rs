@@ -1,91 +1,40 @@
 //! The loaded model and the three operations the element needs: prepare a prompt once,
 //! encode frames into their tokens, caption a window of tokens.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use llamavid_kernels::cpu::vit::VitProfile;
+use llamavid_kernels::cpu::{host, CpuKernels, Isa};
 
 use super::cancel::{Cancel, CANCELLED};
-use super::checkpoint::{Checkpoint, WeightFormat};
+use super::checkpoint::Checkpoint;
 use super::config::{read_json, BertConfig, LlavaConfig, VisionOverrides};
 use super::eva::{EvaConfig, EvaVit};
 use super::files::ModelFiles;
 use super::gguf::GgufLlama;
-use super::llama::{CheckpointWeights, Llama, LogitsFor};
-use super::nn::{Precision, PrecisionScope};
+use super::llama::{CheckpointWeights, Llama};
+use super::nn::{LoadContext, Precision};
+use super::options::{CpuLayers, LanguageModelWeights, LoadOptions};
+use super::pool::ComputePool;
 use super::preprocess::{ClipPreprocess, FrameView, ResizeTarget};
 use super::prompt::{clean_answer, split_at_image, PromptIds, IMAGE_TOKEN_INDEX};
 use super::qformer::{QFormerConfig, TextGuidance};
-use super::sampling::{GenerationParams, Sampler};
+use super::sampling::GenerationParams;
 use super::tokenizer::{BertTokenizer, LlamaTokenizer, QFORMER_MAX_TOKENS};
 use super::tokens::{TokenConfig, TokenGenerator};
 use super::{ModelError, Result};
-
-/// What to load and where to run it.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    /// The HF model directory (`config.json`, weights, tokenizer).
-    pub model_dir: PathBuf,
-    /// EVA weights; default: `mm_vision_tower` of `config.json`, resolved beside the model.
-    pub vision_tower: Option<PathBuf>,
-    /// Folder with the Q-Former's `config.json` and `vocab.txt`; default: `bert-base-uncased`
-    /// beside the model.
-    pub bert_dir: Option<PathBuf>,
-    pub device: Device,
-    /// Compute dtype; weights are converted from whatever the files store.
-    pub dtype: DType,
-    pub weight_format: WeightFormat,
-    /// Arithmetic of the linear layers on the CPU (f32 is exact; see `Precision`). Applied
-    /// while loading: reduced-precision weights replace the f32 ones layer by layer.
-    pub precision: Precision,
-    /// A llama.cpp GGUF file (`llama` architecture) to take the language model from instead of
-    /// the checkpoint: its quantized matrices are used as they are (`precision` then applies
-    /// to the vision side and to the GGUF's f32/f16 tensors only). The embedding comes from the
-    /// GGUF too, or from the checkpoint when the GGUF has none.
-    pub llm_gguf: Option<PathBuf>,
-    /// Threads of the model's own compute pool; `None`: the machine's default (see the
-    /// README). Elements sharing a loaded model share its pool.
-    pub threads: Option<usize>,
-    /// Which language-model weights to load: all of them, or only the token embedding table
-    /// when a server generates the captions (`LlamaVid::caption_remote`).
-    pub language_model: LanguageModelWeights,
-}
-
-/// The language-model weights a loaded model holds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub enum LanguageModelWeights {
-    /// Everything: captions are generated locally.
-    #[default]
-    All,
-    /// The token embedding table only (the prompt's text tokens must be embedded exactly as
-    /// the local model would); the decoder layers, final norm and `lm_head` stay on disk, and
-    /// [`LlamaVid::generate`] refuses to run.
-    EmbeddingsOnly,
-}
-
-impl LoadOptions {
-    pub fn new(model_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            model_dir: model_dir.into(),
-            vision_tower: None,
-            bert_dir: None,
-            device: Device::Cpu,
-            dtype: DType::F32,
-            weight_format: WeightFormat::Auto,
-            precision: Precision::F32,
-            llm_gguf: None,
-            threads: None,
-            language_model: LanguageModelWeights::All,
-        }
-    }
-}
 
 /// A question prepared for captioning: its Q-Former guidance (used when encoding frames) and
 /// the embedded prompt around the `<image>` placeholder (used when captioning).
 #[derive(Clone, Debug)]
 pub struct CaptionPrompt {
     pub question: String,
+    /// The Q-Former's ids of the question: frames whose prompts have the same ids share one
+    /// Q-Former batch in [`LlamaVid::encode_batch`].
+    pub qformer_ids: Vec<u32>,
     pub guidance: TextGuidance,
     /// LLM ids with the image placeholder (-200), as the reference tokenizes them.
     pub input_ids: Vec<i64>,
@@ -103,6 +52,14 @@ impl CaptionPrompt {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// One frame of a batched encode ([`LlamaVid::encode_batch`]) and the prompt that guides its
+/// context token.
+#[derive(Debug, Clone)]
+pub struct FrameToEncode<'a> {
+    pub frame: FrameView<'a>,
+    pub prompt: &'a CaptionPrompt,
 }
 
 /// The outcome of one generation.
@@ -136,6 +93,10 @@ pub struct LlamaVid {
     dtype: DType,
     precision: Precision,
     notes: Vec<String>,
+    /// Where all of the model's CPU work runs.
+    pool: Arc<ComputePool>,
+    /// What runs the model, in words (see [`LlamaVid::compute`]).
+    compute: String,
 }
 
 /// The dimensions of tensor `name`, which must have `rank` of them: the sizes the loader
@@ -209,12 +170,13 @@ fn eva_config(eva: &Checkpoint, overrides: &VisionOverrides, path: &Path) -> Res
 }
 
 /// The language model from a GGUF file, checked against the checkpoint's configuration (the
-/// projectors' width and the tokenizer's vocabulary must fit it).
+/// projectors' width and the tokenizer's vocabulary must fit it); the layers built as `ctx`
+/// says, the embedding from the checkpoint when the GGUF has none.
 fn load_gguf_llm(
     path: &Path,
     config: &LlavaConfig,
     config_path: &Path,
-    vb: candle_nn::VarBuilder,
+    checkpoint: &CheckpointWeights,
     dtype: DType,
     device: &Device,
 ) -> Result<Llama> {
@@ -243,17 +205,106 @@ fn load_gguf_llm(
             ));
         }
     }
-    let checkpoint = CheckpointWeights(vb);
-    Ok(Llama::from_weights(
-        llm,
-        &gguf.weights(dtype, device, Some(&checkpoint)),
-        dtype,
-        device,
-    )?)
+    let weights = gguf.weights(dtype, device, checkpoint.ctx, Some(checkpoint));
+    Ok(Llama::from_weights(llm, &weights, dtype, device)?)
+}
+
+/// The CPU kernels a load asks for, with AMX permission requested only when bf16/int8
+/// products will use it (a process-wide effect, see the README).
+fn cpu_kernels(options: &LoadOptions, notes: &mut Vec<String>) -> CpuKernels {
+    let mut isa = Isa::detect(options.cpu_isa);
+    let reduced = options.precision != Precision::F32;
+    if isa.amx() && reduced && llamavid_kernels::cpu::HAS_MKL {
+        isa = isa.request_amx();
+        if !isa.amx() {
+            notes.push(
+                "the operating system refused this process the AMX tile state; bf16/int8 \
+                 products run without AMX"
+                    .into(),
+            );
+        }
+    } else {
+        // Not needed: never ask.
+        isa = isa.narrow(llamavid_kernels::cpu::IsaLimit::Avx512);
+    }
+    let kernels = CpuKernels::new(isa);
+    match options.row_block {
+        Some(rows) => kernels.with_row_block(rows),
+        None => kernels,
+    }
+}
+
+/// What the modules are built with, and the precision they run (resolved, never `Auto`).
+fn load_context(options: &LoadOptions, notes: &mut Vec<String>) -> (LoadContext, Precision) {
+    let device = &options.device;
+    let kernels = (device.is_cpu() && options.cpu_layers == CpuLayers::Fused)
+        .then(|| cpu_kernels(options, notes));
+    let (precision, note) = options.precision.resolve(device, kernels);
+    notes.extend(note);
+    if !device.is_cpu() {
+        return (LoadContext::candle(), precision);
+    }
+    if options.tune_allocator {
+        host::tune_allocator();
+    }
+    let Some(kernels) = kernels else {
+        return (LoadContext::candle(), precision);
+    };
+    let ctx = LoadContext::cpu(precision, kernels);
+    let ctx = if options.profile {
+        ctx.with_vit_profile(Arc::new(VitProfile::default()))
+    } else {
+        ctx
+    };
+    (ctx, precision)
+}
+
+/// The compute of a loaded model in words, for logs.
+fn describe_compute(options: &LoadOptions, ctx: &LoadContext, pool: &ComputePool) -> String {
+    let threads = format!(
+        "{} thread{}{}",
+        pool.threads(),
+        if pool.threads() == 1 { "" } else { "s" },
+        if pool.lowered_priority() {
+            " at lowered priority"
+        } else {
+            ""
+        }
+    );
+    match ctx.cpu_kernels() {
+        _ if !options.device.is_cpu() => {
+            format!(
+                "{:?} in {:?}; CPU work on {threads}",
+                options.device, options.dtype
+            )
+        }
+        None => format!("CPU, candle's layers in f32, {threads}"),
+        Some(k) => format!(
+            "CPU, {} products on the {} kernels{}, {threads}",
+            ctx.precision(),
+            k.isa(),
+            if llamavid_kernels::cpu::HAS_MKL {
+                " with MKL"
+            } else {
+                ""
+            }
+        ),
+    }
 }
 
 impl LlamaVid {
+    /// Loads the model. Everything it computes while loading (weight conversions) and later
+    /// runs in its own thread pool (see [`LoadOptions::threads`]).
     pub fn load(options: &LoadOptions) -> Result<Self> {
+        let pool = Arc::new(ComputePool::new(
+            options.threads,
+            options.lower_thread_priority,
+        )?);
+        let model_pool = pool.clone();
+        pool.install(move || Self::load_in_pool(options, model_pool))
+    }
+
+    fn load_in_pool(options: &LoadOptions, pool: Arc<ComputePool>) -> Result<Self> {
         let model_dir = &options.model_dir;
         if !model_dir.is_dir() {
             return Err(ModelError::MissingFile {
@@ -282,10 +333,9 @@ impl LlamaVid {
         )?;
         let mut notes = Vec::new();
         let (device, dtype) = (&options.device, options.dtype);
-        let (precision, note) = options.precision.resolve(device);
-        notes.extend(note);
-        // Every linear layer built from here on converts its weights to `precision`.
-        let _precision_scope = PrecisionScope::enter(precision);
+        // Every linear layer built with `ctx` converts its weights to `precision`.
+        let (ctx, precision) = load_context(options, &mut notes);
+        let compute = describe_compute(options, &ctx, &pool);
 
         // Vision tower.
         let overrides: VisionOverrides = match &files.vision_overrides {
@@ -305,7 +355,7 @@ impl LlamaVid {
                 ),
             ));
         }
-        let vision = EvaVit::new(&eva_cfg, eva_file.var_builder(dtype, device))?;
+        let vision = EvaVit::new(&eva_cfg, eva_file.var_builder(dtype, device), &ctx)?;
 
         // Preprocessing must produce the image size the position embedding was trained for.
         let preprocess = match &files.preprocessor_config {
@@ -370,12 +420,13 @@ impl LlamaVid {
             projector_type: config.mm_projector_type.clone(),
         };
         let vb = hf.var_builder(dtype, device);
-        let tokens = TokenGenerator::new(&token_cfg, vb.pp("model"))?;
+        let tokens = TokenGenerator::new(&token_cfg, vb.pp("model"), &ctx)?;
         let llm = match (options.language_model, &options.llm_gguf) {
             (LanguageModelWeights::EmbeddingsOnly, _) => Llama::embeddings_only(&config, vb)?,
-            (LanguageModelWeights::All, None) => Llama::new(&config, vb)?,
+            (LanguageModelWeights::All, None) => Llama::new(&config, vb, &ctx)?,
             (LanguageModelWeights::All, Some(path)) => {
-                load_gguf_llm(path, &config, &files.config, vb, dtype, device)?
+                let checkpoint = CheckpointWeights { vb, ctx: &ctx };
+                load_gguf_llm(path, &config, &files.config, &checkpoint, dtype, device)?
             }
         };
 
@@ -396,7 +447,45 @@ impl LlamaVid {
             dtype,
             precision,
             notes,
+            pool,
+            compute,
         })
+    }
+
+    /// Runs `f` in the model's thread pool: for callers that drive its parts (`vision()`,
+    /// `token_generator()`, `llm()`) directly; the operations of `LlamaVid` itself do so already.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
+    /// The kernel each kind of product takes on this CPU, in words (benchmarks, logs).
+    pub fn product_paths(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let frame = 1 + self.vision.config().num_patches();
+        if let Some(qkv) = self.vision.first_qkv() {
+            out.push(format!(
+                "vision tower ({frame} rows per frame): {}",
+                qkv.path(frame)
+            ));
+        }
+        if let Some((q, lm_head)) = self.llm.sample_layers() {
+            // Any product of more rows than the few-row kernels take goes the same way.
+            out.push(format!("LLaMA prefill (many rows): {}", q.path(frame)));
+            out.push(format!("LLaMA decode (1 row): {}", q.path(1)));
+            out.push(format!("lm_head (1 row): {}", lm_head.path(1)));
+        }
+        out
+    }
+
+    /// The model's thread pool.
+    pub fn pool(&self) -> &ComputePool {
+        &self.pool
+    }
+
+    /// What runs the model, in words: device, precision, the CPU kernels chosen for this CPU,
+    /// threads (for the element's log).
+    pub fn compute(&self) -> &str {
+        &self.compute
     }
 
     pub fn files(&self) -> &ModelFiles {
@@ -458,27 +547,22 @@ impl LlamaVid {
     /// tokenized chunk by chunk around its image and embedded. The question is text: a
     /// `<image>` or a special token's text inside it is tokenized as the characters it is.
     pub fn prompt(&self, question: &str) -> Result<CaptionPrompt> {
-        // The reference truncates to 256 BERT tokens; a Q-Former with fewer positions (the
-        // fixtures') takes fewer.
-        let qformer_len = QFORMER_MAX_TOKENS.min(self.qformer_positions);
-        let qformer_ids = self
-            .qformer_tokenizer
-            .encode_literal_with_max_len(question, qformer_len)?;
-        let guidance = self.tokens.text_guidance(&qformer_ids)?;
-        let parts = PromptIds::for_question(&self.llm_tokenizer, question)?;
-        let input_ids = parts
-            .before
-            .iter()
-            .map(|&id| i64::from(id))
-            .chain([IMAGE_TOKEN_INDEX])
-            .chain(parts.after.iter().map(|&id| i64::from(id)))
-            .collect();
-        Ok(CaptionPrompt {
-            question: question.to_owned(),
-            guidance,
-            before: self.llm.embed(&parts.before)?,
-            after: self.llm.embed(&parts.after)?,
-            input_ids,
+        self.install(|| {
+            // The reference truncates to 256 BERT tokens; a Q-Former with fewer positions (the
+            // fixtures') takes fewer.
+            let qformer_len = QFORMER_MAX_TOKENS.min(self.qformer_positions);
+            let qformer_ids = self
+                .qformer_tokenizer
+                .encode_literal_with_max_len(question, qformer_len)?;
+            let parts = PromptIds::for_question(&self.llm_tokenizer, question)?;
+            let input_ids = parts
+                .before
+                .iter()
+                .map(|&id| i64::from(id))
+                .chain([IMAGE_TOKEN_INDEX])
+                .chain(parts.after.iter().map(|&id| i64::from(id)))
+                .collect();
+            self.prompt_from_ids(question, input_ids, &qformer_ids)
         })
     }
 
@@ -501,19 +585,26 @@ impl LlamaVid {
         input_ids: Vec<i64>,
         qformer_ids: &[u32],
     ) -> Result<CaptionPrompt> {
-        let guidance = self.tokens.text_guidance(qformer_ids)?;
-        let parts = split_at_image(&input_ids)?;
-        Ok(CaptionPrompt {
-            question: question.to_owned(),
-            guidance,
-            before: self.llm.embed(&parts.before)?,
-            after: self.llm.embed(&parts.after)?,
-            input_ids,
+        self.install(|| {
+            let guidance = self.tokens.text_guidance(qformer_ids)?;
+            let parts = split_at_image(&input_ids)?;
+            Ok(CaptionPrompt {
+                question: question.to_owned(),
+                qformer_ids: qformer_ids.to_vec(),
+                guidance,
+                before: self.llm.embed(&parts.before)?,
+                after: self.llm.embed(&parts.after)?,
+                input_ids,
+            })
         })
     }
 
     /// Frames to pixels (B, 3, S, S) on the compute device.
     pub fn preprocess(&self, frames: &[FrameView]) -> Result<Tensor> {
+        self.install(|| self.preprocess_in_pool(frames))
+    }
+
+    fn preprocess_in_pool(&self, frames: &[FrameView]) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(device) = &self.device {
             // Only the sampled frame's planes are uploaded; the one-pass kernel does the
@@ -552,7 +643,7 @@ impl LlamaVid {
             self.tokens
                 .forward_cancellable(&prompt.guidance, &features, cancel)
         };
-        run().map_err(cancelled_or)
+        self.install(run).map_err(cancelled_or)
     }
 
     /// Raw frames to frame tokens (B, tokens_per_frame, H).
@@ -572,14 +663,87 @@ impl LlamaVid {
         self.encode_pixels_cancellable(&self.preprocess(frames)?, prompt, cancel)
     }
 
+    /// Frames of several streams, each with its own prompt, encoded together: every frame is
+    /// checked and preprocessed on its own (a bad frame fails alone), the vision tower runs on
+    /// all good frames as one batch, and the prompt-dependent part (the Q-Former guided by the
+    /// question, the context token) runs once per group of frames whose prompts have the same
+    /// Q-Former ids. Returns one result per frame, in order: its tokens (tokens_per_frame, H),
+    /// as [`Self::encode_frames`] gives them one at a time. `cancel` (checked between layers)
+    /// fails the whole call with [`ModelError::Cancelled`].
+    pub fn encode_batch(
+        &self,
+        frames: &[FrameToEncode],
+        cancel: Cancel,
+    ) -> Result<Vec<Result<Tensor>>> {
+        self.install(|| {
+            cancel.check().map_err(cancelled_or)?;
+            // `None` for the good frames until their tokens are known.
+            let mut results: Vec<Option<Result<Tensor>>> = Vec::with_capacity(frames.len());
+            let mut good = Vec::new();
+            let mut pixels = Vec::new();
+            for (i, item) in frames.iter().enumerate() {
+                match self.preprocess_in_pool(std::slice::from_ref(&item.frame)) {
+                    Ok(p) => {
+                        good.push(i);
+                        pixels.push(p);
+                        results.push(None);
+                    }
+                    Err(e) => results.push(Some(Err(e))),
+                }
+            }
+            let run = || -> candle_core::Result<Vec<(usize, Tensor)>> {
+                let pixels = Tensor::cat(&pixels, 0)?.to_dtype(self.dtype)?;
+                let features = self.vision.forward_cancellable(&pixels, cancel)?;
+                // Groups of the good frames (by their index in `features`) sharing Q-Former ids.
+                let mut groups: Vec<(&CaptionPrompt, Vec<u32>)> = Vec::new();
+                for (row, &i) in good.iter().enumerate() {
+                    let prompt = frames[i].prompt;
+                    match groups
+                        .iter_mut()
+                        .find(|(p, _)| p.qformer_ids == prompt.qformer_ids)
+                    {
+                        Some((_, rows)) => rows.push(row as u32),
+                        None => groups.push((prompt, vec![row as u32])),
+                    }
+                }
+                let mut out = Vec::with_capacity(good.len());
+                for (prompt, rows) in groups {
+                    let group = match rows.len() == good.len() {
+                        true => features.clone(),
+                        false => features
+                            .index_select(&Tensor::new(rows.as_slice(), features.device())?, 0)?,
+                    };
+                    let tokens =
+                        self.tokens
+                            .forward_cancellable(&prompt.guidance, &group, cancel)?;
+                    for (j, &row) in rows.iter().enumerate() {
+                        out.push((good[row as usize], tokens.get(j)?));
+                    }
+                }
+                Ok(out)
+            };
+            if !good.is_empty() {
+                for (i, tokens) in run().map_err(cancelled_or)? {
+                    results[i] = Some(Ok(tokens));
+                }
+            }
+            Ok(results
+                .into_iter()
+                .map(|r| r.expect("every good frame has its tokens"))
+                .collect())
+        })
+    }
+
     /// The LLM input: prompt embeddings with the video tokens (N, H) spliced at `<image>`.
     pub fn input_embeddings(
         &self,
         prompt: &CaptionPrompt,
         video_tokens: &Tensor,
     ) -> Result<Tensor> {
-        let video = video_tokens.to_dtype(self.dtype)?.unsqueeze(0)?;
-        Ok(Tensor::cat(&[&prompt.before, &video, &prompt.after], 1)?)
+        self.install(|| {
+            let video = video_tokens.to_dtype(self.dtype)?.unsqueeze(0)?;
+            Ok(Tensor::cat(&[&prompt.before, &video, &prompt.after], 1)?)
+        })
     }
 
     /// Prefill on `embeddings` (1, S, H) then decode token by token with the KV cache until
@@ -610,61 +774,14 @@ impl LlamaVid {
         keep_step_logits: bool,
         cancel: Cancel,
     ) -> Result<Generation> {
-        if !self.llm.has_decoder() {
-            return Err(ModelError::InvalidInput(
-                "this model was loaded with the token embeddings only (its language model runs \
-                 on a server): it cannot generate locally"
-                    .into(),
-            ));
+        let mut sequence = self.start_sequence(embeddings, params)?;
+        if keep_step_logits {
+            sequence = sequence.keeping_step_logits();
         }
-        let prefill_len = embeddings.dim(1)?;
-        let room = self.llm.max_positions().saturating_sub(prefill_len);
-        let max_new = params.max_new_tokens.min(room + 1);
-        let mut cache = self.llm.new_cache(prefill_len + max_new);
-        let mut sampler = Sampler::new(params);
-        let eos = self.llm_tokenizer.eos_id();
-        let mut out = Generation {
-            token_ids: Vec::new(),
-            step_logits: Vec::new(),
-            stopped_at_eos: false,
-        };
-        if max_new == 0 {
-            return Ok(out);
+        while !sequence.is_finished() {
+            self.step(&mut [&mut sequence], cancel)?;
         }
-        let mut logits = self
-            .llm
-            .forward_cancellable(
-                embeddings,
-                &mut cache,
-                LogitsFor::LastPosition,
-                None,
-                cancel,
-            )
-            .map_err(cancelled_or)?;
-        loop {
-            if cancel.is_cancelled() {
-                return Err(ModelError::Cancelled);
-            }
-            let row = logits.flatten_all()?;
-            let token = sampler.next(&row.to_vec1::<f32>()?);
-            if keep_step_logits {
-                out.step_logits.push(row);
-            }
-            if token == eos {
-                out.stopped_at_eos = true;
-                break;
-            }
-            out.token_ids.push(token);
-            if out.token_ids.len() >= max_new {
-                break;
-            }
-            let next = self.llm.embed(&[token])?;
-            logits = self
-                .llm
-                .forward_cancellable(&next, &mut cache, LogitsFor::LastPosition, None, cancel)
-                .map_err(cancelled_or)?;
-        }
-        Ok(out)
+        Ok(sequence.into_generation())
     }
 
     /// Captions a window of frame tokens (N, H), laid out frame by frame.
@@ -691,7 +808,7 @@ impl LlamaVid {
 }
 
 /// `Cancelled` when `error` is what [`Cancel::check`] returns, the error itself otherwise.
-fn cancelled_or(error: candle_core::Error) -> ModelError {
+pub(super) fn cancelled_or(error: candle_core::Error) -> ModelError {
     if matches!(&error, candle_core::Error::Msg(m) if m == CANCELLED) {
         ModelError::Cancelled
     } else {

@@ -12,9 +12,12 @@ pub mod config;
 pub mod error;
 pub mod eva;
 pub mod files;
+pub mod generation;
 pub mod gguf;
 pub mod llama;
 pub mod nn;
+pub mod options;
+pub mod pool;
 pub mod preprocess;
 pub mod prompt;
 pub mod qformer;
@@ -29,8 +32,9 @@ mod llamavid;
 pub use cancel::Cancel;
 pub use checkpoint::WeightFormat;
 pub use error::{ModelError, Result};
-pub use llamavid::{
-    Caption, CaptionPrompt, Generation, LanguageModelWeights, LlamaVid, LoadOptions,
-};
+pub use generation::{CaptionSequence, FinishReason};
+pub use llamavid::{Caption, CaptionPrompt, FrameToEncode, Generation, LlamaVid};
+pub use llamavid_kernels::cpu::IsaLimit;
 pub use nn::Precision;
+pub use options::{CpuLayers, LanguageModelWeights, LoadOptions};
 pub use sampling::GenerationParams;

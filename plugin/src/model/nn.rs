@@ -1,13 +1,14 @@
-//! The layers every module builds from. `Linear` is ours rather than candle's so that the
-//! matrix products, where nearly all the time goes, have one place to choose how they run:
-//! candle's gemm in f32 (the exact mode, and the only one on GPUs), or the reduced-precision
-//! CPU kernels of [`llamavid_kernels::cpu`] (bf16 or int8 weights, see [`Precision`]).
+//! The layers every module builds from, and how a load decides what they become. `Linear` is
+//! ours rather than candle's so that the matrix products, where nearly all the time goes, have
+//! one place to choose how they run: candle's ops (the GPU's path, and the CPU's when asked
+//! for), or the CPU kernels of [`llamavid_kernels::cpu`] in f32, bf16 or int8 (see
+//! [`Precision`]), or on a GGUF file's block-quantized weights ([`LoadContext::gguf_linear`]).
 //!
-//! The precision is chosen when the model loads: `LlamaVid::load` opens a [`PrecisionScope`]
-//! around the construction of its modules, and every `Linear` built inside it converts its
-//! weights once, dropping the f32 copy, so peak memory stays at the reduced size.
+//! Modules receive a [`LoadContext`] beside their `VarBuilder` (as candle-transformers modules
+//! receive their config): it says, explicitly, which kernels and precision every `Linear` built
+//! from it uses. Reduced-precision layers convert their weights once and drop the f32 copy, so
+//! peak memory stays at the reduced size.
 
-use std::cell::Cell;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -15,8 +16,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
-
-use llamavid_kernels::cpu::{self, CpuFeatures, CpuLinear};
+use llamavid_kernels::cpu::vit::VitProfile;
+use llamavid_kernels::cpu::{self, CpuKernels, CpuLinear, WeightType};
 
 /// Arithmetic of the linear layers (everything else stays f32).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -44,47 +45,67 @@ impl Precision {
         }
     }
 
-    /// The concrete precision to run on `device`, and a sentence when the request could not
-    /// be honoured as asked (to show the user).
-    pub fn resolve(self, device: &Device) -> (Precision, Option<String>) {
-        let cpu = CpuFeatures::get();
-        let kernels = cpu.avx512f && cpu.avx512bw && cpu.avx512_bf16 && cpu.avx512_vnni;
-        let fast = cpu.reduced_precision() && cpu::HAS_MKL;
-        match self {
-            Self::F32 => (Self::F32, None),
-            _ if !device.is_cpu() => (
-                Self::F32,
-                (self != Self::Auto).then(|| {
-                    format!(
-                        "precision {self} applies to CPU inference only; the model runs in f32 \
-                         on {device:?}"
-                    )
-                }),
+    /// The concrete precision to run on `device` with the CPU kernels `cpu` (`None`: candle's
+    /// ops run the layers), and a sentence when the request could not be honoured as asked or
+    /// will be slow (to show the user).
+    pub fn resolve(self, device: &Device, cpu: Option<CpuKernels>) -> (Precision, Option<String>) {
+        let requested = self;
+        let unavailable = |why: String| {
+            let note = (requested != Self::Auto).then(|| format!("precision {requested} {why}"));
+            (Self::F32, note)
+        };
+        match (self, cpu) {
+            (Self::F32, _) => (Self::F32, None),
+            _ if !device.is_cpu() => unavailable(format!(
+                "applies to CPU inference only; the model runs in f32 on {device:?}"
+            )),
+            (_, None) => unavailable(
+                "needs the fused CPU kernels (the candle layers were asked for); running in f32"
+                    .into(),
             ),
-            Self::Auto if fast => (Self::Bf16, None),
-            Self::Auto => (Self::F32, None),
-            Self::Bf16 | Self::Int8 if fast => (self, None),
-            Self::Bf16 | Self::Int8 if kernels => (
-                self,
-                Some(format!(
-                    "precision {self}: {}; large products run on the portable AVX-512 kernels \
-                     and are slower than f32",
-                    if cpu::HAS_MKL {
-                        "this CPU has no usable AMX tiles"
-                    } else {
-                        "this build lacks the `mkl` feature"
-                    }
-                )),
-            ),
-            Self::Bf16 | Self::Int8 => (
-                Self::F32,
-                Some(format!(
-                    "precision {self} needs a CPU with AVX-512 BF16 and VNNI (AMX for speed); \
-                     running in f32"
-                )),
-            ),
+            (Self::Auto, Some(k)) if fast_reduced_precision(k) => (Self::Bf16, None),
+            (Self::Auto, Some(_)) => (Self::F32, None),
+            (_, Some(k)) if fast_reduced_precision(k) => (self, None),
+            (_, Some(k)) => {
+                let isa = k.isa();
+                let small = match self {
+                    Self::Bf16 if isa.avx512_bf16() => "AVX-512 BF16",
+                    Self::Int8 if isa.avx512_vnni() => "AVX-512 VNNI",
+                    _ => "portable",
+                };
+                let large = if k.mkl_reduced_precision() {
+                    "MKL's GEMMs without AMX"
+                } else if cpu::HAS_MKL {
+                    "the few-row kernels (AMX is excluded for this model)"
+                } else {
+                    "the few-row kernels (this build lacks the `mkl` feature)"
+                };
+                (
+                    self,
+                    Some(format!(
+                        "precision {self}: decoding runs on the {small} kernels and large \
+                         products on {large}; expect it to be slower than f32 on this CPU \
+                         ({})",
+                        cpu::CpuFeatures::detect().describe()
+                    )),
+                )
+            }
         }
     }
+
+    /// The weights' type a resolved precision puts in the CPU layers.
+    fn weight_type(self) -> WeightType {
+        match self {
+            Self::Bf16 => WeightType::Bf16,
+            Self::Int8 => WeightType::Int8,
+            Self::F32 | Self::Auto => WeightType::F32,
+        }
+    }
+}
+
+/// Whether bf16 and int8 run well: AMX through MKL for the large products.
+fn fast_reduced_precision(kernels: CpuKernels) -> bool {
+    cpu::HAS_MKL && kernels.isa().amx()
 }
 
 impl fmt::Display for Precision {
@@ -109,81 +130,156 @@ impl FromStr for Precision {
     }
 }
 
-thread_local! {
-    static LOAD_PRECISION: Cell<Precision> = const { Cell::new(Precision::F32) };
+/// What the linear layers of the modules being built become: passed to every constructor.
+#[derive(Clone, Debug, Default)]
+pub struct LoadContext {
+    /// A resolved precision (F32, Bf16 or Int8) for the CPU layers.
+    precision: Precision,
+    /// The CPU kernels; `None`: candle's ops (GPU models, or the candle path asked for).
+    cpu: Option<CpuKernels>,
+    /// Keep f32 weights only in MKL's packed layout, tuned for products of about this many
+    /// rows (feature `mkl`; no effect without it).
+    pack_rows: Option<usize>,
+    /// Where the fused vision blocks add their stage times, when profiling.
+    vit_profile: Option<Arc<VitProfile>>,
 }
 
-/// While alive, `Linear` layers built on this thread use `precision` (a resolved one: F32,
-/// Bf16 or Int8). Restores the previous setting when dropped.
-pub struct PrecisionScope {
-    previous: Precision,
-}
+impl LoadContext {
+    /// Layers on candle's own ops (f32 weights as loaded).
+    pub fn candle() -> Self {
+        Self::default()
+    }
 
-impl PrecisionScope {
-    pub fn enter(precision: Precision) -> Self {
-        cpu::tune_allocator();
-        let precision = if precision == Precision::Auto {
-            Precision::F32
-        } else {
-            precision
+    /// Layers on the CPU kernels `kernels` in `precision` (resolved: not `Auto`).
+    pub fn cpu(precision: Precision, kernels: CpuKernels) -> Self {
+        Self {
+            precision: if precision == Precision::Auto {
+                Precision::F32
+            } else {
+                precision
+            },
+            cpu: Some(kernels),
+            ..Self::default()
+        }
+    }
+
+    /// The same, timing the fused vision blocks per stage into `profile`.
+    pub fn with_vit_profile(self, profile: Arc<VitProfile>) -> Self {
+        Self {
+            vit_profile: Some(profile),
+            ..self
+        }
+    }
+
+    /// For layers only ever applied to about `rows` rows at once, such as the vision tower's
+    /// (257 per frame): their f32 weights can live in MKL's packed layout (a one-frame encode
+    /// then no longer re-packs 4 GB of weights).
+    pub fn packed_for(&self, rows: usize) -> Self {
+        Self {
+            pack_rows: Some(rows),
+            ..self.clone()
+        }
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    pub fn cpu_kernels(&self) -> Option<CpuKernels> {
+        self.cpu
+    }
+
+    pub fn vit_profile(&self) -> Option<&Arc<VitProfile>> {
+        self.vit_profile.as_ref()
+    }
+
+    /// `y = x · Wᵀ + b` from a weight (out, in) and bias: on the CPU kernels when this context
+    /// has them and the weights are f32 CPU tensors, else on candle.
+    pub fn linear(&self, weight: Tensor, bias: Option<Tensor>) -> Linear {
+        match self.cpu_linear(&weight, bias.as_ref()) {
+            Some(kernel) => Linear {
+                backend: Backend::Cpu(Arc::new(kernel)),
+            },
+            None => Linear {
+                backend: Backend::Candle(candle_nn::Linear::new(weight, bias)),
+            },
+        }
+    }
+
+    /// A layer on weights (out, in) as a GGUF file stores them. Block-quantized ones stay as
+    /// they are: on the CPU kernels of this context, computing as ggml does (see
+    /// `llamavid_kernels::cpu::quant`), else (GPU, candle layers, and the types our kernels
+    /// lack: Q2_K, Q3_K) in candle's quantized products. F32/F16/BF16 ones become f32 weights
+    /// built as [`LoadContext::linear`] builds them (the context's precision applies).
+    pub fn gguf_linear(&self, weight: Arc<QTensor>) -> Result<Linear> {
+        use cpu::quant::BlockType;
+        let block = match weight.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                let dense = weight.dequantize(&weight.device())?;
+                return Ok(self.linear(dense, None));
+            }
+            GgmlDType::Q4_0 => Some(BlockType::Q4_0),
+            GgmlDType::Q4_1 => Some(BlockType::Q4_1),
+            GgmlDType::Q5_0 => Some(BlockType::Q5_0),
+            GgmlDType::Q5_1 => Some(BlockType::Q5_1),
+            GgmlDType::Q8_0 => Some(BlockType::Q8_0),
+            GgmlDType::Q4K => Some(BlockType::Q4K),
+            GgmlDType::Q5K => Some(BlockType::Q5K),
+            GgmlDType::Q6K => Some(BlockType::Q6K),
+            _ => None,
         };
-        let previous = LOAD_PRECISION.with(|p| p.replace(precision));
-        Self { previous }
+        if let (Some(block), Some(kernels), true) = (block, self.cpu, weight.device().is_cpu()) {
+            let (n, k) = weight.shape().dims2()?;
+            let data = weight.data()?.into_owned();
+            let kernel = CpuLinear::ggml(block, n, k, data, None, kernels)
+                .map_err(candle_core::Error::Msg)?;
+            return Ok(Linear {
+                backend: Backend::Cpu(Arc::new(kernel)),
+            });
+        }
+        Ok(Linear {
+            backend: Backend::Quantized(QMatMul::from_arc(weight)?),
+        })
     }
-}
 
-impl Drop for PrecisionScope {
-    fn drop(&mut self) {
-        LOAD_PRECISION.with(|p| p.set(self.previous));
+    /// The weights in the layout of a CPU kernel; `None` when none applies (no CPU kernels in
+    /// this context, GPU tensors, non-f32 weights).
+    fn cpu_linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Option<CpuLinear> {
+        let kernels = self.cpu?;
+        let applies = weight.device().is_cpu()
+            && weight.dtype() == DType::F32
+            && weight.rank() == 2
+            && bias.is_none_or(|b| b.dtype() == DType::F32 && b.rank() == 1);
+        if !applies {
+            return None;
+        }
+        let (n, k) = weight.dims2().ok()?;
+        let b = match bias.map(|b| b.to_vec1::<f32>()) {
+            None => None,
+            Some(Ok(b)) if b.len() == n => Some(b),
+            Some(_) => return None,
+        };
+        match self.precision.weight_type() {
+            // The checkpoint's tensor itself.
+            WeightType::F32 => CpuLinear::f32(weight.clone(), b, kernels, self.pack_rows).ok(),
+            reduced => {
+                let w = weight.flatten_all().and_then(|w| w.to_vec1::<f32>()).ok()?;
+                Some(CpuLinear::from_f32(reduced, &w, n, k, b, kernels))
+            }
+        }
     }
-}
-
-/// The precision `Linear::new` applies on this thread right now.
-pub fn load_precision() -> Precision {
-    LOAD_PRECISION.with(Cell::get)
-}
-
-thread_local! {
-    static LOAD_PACK_ROWS: Cell<Option<usize>> = const { Cell::new(None) };
-}
-
-/// While alive, f32 `Linear` layers built on this thread keep their weights only in MKL's
-/// packed layout, tuned for products of about `rows` rows (feature `mkl`; no effect without
-/// it). For layers that only ever see many rows at once, such as the vision tower's (257 per
-/// frame): a one-frame encode no longer re-packs 4 GB of weights.
-pub struct PackScope {
-    previous: Option<usize>,
-}
-
-impl PackScope {
-    pub fn enter(rows: usize) -> Self {
-        let previous = LOAD_PACK_ROWS.with(|p| p.replace(Some(rows)));
-        Self { previous }
-    }
-}
-
-impl Drop for PackScope {
-    fn drop(&mut self) {
-        LOAD_PACK_ROWS.with(|p| p.set(self.previous));
-    }
-}
-
-fn load_pack_rows() -> Option<usize> {
-    LOAD_PACK_ROWS.with(Cell::get)
 }
 
 #[derive(Clone)]
 enum Backend {
     Candle(candle_nn::Linear),
-    /// Block-quantized weights as a GGUF file stores them (Q4_K, Q8_0, ...), used as they are.
+    /// A GGUF file's weights in candle's quantized products (GPU, or the candle layers).
     Quantized(QMatMul),
-    Cpu {
-        kernel: Arc<CpuLinear>,
-        device: Device,
-    },
+    Cpu(Arc<CpuLinear>),
 }
 
-/// `y = x · Wᵀ + b` with W stored (out, in) as in PyTorch checkpoints.
+/// `y = x · Wᵀ + b` with W stored (out, in) as in PyTorch checkpoints. Built by
+/// [`LoadContext::linear`].
 #[derive(Clone)]
 pub struct Linear {
     backend: Backend,
@@ -201,7 +297,7 @@ impl fmt::Debug for Linear {
                 .debug_struct("Linear")
                 .field("precision", &"gguf")
                 .finish(),
-            Backend::Cpu { kernel, .. } => f
+            Backend::Cpu(kernel) => f
                 .debug_struct("Linear")
                 .field("out", &kernel.out_features())
                 .field("in", &kernel.in_features())
@@ -212,155 +308,41 @@ impl fmt::Debug for Linear {
 }
 
 impl Linear {
-    /// Builds the layer in the precision of the current [`PrecisionScope`] (f32 outside one).
-    /// Reduced precision applies to f32 weights on the CPU; anything else stays in candle.
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self::with_precision(weight, bias, load_precision())
-            .unwrap_or_else(|(weight, bias)| Self::candle(weight, bias))
-    }
-
-    /// A layer on weights (out, in) as a GGUF file stores them. Block-quantized ones stay
-    /// quantized: on the CPU in our kernels, which compute as ggml does (see
-    /// `llamavid_kernels::cpu::quant`), elsewhere (and for Q2_K/Q3_K) in candle's quantized
-    /// products; f32/f16/bf16 ones become f32 weights, built as [`Linear::new`] builds them.
-    pub fn quantized(weight: Arc<QTensor>) -> Result<Self> {
-        use cpu::quant::{BlockType, QuantLinear};
-        let block = match weight.dtype() {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                return Ok(Self::new(weight.dequantize(&weight.device())?, None));
-            }
-            GgmlDType::Q4_0 => Some(BlockType::Q4_0),
-            GgmlDType::Q4_1 => Some(BlockType::Q4_1),
-            GgmlDType::Q5_0 => Some(BlockType::Q5_0),
-            GgmlDType::Q5_1 => Some(BlockType::Q5_1),
-            GgmlDType::Q8_0 => Some(BlockType::Q8_0),
-            GgmlDType::Q4K => Some(BlockType::Q4K),
-            GgmlDType::Q5K => Some(BlockType::Q5K),
-            GgmlDType::Q6K => Some(BlockType::Q6K),
-            _ => None,
-        };
-        let device = weight.device();
-        if let (Some(block), true) = (block, device.is_cpu() && !cpu::candle_only()) {
-            let (n, k) = weight.shape().dims2()?;
-            let kernel = QuantLinear::new(block, n, k, weight.data()?.into_owned())
-                .map_err(candle_core::Error::Msg)?;
-            return Ok(Self {
-                backend: Backend::Cpu {
-                    kernel: Arc::new(CpuLinear::Quant(kernel)),
-                    device,
-                },
-            });
-        }
-        Ok(Self {
-            backend: Backend::Quantized(QMatMul::from_arc(weight)?),
-        })
-    }
-
-    fn candle(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self {
-            backend: Backend::Candle(candle_nn::Linear::new(weight, bias)),
-        }
-    }
-
-    /// Puts the weights in the layout of a CPU kernel; gives them back when none applies
-    /// (GPU tensors, non-f32 weights, `LLAMAVID_LINEAR=candle`).
-    #[allow(clippy::result_large_err)]
-    fn with_precision(
-        weight: Tensor,
-        bias: Option<Tensor>,
-        precision: Precision,
-    ) -> std::result::Result<Self, (Tensor, Option<Tensor>)> {
-        let applies = !cpu::candle_only()
-            && weight.device().is_cpu()
-            && weight.dtype() == DType::F32
-            && weight.rank() == 2
-            && bias
-                .as_ref()
-                .is_none_or(|b| b.dtype() == DType::F32 && b.rank() == 1);
-        if !applies {
-            return Err((weight, bias));
-        }
-        let (n, k) = weight.dims2().expect("rank 2");
-        let b = match bias.as_ref().map(|b| b.to_vec1::<f32>()) {
-            None => None,
-            Some(Ok(b)) if b.len() == n => Some(b),
-            Some(_) => return Err((weight, bias)),
-        };
-        let device = weight.device().clone();
-        let kernel = match precision {
-            Precision::Bf16 | Precision::Int8 => {
-                let w = match weight.flatten_all().and_then(|w| w.to_vec1::<f32>()) {
-                    Ok(w) => w,
-                    Err(_) => return Err((weight, bias)),
-                };
-                // The f32 tensor goes now: only the converted copy stays.
-                drop(weight);
-                drop(bias);
-                if precision == Precision::Bf16 {
-                    CpuLinear::Bf16(cpu::Bf16Linear::new(&w, n, k, b))
-                } else {
-                    CpuLinear::Int8(cpu::Int8Linear::new(&w, n, k, b))
-                }
-            }
-            _ => match cpu::F32Linear::new(weight.clone(), b, load_pack_rows()) {
-                Ok(l) => CpuLinear::F32(l),
-                Err(_) => return Err((weight, bias)),
-            },
-        };
-        Ok(Self {
-            backend: Backend::Cpu {
-                kernel: Arc::new(kernel),
-                device,
-            },
-        })
-    }
-
     /// The CPU kernel of this layer, when it has one.
     pub fn cpu_kernel(&self) -> Option<&CpuLinear> {
         match &self.backend {
-            Backend::Cpu { kernel, .. } => Some(kernel),
+            Backend::Cpu(kernel) => Some(kernel),
             Backend::Candle(_) | Backend::Quantized(_) => None,
         }
     }
 
-    /// The f32 weight (out, in); `None` when the layer holds reduced-precision weights only.
-    pub fn weight(&self) -> Option<&Tensor> {
+    /// The kernel a product of `rows` rows runs on, in words.
+    pub fn path(&self, rows: usize) -> String {
         match &self.backend {
-            Backend::Candle(l) => Some(l.weight()),
-            Backend::Quantized(_) => None,
-            Backend::Cpu { kernel, .. } => match &**kernel {
-                CpuLinear::F32(l) => l.weight(),
-                _ => None,
-            },
+            Backend::Cpu(kernel) => kernel.path(rows).describe(),
+            Backend::Candle(_) => "candle".into(),
+            Backend::Quantized(_) => "candle QMatMul".into(),
         }
     }
 
-    /// The f32 bias; `None` without one or in reduced precision.
-    pub fn bias(&self) -> Option<&Tensor> {
-        match &self.backend {
-            Backend::Candle(l) => l.bias(),
-            Backend::Cpu { .. } | Backend::Quantized(_) => None,
-        }
-    }
-
-    /// The arithmetic this layer runs (f32 for GGUF block-quantized weights: see
-    /// [`Linear::is_block_quantized`]).
+    /// The arithmetic this layer runs; f32 for a GGUF file's block-quantized weights (the
+    /// precision setting does not apply to them: see [`Linear::is_block_quantized`]).
     pub fn precision(&self) -> Precision {
         match &self.backend {
             Backend::Candle(_) | Backend::Quantized(_) => Precision::F32,
-            Backend::Cpu { kernel, .. } => match **kernel {
-                CpuLinear::Bf16(_) => Precision::Bf16,
-                CpuLinear::Int8(_) => Precision::Int8,
-                CpuLinear::F32(_) | CpuLinear::Quant(_) => Precision::F32,
+            Backend::Cpu(kernel) => match kernel.weight_type() {
+                WeightType::Bf16 => Precision::Bf16,
+                WeightType::Int8 => Precision::Int8,
+                WeightType::F32 | WeightType::Ggml(_) => Precision::F32,
             },
         }
     }
 
-    /// Whether the weights are GGUF block-quantized ones.
+    /// Whether the weights are a GGUF file's block-quantized ones.
     pub fn is_block_quantized(&self) -> bool {
         match &self.backend {
             Backend::Quantized(QMatMul::QTensor(_)) => true,
-            Backend::Cpu { kernel, .. } => matches!(**kernel, CpuLinear::Quant(_)),
+            Backend::Cpu(kernel) => matches!(kernel.weight_type(), WeightType::Ggml(_)),
             _ => false,
         }
     }
@@ -368,17 +350,18 @@ impl Linear {
     /// Bytes held by the weights.
     pub fn weight_bytes(&self) -> usize {
         match &self.backend {
+            Backend::Candle(l) => l.weight().elem_count() * l.weight().dtype().size_in_bytes(),
             Backend::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
             Backend::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
                 w.elem_count() * w.dtype().size_in_bytes()
             }
-            Backend::Candle(l) => l.weight().elem_count() * l.weight().dtype().size_in_bytes(),
-            Backend::Cpu { kernel, .. } => kernel.weight_bytes(),
+            Backend::Cpu(kernel) => kernel.weight_bytes(),
         }
     }
 }
 
-fn cpu_forward(kernel: &CpuLinear, device: &Device, x: &Tensor) -> Result<Tensor> {
+fn cpu_forward(kernel: &CpuLinear, x: &Tensor) -> Result<Tensor> {
+    let device = &Device::Cpu;
     let k = kernel.in_features();
     let dims = x.dims().to_vec();
     if dims.last() != Some(&k) {
@@ -408,22 +391,27 @@ impl Module for Linear {
         match &self.backend {
             Backend::Candle(l) => l.forward(x),
             Backend::Quantized(q) => q.forward(x),
-            Backend::Cpu { kernel, device } => cpu_forward(kernel, device, x),
+            Backend::Cpu(kernel) => cpu_forward(kernel, x),
         }
     }
 }
 
 /// A linear layer with a bias, from `{weight, bias}` under `vb`.
-pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder, ctx: &LoadContext) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = vb.get(out_dim, "bias")?;
-    Ok(Linear::new(weight, Some(bias)))
+    Ok(ctx.linear(weight, Some(bias)))
 }
 
 /// A linear layer without a bias, from `weight` under `vb`.
-pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+pub fn linear_no_bias(
+    in_dim: usize,
+    out_dim: usize,
+    vb: VarBuilder,
+    ctx: &LoadContext,
+) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
-    Ok(Linear::new(weight, None))
+    Ok(ctx.linear(weight, None))
 }
 
 /// The f32 data of a CPU tensor, as a vector (copied once).
@@ -448,6 +436,7 @@ pub fn fused_vit_block(
     norm2: &candle_nn::LayerNorm,
     fc1: &Linear,
     fc2: &Linear,
+    profile: Option<&VitProfile>,
 ) -> Result<Option<Tensor>> {
     let (Some(qkv_k), Some(proj_k), Some(fc1_k), Some(fc2_k)) = (
         qkv.cpu_kernel(),
@@ -484,6 +473,7 @@ pub fn fused_vit_block(
         fc2: fc2_k,
         num_heads,
         scale: scale as f32,
+        profile,
     };
     let mut data = cpu_f32(x)?;
     block.forward(&mut data, batch, tokens);
@@ -513,16 +503,26 @@ fn cache_view<'a>(
     })
 }
 
+/// One sequence's rows in a (ragged) batch of rows: the next `rows` rows, at positions
+/// `start..start + rows` of that sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SequenceSpan {
+    pub rows: usize,
+    pub start: usize,
+}
+
 /// Runs one LLaMA decoder layer on the CPU kernels, fused: `x + o(attn(rope(q, k), v))` over
-/// `rmsnorm(x)`, then `x + down(silu(gate(h)) · up(h))` over `rmsnorm(x)`, appending this
-/// step's keys and values to `cache` (dimension 2, like `llama.rs`). `cos`/`sin` are the RoPE
-/// tables (positions, head_dim/2); `x` (1, S, H) sits at positions `start..start + S`.
-/// Returns `None` (the caller then runs its candle ops) unless everything is f32 on the CPU
-/// and every linear layer has a CPU kernel.
+/// `rmsnorm(x)`, then `x + down(silu(gate(h)) · up(h))` over `rmsnorm(x)`. `x` (1, R, H) holds
+/// the rows of the sequences of `spans`, in order; every product runs on all R rows, attention
+/// per sequence. `write_cache(i, k, v)` stores sequence `i`'s keys and values
+/// (1, kv_heads, rows, head_dim) in its cache and returns the cache's views
+/// (1, kv_heads, start + rows, head_dim). `cos`/`sin` are the RoPE tables
+/// (positions, head_dim/2). Returns `None` (the caller then runs its candle ops) unless
+/// everything is f32 on the CPU and every linear layer has a CPU kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn fused_llama_layer(
     x: &Tensor,
-    start: usize,
+    spans: &[SequenceSpan],
     cos: &Tensor,
     sin: &Tensor,
     input_norm: &candle_nn::RmsNorm,
@@ -537,7 +537,7 @@ pub fn fused_llama_layer(
     gate: &Linear,
     up: &Linear,
     down: &Linear,
-    cache: &mut candle_nn::kv_cache::KvCache,
+    mut write_cache: impl FnMut(usize, &Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
 ) -> Result<Option<Tensor>> {
     let kernels = [q, k, v, o, gate, up, down].map(Linear::cpu_kernel);
     let [Some(qk), Some(kk), Some(vk), Some(ok), Some(gk), Some(uk), Some(dk)] = kernels else {
@@ -549,13 +549,15 @@ pub fn fused_llama_layer(
         || sin.dtype() != DType::F32
         || x.rank() != 3
         || x.dim(0)? != 1
-        || cache.k_cache().dim() != 2
         || num_kv_heads == 0
         || !num_heads.is_multiple_of(num_kv_heads)
     {
         return Ok(None);
     }
     let (_, len, hidden) = x.dims3()?;
+    if spans.iter().map(|s| s.rows).sum::<usize>() != len {
+        candle_core::bail!("the sequences' rows do not add up to the batch's {len}");
+    }
     let (in_w, post_w) = (cpu_f32(input_norm.weight())?, cpu_f32(post_norm.weight())?);
     let layer = cpu::llama::LlamaLayer {
         input_norm: &in_w,
@@ -572,6 +574,11 @@ pub fn fused_llama_layer(
         num_kv_heads,
         head_dim,
     };
+    let positions: Vec<usize> = spans
+        .iter()
+        .flat_map(|s| s.start..s.start + s.rows)
+        .collect();
+    let end = spans.iter().map(|s| s.start + s.rows).max().unwrap_or(0);
     let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
     let mut data = cpu_f32(x)?;
     let (q, k, v) = {
@@ -582,39 +589,63 @@ pub fn fused_llama_layer(
         };
         let cos = &cs.as_slice::<f32>()?[cl.start_offset()..];
         let sin = &ss.as_slice::<f32>()?[sl.start_offset()..];
-        if cos.len() < (start + len) * head_dim / 2 || sin.len() < (start + len) * head_dim / 2 {
-            candle_core::bail!("positions {} exceed the rotary tables", start + len);
+        if cos.len() < end * head_dim / 2 || sin.len() < end * head_dim / 2 {
+            candle_core::bail!("positions {end} exceed the rotary tables");
         }
-        layer.qkv(&data, len, start, cos, sin)
+        layer.qkv(&data, &positions, cos, sin)
     };
-    // (S, kv_heads, d) rows to the cache's (1, kv_heads, S, d).
-    let to_heads = |t: Vec<f32>| -> Result<Tensor> {
-        Tensor::from_vec(t, (len, num_kv_heads, head_dim), x.device())?
+    // Each sequence's (rows, kv_heads, d) rows to its cache's (1, kv_heads, rows, d).
+    let kv_width = num_kv_heads * head_dim;
+    let to_heads = |t: &[f32], rows: usize| -> Result<Tensor> {
+        Tensor::from_slice(t, (rows, num_kv_heads, head_dim), x.device())?
             .transpose(0, 1)?
             .contiguous()?
             .unsqueeze(0)
     };
-    let (keys, values) = cache.append(&to_heads(k)?, &to_heads(v)?)?;
+    let mut views = Vec::with_capacity(spans.len());
+    let mut first = 0;
+    for (i, span) in spans.iter().enumerate() {
+        let rows = first * kv_width..(first + span.rows) * kv_width;
+        let (keys, values) = write_cache(
+            i,
+            &to_heads(&k[rows.clone()], span.rows)?,
+            &to_heads(&v[rows], span.rows)?,
+        )?;
+        views.push((keys, values));
+        first += span.rows;
+    }
+    drop((k, v));
     {
-        let (ks, kl) = keys.storage_and_layout();
-        let (vs, vl) = values.storage_and_layout();
-        let (Storage::Cpu(ks), Storage::Cpu(vs)) = (&*ks, &*vs) else {
-            candle_core::bail!("the KV cache is not on the CPU");
-        };
-        let (Some(kview), Some(vview)) = (
-            cache_view(ks.as_slice::<f32>()?, kl),
-            cache_view(vs.as_slice::<f32>()?, vl),
-        ) else {
-            candle_core::bail!("unexpected KV cache layout {:?}", kl);
-        };
-        if kview.len != start + len {
-            candle_core::bail!(
-                "KV cache holds {} positions, expected {}",
-                kview.len,
-                start + len
-            );
+        let guards: Vec<_> = views
+            .iter()
+            .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()))
+            .collect();
+        let mut sequences = Vec::with_capacity(spans.len());
+        for (span, ((ks, kl), (vs, vl))) in spans.iter().zip(&guards) {
+            let (Storage::Cpu(ks), Storage::Cpu(vs)) = (&**ks, &**vs) else {
+                candle_core::bail!("the KV cache is not on the CPU");
+            };
+            let (Some(keys), Some(values)) = (
+                cache_view(ks.as_slice::<f32>()?, kl),
+                cache_view(vs.as_slice::<f32>()?, vl),
+            ) else {
+                candle_core::bail!("unexpected KV cache layout {:?}", kl);
+            };
+            if keys.len != span.start + span.rows || values.len != keys.len {
+                candle_core::bail!(
+                    "KV cache holds {} positions, expected {}",
+                    keys.len,
+                    span.start + span.rows
+                );
+            }
+            sequences.push(cpu::llama::SequenceRows {
+                rows: span.rows,
+                start: span.start,
+                keys,
+                values,
+            });
         }
-        layer.finish(&mut data, len, start, &q, &kview, &vview);
+        layer.finish(&mut data, &q, &sequences);
     }
     Ok(Some(Tensor::from_vec(data, (1, len, hidden), x.device())?))
 }

@@ -6,7 +6,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 
 use super::cancel::Cancel;
-use super::nn::{linear, Linear};
+use super::nn::{linear, Linear, LoadContext};
 
 use super::config::BertConfig;
 
@@ -33,11 +33,17 @@ struct BertAttention {
 }
 
 impl BertAttention {
-    fn new(hidden: usize, kv_width: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        hidden: usize,
+        kv_width: usize,
+        num_heads: usize,
+        vb: VarBuilder,
+        ctx: &LoadContext,
+    ) -> Result<Self> {
         Ok(Self {
-            query: linear(hidden, hidden, vb.pp("query"))?,
-            key: linear(kv_width, hidden, vb.pp("key"))?,
-            value: linear(kv_width, hidden, vb.pp("value"))?,
+            query: linear(hidden, hidden, vb.pp("query"), ctx)?,
+            key: linear(kv_width, hidden, vb.pp("key"), ctx)?,
+            value: linear(kv_width, hidden, vb.pp("value"), ctx)?,
             num_heads,
         })
     }
@@ -72,9 +78,15 @@ struct AddNorm {
 }
 
 impl AddNorm {
-    fn new(in_dim: usize, out_dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        in_dim: usize,
+        out_dim: usize,
+        eps: f64,
+        vb: VarBuilder,
+        ctx: &LoadContext,
+    ) -> Result<Self> {
         Ok(Self {
-            dense: linear(in_dim, out_dim, vb.pp("dense"))?,
+            dense: linear(in_dim, out_dim, vb.pp("dense"), ctx)?,
             norm: layer_norm(out_dim, eps, vb.pp("LayerNorm"))?,
         })
     }
@@ -91,11 +103,17 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(cfg: &BertConfig, vb: VarBuilder, intermediate: &str, output: &str) -> Result<Self> {
+    fn new(
+        cfg: &BertConfig,
+        vb: VarBuilder,
+        ctx: &LoadContext,
+        intermediate: &str,
+        output: &str,
+    ) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            intermediate: linear(h, i, vb.pp(intermediate).pp("dense"))?,
-            output: AddNorm::new(i, h, cfg.layer_norm_eps, vb.pp(output))?,
+            intermediate: linear(h, i, vb.pp(intermediate).pp("dense"), ctx)?,
+            output: AddNorm::new(i, h, cfg.layer_norm_eps, vb.pp(output), ctx)?,
         })
     }
 
@@ -116,24 +134,24 @@ struct QFormerLayer {
 }
 
 impl QFormerLayer {
-    fn new(cfg: &QFormerConfig, index: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &QFormerConfig, index: usize, vb: VarBuilder, ctx: &LoadContext) -> Result<Self> {
         let b = &cfg.bert;
         let (h, heads, eps) = (b.hidden_size, b.num_attention_heads, b.layer_norm_eps);
         let cross_attention = if index.is_multiple_of(CROSS_ATTENTION_FREQ) {
             let vb = vb.pp("crossattention");
             Some((
-                BertAttention::new(h, cfg.encoder_width, heads, vb.pp("self"))?,
-                AddNorm::new(h, h, eps, vb.pp("output"))?,
+                BertAttention::new(h, cfg.encoder_width, heads, vb.pp("self"), ctx)?,
+                AddNorm::new(h, h, eps, vb.pp("output"), ctx)?,
             ))
         } else {
             None
         };
         Ok(Self {
-            self_attention: BertAttention::new(h, h, heads, vb.pp("attention.self"))?,
-            self_output: AddNorm::new(h, h, eps, vb.pp("attention.output"))?,
+            self_attention: BertAttention::new(h, h, heads, vb.pp("attention.self"), ctx)?,
+            self_output: AddNorm::new(h, h, eps, vb.pp("attention.output"), ctx)?,
             cross_attention,
-            text_ffn: FeedForward::new(b, vb.clone(), "intermediate", "output")?,
-            query_ffn: FeedForward::new(b, vb, "intermediate_query", "output_query")?,
+            text_ffn: FeedForward::new(b, vb.clone(), ctx, "intermediate", "output")?,
+            query_ffn: FeedForward::new(b, vb, ctx, "intermediate_query", "output_query")?,
         })
     }
 
@@ -187,11 +205,11 @@ pub struct QFormer {
 
 impl QFormer {
     /// `vb` points at `model.vlm_att_encoder.bert`.
-    pub fn new(cfg: &QFormerConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &QFormerConfig, vb: VarBuilder, ctx: &LoadContext) -> Result<Self> {
         let b = &cfg.bert;
         let emb = vb.pp("embeddings");
         let layers = (0..b.num_hidden_layers)
-            .map(|i| QFormerLayer::new(cfg, i, vb.pp(format!("encoder.layer.{i}"))))
+            .map(|i| QFormerLayer::new(cfg, i, vb.pp(format!("encoder.layer.{i}")), ctx))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             word_embeddings: embedding(cfg.vocab_rows, b.hidden_size, emb.pp("word_embeddings"))?,

@@ -32,6 +32,7 @@ impl GenerationParams {
     }
 }
 
+#[derive(Clone)]
 pub struct Sampler {
     temperature: f64,
     top_p: f64,

@@ -5,7 +5,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
-use super::nn::{linear, Linear};
+use super::nn::{linear, Linear, LoadContext};
 
 use super::cancel::Cancel;
 use super::config::ContentPooling;
@@ -21,12 +21,18 @@ pub enum MmProjector {
 }
 
 impl MmProjector {
-    pub fn new(kind: Option<&str>, in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        kind: Option<&str>,
+        in_dim: usize,
+        out_dim: usize,
+        vb: VarBuilder,
+        ctx: &LoadContext,
+    ) -> Result<Self> {
         match kind {
-            Some("linear") => Ok(Self::Linear(linear(in_dim, out_dim, vb)?)),
+            Some("linear") => Ok(Self::Linear(linear(in_dim, out_dim, vb, ctx)?)),
             _ => Ok(Self::Mlp2xGelu(
-                linear(in_dim, out_dim, vb.pp("0"))?,
-                linear(out_dim, out_dim, vb.pp("2"))?,
+                linear(in_dim, out_dim, vb.pp("0"), ctx)?,
+                linear(out_dim, out_dim, vb.pp("2"), ctx)?,
             )),
         }
     }
@@ -71,7 +77,7 @@ pub struct TokenGenerator {
 }
 
 impl TokenGenerator {
-    pub fn new(cfg: &TokenConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &TokenConfig, vb: VarBuilder, ctx: &LoadContext) -> Result<Self> {
         let (w, h, d) = (
             cfg.vision_width,
             cfg.qformer.bert.hidden_size,
@@ -80,15 +86,16 @@ impl TokenGenerator {
         Ok(Self {
             vision_norm: layer_norm(w, VISION_LN_EPS, vb.pp("vlm_att_ln"))?,
             query_tokens: vb.get((1, cfg.num_queries, h), "vlm_att_query")?,
-            qformer: QFormer::new(&cfg.qformer, vb.pp("vlm_att_encoder.bert"))?,
-            text_projector: linear(h, w, vb.pp("vlm_att_projector"))?,
-            key_projector: linear(w, w, vb.pp("vlm_att_key_projector"))?,
-            value_projector: linear(w, d, vb.pp("vlm_att_val_projector"))?,
+            qformer: QFormer::new(&cfg.qformer, vb.pp("vlm_att_encoder.bert"), ctx)?,
+            text_projector: linear(h, w, vb.pp("vlm_att_projector"), ctx)?,
+            key_projector: linear(w, w, vb.pp("vlm_att_key_projector"), ctx)?,
+            value_projector: linear(w, d, vb.pp("vlm_att_val_projector"), ctx)?,
             mm_projector: MmProjector::new(
                 cfg.projector_type.as_deref(),
                 w,
                 d,
                 vb.pp("mm_projector"),
+                ctx,
             )?,
             pooling: cfg.pooling,
             grid: cfg.grid,

@@ -51,9 +51,35 @@ pub fn reference() -> std::collections::HashMap<String, Tensor> {
         .expect("reference.safetensors loads")
 }
 
+/// One tensor the reference recorded (all of them loaded once per test binary).
+pub fn reference_tensor(name: &str) -> Tensor {
+    static REFERENCE: std::sync::OnceLock<std::collections::HashMap<String, Tensor>> =
+        std::sync::OnceLock::new();
+    REFERENCE.get_or_init(reference)[name].clone()
+}
+
+/// Token ids the reference recorded, as u32.
+pub fn ids(name: &str) -> Vec<u32> {
+    reference_tensor(name)
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| u32::try_from(v).expect("non-negative id"))
+        .collect()
+}
+
 pub fn prompt_json() -> serde_json::Value {
     let text = std::fs::read_to_string(fixture_dir().join("prompt.json")).expect("prompt.json");
     serde_json::from_str(&text).expect("prompt.json parses")
+}
+
+pub fn meta_json() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture_dir().join("meta.json")).expect("meta.json");
+    serde_json::from_str(&text).expect("meta.json parses")
 }
 
 pub fn max_abs(t: &Tensor) -> f32 {

@@ -26,9 +26,10 @@ use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, RmsNorm};
+use llamavid_kernels::cpu::{CpuKernels, Isa, IsaLimit};
 
 use super::llama::{Llama, LlamaConfig, LlamaParam, LlamaWeights, TokenEmbedding};
-use super::nn::Linear;
+use super::nn::{Linear, LoadContext, Precision};
 use super::{ModelError, Result};
 
 /// The ggml types this loader reads (the ones candle reads and multiplies).
@@ -398,31 +399,43 @@ impl GgufLlama {
         read().map_err(|e| self.bad_tensor(&name, format!("unreadable: {e}")))
     }
 
-    /// A weight source for [`Llama::from_weights`]; `fallback` provides the token embedding
-    /// when the file has none.
+    /// A weight source for [`Llama::from_weights`], its layers built as `ctx` says;
+    /// `fallback` provides the token embedding when the file has none.
     pub fn weights<'a>(
         &'a self,
         dtype: DType,
         device: &'a Device,
+        ctx: &'a LoadContext,
         fallback: Option<&'a dyn LlamaWeights>,
     ) -> GgufWeights<'a> {
         GgufWeights {
             file: self,
             dtype,
             device,
+            ctx,
             fallback,
         }
     }
 
-    /// The whole decoder from this file; activations in f32 on `device`.
-    pub fn load(&self, device: &Device) -> Result<Llama> {
+    /// The whole decoder from this file, its layers built as `ctx` says; activations in f32
+    /// on `device`. Run it (and the model) in the thread pool that is to compute.
+    pub fn load(&self, ctx: &LoadContext, device: &Device) -> Result<Llama> {
+        let weights = self.weights(DType::F32, device, ctx, None);
         Ok(Llama::from_weights(
             &self.config,
-            &self.weights(DType::F32, device, None),
+            &weights,
             DType::F32,
             device,
         )?)
     }
+}
+
+/// The context a GGUF decoder loaded on its own (tools, tests, benchmarks) runs with: our
+/// CPU kernels up to `limit` (block products need no AMX, so it is never asked for), f32 for
+/// the file's f32/f16 matrices.
+pub fn cpu_context(limit: IsaLimit) -> LoadContext {
+    let isa = Isa::detect(limit).narrow(IsaLimit::Avx512);
+    LoadContext::cpu(Precision::F32, CpuKernels::new(isa))
 }
 
 /// [`LlamaWeights`] read from a [`GgufLlama`].
@@ -431,6 +444,7 @@ pub struct GgufWeights<'a> {
     /// Of the activations: the f32/f16/bf16 tensors (norms, dense embeddings) are converted.
     dtype: DType,
     device: &'a Device,
+    ctx: &'a LoadContext,
     fallback: Option<&'a dyn LlamaWeights>,
 }
 
@@ -448,7 +462,11 @@ impl GgufWeights<'_> {
 impl LlamaWeights for GgufWeights<'_> {
     fn linear(&self, param: LlamaParam, _in: usize, _out: usize) -> candle_core::Result<Linear> {
         let q = self.file.tensor(param, self.device).map_err(to_candle)?;
-        Linear::quantized(Arc::new(q))
+        self.ctx.gguf_linear(Arc::new(q))
+    }
+
+    fn context(&self) -> &LoadContext {
+        self.ctx
     }
 
     fn rms_norm(&self, param: LlamaParam, _len: usize, eps: f64) -> candle_core::Result<RmsNorm> {

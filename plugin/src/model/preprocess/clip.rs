@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
+use llamavid_kernels::preprocess::{centre_crop_offset, Normalization};
 use serde_json::Value;
 
 use super::color::{FrameView, RgbImage};
@@ -172,7 +173,7 @@ impl ClipPreprocess {
         let (out_h, out_w) = self.crop.unwrap_or((image.height, image.width));
         let window = CropWindow::centred(image.width, image.height, out_w, out_h);
 
-        let table = self.value_table();
+        let table = self.normalization().value_table();
         let plane = out_h * out_w;
         let mut out = vec![0f32; 3 * plane];
         for y in 0..out_h {
@@ -203,23 +204,12 @@ impl ClipPreprocess {
         stack(sizes, pixels, device)
     }
 
-    /// Every uint8 value's normalised f32, per channel. The arithmetic is numpy's: `x * rescale`
-    /// in f64 rounded to f32, then `(v - mean) / std` in f32.
-    fn value_table(&self) -> [[f32; 256]; 3] {
-        let mut table = [[0f32; 256]; 3];
-        for (c, row) in table.iter_mut().enumerate() {
-            for (x, out) in row.iter_mut().enumerate() {
-                let v = match self.rescale {
-                    Some(s) => (x as f64 * s) as f32,
-                    None => x as f32,
-                };
-                *out = match &self.normalize {
-                    Some(n) => (v - n.mean[c]) / n.std[c],
-                    None => v,
-                };
-            }
+    /// The rescale and normalisation as the kernels' parameters (and the CPU path's table).
+    pub fn normalization(&self) -> Normalization {
+        Normalization {
+            rescale: self.rescale,
+            mean_std: self.normalize.map(|n| (n.mean, n.std)),
         }
-        table
     }
 }
 
@@ -259,8 +249,8 @@ struct CropWindow {
 impl CropWindow {
     fn centred(width: usize, height: usize, crop_w: usize, crop_h: usize) -> Self {
         CropWindow {
-            left: crop_offset(width, crop_w),
-            top: crop_offset(height, crop_h),
+            left: centre_crop_offset(width, crop_w),
+            top: centre_crop_offset(height, crop_h),
             width,
             height,
         }
@@ -271,17 +261,6 @@ impl CropWindow {
         let sx = usize::try_from(self.left + x as i64).ok()?;
         let sy = usize::try_from(self.top + y as i64).ok()?;
         (sx < self.width && sy < self.height).then_some((sx, sy))
-    }
-}
-
-/// Offset of the crop's first row (or column) in the source: `(size - crop) // 2` when cropping,
-/// `-((crop - size) // 2)` when padding. (transformers computes the padded case in two floor
-/// steps that can lose a row for odd differences; we keep the full crop size instead.)
-fn crop_offset(size: usize, crop: usize) -> i64 {
-    if size >= crop {
-        ((size - crop) / 2) as i64
-    } else {
-        -(((crop - size) / 2) as i64)
     }
 }
 

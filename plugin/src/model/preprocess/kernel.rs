@@ -2,36 +2,10 @@
 //! (and its CPU twin): the same integer YUV coefficients, the same Pillow taps and the same
 //! crop and normalisation as [`ClipPreprocess::pixels`], so that GPU and CPU agree bit for bit.
 
-use llamavid_kernels::{AxisTaps, Normalization, Plane, PreprocessParams, SourceFormat, YuvCoeffs};
+use llamavid_kernels::preprocess::centre_crop_offset;
+use llamavid_kernels::{AxisTaps, Plane, PreprocessParams};
 
-use super::{AxisCoeffs, ClipPreprocess, FrameView, PixelFormat};
-
-fn source_format(format: PixelFormat) -> SourceFormat {
-    match format {
-        PixelFormat::Rgb => SourceFormat::Rgb,
-        PixelFormat::Rgbx => SourceFormat::Rgbx,
-        PixelFormat::Bgrx => SourceFormat::Bgrx,
-        PixelFormat::Rgba => SourceFormat::Rgba,
-        PixelFormat::Bgra => SourceFormat::Bgra,
-        PixelFormat::I420 => SourceFormat::I420,
-        PixelFormat::Nv12 => SourceFormat::Nv12,
-    }
-}
-
-/// Pillow leaves an axis whose size does not change unfiltered.
-fn axis(in_size: usize, out_size: usize) -> AxisTaps {
-    if in_size == out_size {
-        return AxisTaps::identity(in_size);
-    }
-    let c = AxisCoeffs::bicubic(in_size, out_size);
-    AxisTaps {
-        in_size,
-        ksize: c.ksize,
-        starts: c.starts,
-        counts: c.counts,
-        weights: c.weights,
-    }
-}
+use super::{ClipPreprocess, FrameView};
 
 impl ClipPreprocess {
     /// Kernel parameters for `frame`, whose planes are passed separately (offset 0 each).
@@ -39,9 +13,8 @@ impl ClipPreprocess {
         let (w, h) = (frame.width, frame.height);
         let (rh, rw) = self.resized_size(w, h);
         let (oh, ow) = self.crop.unwrap_or((rh, rw));
-        let c = frame.yuv.coefficients();
         PreprocessParams {
-            format: source_format(frame.format),
+            format: frame.format,
             width: w,
             height: h,
             planes: frame
@@ -49,24 +22,14 @@ impl ClipPreprocess {
                 .iter()
                 .map(|&stride| Plane { offset: 0, stride })
                 .collect(),
-            yuv: YuvCoeffs {
-                y_offset: c.y_offset,
-                y_gain: c.y_gain,
-                r_v: c.r_v,
-                g_u: c.g_u,
-                g_v: c.g_v,
-                b_u: c.b_u,
-            },
-            horizontal: axis(w, rw),
-            vertical: axis(h, rh),
-            crop_left: PreprocessParams::centre_crop_offset(rw, ow),
-            crop_top: PreprocessParams::centre_crop_offset(rh, oh),
+            yuv: frame.yuv.coefficients(),
+            horizontal: AxisTaps::for_resize(w, rw),
+            vertical: AxisTaps::for_resize(h, rh),
+            crop_left: centre_crop_offset(rw, ow),
+            crop_top: centre_crop_offset(rh, oh),
             out_width: ow,
             out_height: oh,
-            normalization: Normalization {
-                rescale: self.rescale,
-                mean_std: self.normalize.map(|n| (n.mean, n.std)),
-            },
+            normalization: self.normalization(),
         }
     }
 }
@@ -74,7 +37,7 @@ impl ClipPreprocess {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::preprocess::YuvToRgb;
+    use crate::model::preprocess::{PixelFormat, YuvToRgb};
 
     #[test]
     fn the_cpu_twin_of_the_kernel_agrees_with_the_model_preprocessing() {

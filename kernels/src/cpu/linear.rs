@@ -1,0 +1,838 @@
+//! A linear layer `y = x · Wᵀ + b` on the CPU: its weights in the layout of one precision, and
+//! the one place that decides which kernel runs a product ([`CpuLinear::path`]), from the
+//! product's shape, the weights' layout and the model's [`CpuKernels`] (chosen once at load).
+//!
+//! * **f32**: the checkpoint's tensor itself (or, under `mkl`, MKL's packed layout for layers
+//!   that only see many rows).
+//! * **bf16**: weights converted once to bf16 (half the bytes), activations converted per call,
+//!   products accumulated in f32.
+//! * **int8**: weights quantised once per output channel (symmetric, scale = max|w|/127),
+//!   activations quantised per row at every call (dynamic, symmetric, stored +128 as u8),
+//!   products accumulated exactly in i32 and rescaled to f32.
+//! * **ggml blocks** (a GGUF file's Q4_0 … Q6_K): the file's blocks as they are, products with
+//!   ggml's arithmetic ([`super::quant`]).
+//!
+//! Products of at most [`gemv::MAX_ROWS`] rows (decoding) run on the matrix-vector kernels of
+//! [`gemv`]; larger ones on MKL's GEMMs (AMX bf16/u8s8 where permitted), or for f32 without MKL
+//! on the `gemm` crate, in tiles: the columns split between the threads, each walking its row
+//! blocks, with the [`Epilogue`] applied to each tile while it is in cache.
+
+use candle_core::{Storage, Tensor};
+
+use super::blas::{self, Dims, Mat, Out};
+use super::gemv::{self, WRows, XRows};
+use super::parallel::{for_tiles, SharedMut};
+use super::quant::{BlockType, BlockWeights};
+use super::scratch::Scratch;
+use super::{convert, math, CpuFeatures, Isa, HAS_MKL};
+#[cfg(feature = "mkl")]
+use super::{mkl, parallel};
+
+/// How the CPU kernels of one model run: chosen once at load, kept by each of its layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuKernels {
+    isa: Isa,
+    row_block: usize,
+}
+
+impl CpuKernels {
+    /// Rows per block of the blocked products: one frame's tokens (257 for EVA at 224 px) per
+    /// block. Measured on the benchmark's vision tower (int8, 2 threads, per frame): blocks of
+    /// 128 rows 0.531 s for one frame / 0.446 s in a batch of 8, one block per whole product
+    /// 0.478 / 0.465 s, blocks of up to 300 rows 0.424 / 0.432 s.
+    pub const DEFAULT_ROW_BLOCK: usize = 320;
+
+    pub fn new(isa: Isa) -> Self {
+        Self {
+            isa,
+            row_block: Self::DEFAULT_ROW_BLOCK,
+        }
+    }
+
+    /// Blocks of at most `rows` rows in the many-row products (a tuning knob).
+    pub fn with_row_block(self, rows: usize) -> Self {
+        Self {
+            row_block: rows.max(1),
+            ..self
+        }
+    }
+
+    pub fn isa(self) -> Isa {
+        self.isa
+    }
+
+    pub fn row_block(self) -> usize {
+        self.row_block
+    }
+
+    /// Whether many-row bf16 and int8 products go to MKL's GEMMs: the build links MKL, and MKL
+    /// will not use AMX behind our back (it would on an AMX CPU whose AMX we were told not to
+    /// use, or have not asked permission for).
+    pub fn mkl_reduced_precision(self) -> bool {
+        HAS_MKL && (self.isa.amx() || !CpuFeatures::detect().amx)
+    }
+}
+
+/// Arithmetic of a layer's product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightType {
+    F32,
+    Bf16,
+    Int8,
+    /// ggml block-quantized weights from a GGUF file.
+    Ggml(BlockType),
+}
+
+impl WeightType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::Int8 => "int8",
+            Self::Ggml(t) => t.name(),
+        }
+    }
+}
+
+/// What a linear layer does with its result `y = x · Wᵀ + b`. The many-row paths apply it to
+/// each block of rows right after the block's product, while the block is still in cache,
+/// instead of in one more pass over the whole output (a 257-token frame's MLP activations are
+/// 6 MB per layer: those passes were memory-bound, about a tenth of an int8 encode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `out = y`.
+    Store,
+    /// `out = gelu_erf(y)`: a transformer MLP's first layer.
+    Gelu,
+    /// `out += y`: a residual connection, `out` holding the residual stream.
+    Accumulate,
+}
+
+impl Epilogue {
+    /// Applies the epilogue as separate passes, for paths that do not fuse it: `compute`
+    /// writes `y` into the slice it is given.
+    fn unfused(self, isa: Isa, out: &mut [f32], compute: impl FnOnce(&mut [f32])) {
+        match self {
+            Self::Store => compute(out),
+            Self::Gelu => {
+                compute(out);
+                math::gelu(isa, out);
+            }
+            Self::Accumulate => {
+                let mut y = Scratch::<f32>::new(out.len());
+                compute(&mut y);
+                math::add_assign(isa, out, &y);
+            }
+        }
+    }
+}
+
+/// The kernel a product runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProductPath {
+    /// The few-row kernels of [`gemv`] for these instructions.
+    Gemv(Isa),
+    /// Many rows of reduced precision without a GEMM to take them: the few-row kernels,
+    /// [`gemv::MAX_ROWS`] rows at a time (correct, but slow for large products).
+    RowGroups(Isa),
+    /// f32 tiles on MKL's sgemm (feature `mkl`) or the `gemm` crate.
+    Sgemm,
+    /// f32 tiles on MKL's packed weights.
+    MklPacked,
+    /// bf16 tiles on MKL's `gemm_bf16bf16f32` (AMX where permitted).
+    MklBf16,
+    /// int8 tiles on MKL's `gemm_s8u8s32` (AMX where permitted).
+    MklInt8,
+    /// ggml's block dot products ([`super::quant`]) for these instructions, any row count.
+    GgmlBlocks(Isa),
+}
+
+impl ProductPath {
+    pub fn describe(self) -> String {
+        match self {
+            Self::Gemv(isa) => format!("gemv ({isa})"),
+            Self::RowGroups(isa) => format!("gemv row groups ({isa})"),
+            Self::Sgemm if HAS_MKL => "MKL sgemm".into(),
+            Self::Sgemm => "gemm crate".into(),
+            Self::MklPacked => "MKL packed sgemm".into(),
+            Self::MklBf16 => "MKL bf16 GEMM".into(),
+            Self::MklInt8 => "MKL u8s8 GEMM".into(),
+            Self::GgmlBlocks(isa) => format!("ggml block dots ({isa})"),
+        }
+    }
+}
+
+enum Weights {
+    F32(F32Weights),
+    /// (n, k) row-major bf16 bits.
+    Bf16(Vec<u16>),
+    Int8(Int8Weights),
+    Ggml(BlockWeights),
+}
+
+enum F32Weights {
+    /// (n, k) row-major: the checkpoint's tensor itself.
+    Plain(Tensor),
+    /// In MKL's packed layout, one part per column range of the threads' split (then MKL
+    /// does not re-pack the weights on every product: 10% of a one-frame encode).
+    #[cfg(feature = "mkl")]
+    Packed(Vec<(usize, usize, mkl::PackedF32)>),
+}
+
+struct Int8Weights {
+    /// (n, k) row-major.
+    q: Vec<i8>,
+    /// Per output channel.
+    scale: Vec<f32>,
+    /// `-128 · Σ_k q[j, k]`: removes the +128 offset of the u8 activations.
+    offset: Vec<i32>,
+}
+
+/// A linear layer's weights in the layout of one precision's kernels.
+pub struct CpuLinear {
+    weights: Weights,
+    bias: Option<Vec<f32>>,
+    n: usize,
+    k: usize,
+    kernels: CpuKernels,
+}
+
+impl CpuLinear {
+    /// f32 weights: `w` is an (n, k) f32 tensor on the CPU. With `pack_rows` (and the `mkl`
+    /// feature), the weights are kept only in MKL's packed layout, tuned for products of about
+    /// that many rows: for layers only ever applied to many rows at once. Packing splits the
+    /// columns for the current thread pool: build the layer in the pool that will run it.
+    pub fn f32(
+        w: Tensor,
+        bias: Option<Vec<f32>>,
+        kernels: CpuKernels,
+        pack_rows: Option<usize>,
+    ) -> candle_core::Result<Self> {
+        let (n, k) = w.dims2()?;
+        let w = w.contiguous()?;
+        #[allow(unused_mut)]
+        let mut layer = Self::with_weights(Weights::F32(F32Weights::Plain(w)), bias, n, k, kernels);
+        #[cfg(feature = "mkl")]
+        if let Some(rows) = pack_rows {
+            let ranges = parallel::thread_columns(n);
+            let packed = layer.with_f32_weights(|w| {
+                ranges
+                    .iter()
+                    .map(|&(j0, j1)| {
+                        // SAFETY: rows j0..j1 of the (n, k) weights.
+                        let part = unsafe {
+                            mkl::PackedF32::new(rows, j1 - j0, k, w.as_ptr().add(j0 * k), k)
+                        };
+                        (j0, j1, part)
+                    })
+                    .collect()
+            });
+            // The plain tensor goes now: only the packed copy stays.
+            layer.weights = Weights::F32(F32Weights::Packed(packed));
+        }
+        #[cfg(not(feature = "mkl"))]
+        let _ = pack_rows;
+        Ok(layer)
+    }
+
+    /// Weights of type `kind` from `w`, (n, k) row-major f32: converted once to bf16 or
+    /// quantised per output channel to int8 (f32 weights are copied into a tensor). ggml
+    /// blocks are not made here: they come from a file ([`CpuLinear::ggml`]).
+    pub fn from_f32(
+        kind: WeightType,
+        w: &[f32],
+        n: usize,
+        k: usize,
+        bias: Option<Vec<f32>>,
+        kernels: CpuKernels,
+    ) -> Self {
+        assert_eq!(w.len(), n * k, "({n}, {k}) weights");
+        let weights = match kind {
+            WeightType::F32 => {
+                let t = Tensor::from_slice(w, (n, k), &candle_core::Device::Cpu);
+                Weights::F32(F32Weights::Plain(t.expect("a CPU tensor of the weights")))
+            }
+            WeightType::Bf16 => {
+                let mut bits = vec![0u16; w.len()];
+                convert::to_bf16(kernels.isa, w, &mut bits);
+                Weights::Bf16(bits)
+            }
+            WeightType::Int8 => {
+                let (q, scale, offset) = convert::quantize_weights(kernels.isa, w, k);
+                Weights::Int8(Int8Weights { q, scale, offset })
+            }
+            // A caller's slip, not an input error: no precision maps to ggml blocks.
+            WeightType::Ggml(t) => panic!("{t:?} weights come from a GGUF file (CpuLinear::ggml)"),
+        };
+        Self::with_weights(weights, bias, n, k, kernels)
+    }
+
+    /// ggml block-quantized weights: `data` holds `n` rows of `k` values in blocks of `t`, as
+    /// a GGUF file stores them (kept as they are). Errs when the sizes do not fit.
+    pub fn ggml(
+        t: BlockType,
+        n: usize,
+        k: usize,
+        data: Vec<u8>,
+        bias: Option<Vec<f32>>,
+        kernels: CpuKernels,
+    ) -> Result<Self, String> {
+        let weights = Weights::Ggml(BlockWeights::new(t, n, k, data)?);
+        Ok(Self::with_weights(weights, bias, n, k, kernels))
+    }
+
+    /// The weights as f32 (n, k) when they are ggml blocks (for checks).
+    pub fn dequantized_blocks(&self) -> Option<Vec<f32>> {
+        match &self.weights {
+            Weights::Ggml(w) => Some(w.dequantize()),
+            _ => None,
+        }
+    }
+
+    fn with_weights(
+        weights: Weights,
+        bias: Option<Vec<f32>>,
+        n: usize,
+        k: usize,
+        kernels: CpuKernels,
+    ) -> Self {
+        assert!(bias.as_ref().is_none_or(|b| b.len() == n), "bias of {n}");
+        Self {
+            weights,
+            bias,
+            n,
+            k,
+            kernels,
+        }
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.n
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.k
+    }
+
+    pub fn kernels(&self) -> CpuKernels {
+        self.kernels
+    }
+
+    pub fn weight_type(&self) -> WeightType {
+        match &self.weights {
+            Weights::F32(_) => WeightType::F32,
+            Weights::Bf16(_) => WeightType::Bf16,
+            Weights::Int8(_) => WeightType::Int8,
+            Weights::Ggml(w) => WeightType::Ggml(w.block_type()),
+        }
+    }
+
+    /// Bytes held by the weights.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weights {
+            Weights::F32(F32Weights::Plain(w)) => w.elem_count() * 4,
+            #[cfg(feature = "mkl")]
+            Weights::F32(F32Weights::Packed(parts)) => {
+                parts.iter().map(|(_, _, p)| p.bytes()).sum()
+            }
+            Weights::Bf16(w) => w.len() * 2,
+            Weights::Int8(w) => w.q.len() + w.scale.len() * 8,
+            Weights::Ggml(w) => w.bytes(),
+        }
+    }
+
+    /// The kernel a product of `m` rows runs on: the one dispatch point of every product.
+    pub fn path(&self, m: usize) -> ProductPath {
+        let isa = self.kernels.isa;
+        let few = m <= gemv::MAX_ROWS;
+        match &self.weights {
+            #[cfg(feature = "mkl")]
+            Weights::F32(F32Weights::Packed(_)) => ProductPath::MklPacked,
+            Weights::F32(_) if few && isa.avx512() => ProductPath::Gemv(isa),
+            Weights::F32(_) => ProductPath::Sgemm,
+            Weights::Ggml(_) => ProductPath::GgmlBlocks(isa),
+            _ if few => ProductPath::Gemv(isa),
+            _ if !self.kernels.mkl_reduced_precision() => ProductPath::RowGroups(isa),
+            Weights::Bf16(_) => ProductPath::MklBf16,
+            Weights::Int8(_) => ProductPath::MklInt8,
+        }
+    }
+
+    /// `out = x · Wᵀ + b` for `x` (m, k) row-major f32 and `out` (m, n).
+    pub fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        self.forward_with(x, m, out, Epilogue::Store);
+    }
+
+    /// `out = x · Wᵀ + b` as a new vector.
+    pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let mut out = vec![0f32; m * self.n];
+        self.forward_into(x, m, &mut out);
+        out
+    }
+
+    /// The product with its result handled by `epilogue` (`out` holds the residual for
+    /// [`Epilogue::Accumulate`]).
+    pub fn forward_with(&self, x: &[f32], m: usize, out: &mut [f32], epilogue: Epilogue) {
+        let (n, k, isa) = (self.n, self.k, self.kernels.isa);
+        assert_eq!(x.len(), m * k, "activations of {m} rows of {k}");
+        assert_eq!(out.len(), m * n, "output of {m} rows of {n}");
+        if m == 0 {
+            return;
+        }
+        let path = self.path(m);
+        match &self.weights {
+            Weights::F32(F32Weights::Plain(_)) => self.with_f32_weights(|w| {
+                self.product(path, XRows::F32(x), WRows::F32(w), m, out, epilogue)
+            }),
+            #[cfg(feature = "mkl")]
+            Weights::F32(F32Weights::Packed(parts)) => self.packed(parts, x, m, out, epilogue),
+            Weights::Bf16(w) => {
+                let mut xb = Scratch::<u16>::new(m * k);
+                convert::to_bf16(isa, x, &mut xb);
+                self.product(path, XRows::Bf16(&xb), WRows::Bf16(w), m, out, epilogue)
+            }
+            Weights::Int8(w) => {
+                let mut xq = Scratch::<u8>::new(m * k);
+                let mut xs = Scratch::<f32>::new(m);
+                convert::quantize_rows(isa, x, k, &mut xq, &mut xs);
+                let x = XRows::Int8 { q: &xq, scale: &xs };
+                let w = WRows::Int8 {
+                    q: &w.q,
+                    scale: &w.scale,
+                    offset: &w.offset,
+                };
+                self.product(path, x, w, m, out, epilogue)
+            }
+            Weights::Ggml(w) => {
+                let ProductPath::GgmlBlocks(isa) = path else {
+                    unreachable!("{path:?} for ggml blocks")
+                };
+                w.product(isa, x, (m, n, k), self.bias.as_deref(), out, epilogue)
+            }
+        }
+    }
+
+    fn product(
+        &self,
+        path: ProductPath,
+        x: XRows,
+        w: WRows,
+        m: usize,
+        out: &mut [f32],
+        epilogue: Epilogue,
+    ) {
+        let (n, k, isa) = (self.n, self.k, self.kernels.isa);
+        match path {
+            ProductPath::Gemv(isa) | ProductPath::RowGroups(isa) => {
+                epilogue.unfused(isa, out, |out| {
+                    for (i0, rows_out) in (0..m)
+                        .step_by(gemv::MAX_ROWS)
+                        .zip(out.chunks_mut(gemv::MAX_ROWS * n))
+                    {
+                        let rows = rows_out.len() / n;
+                        let x = x.rows(i0, rows, k);
+                        gemv::product(isa, x, rows, w, n, k, self.bias.as_deref(), rows_out);
+                    }
+                })
+            }
+            ProductPath::Sgemm | ProductPath::MklBf16 => {
+                let c = SharedMut::new(out);
+                for_tiles(m, n, self.kernels.row_block, |i0, i1, j0, j1| {
+                    let (rows, cols) = (i1 - i0, j1 - j0);
+                    // SAFETY: A rows i0..i1 of the (m, k) activations, B rows j0..j1 of the
+                    // (n, k) weights (both checked against m, n, k), C the (rows, cols) tile
+                    // at (i0, j0) of the (m, n) output, which no other tile touches.
+                    unsafe {
+                        let tile = c.get().add(i0 * n + j0);
+                        let bias = self.bias.as_deref().map(|b| &b[j0..j1]);
+                        let beta = prepare_tile(isa, tile, rows, cols, n, bias, epilogue);
+                        let d = Dims {
+                            m: rows,
+                            n: cols,
+                            k,
+                        };
+                        let out = Out { ptr: tile, ld: n };
+                        match (x, w) {
+                            (XRows::F32(x), WRows::F32(w)) => blas::sgemm(
+                                d,
+                                Mat::rows(x.as_ptr().add(i0 * k), k),
+                                Mat::columns(w.as_ptr().add(j0 * k), k),
+                                out,
+                                beta != 0.0,
+                            ),
+                            #[cfg(feature = "mkl")]
+                            (XRows::Bf16(x), WRows::Bf16(w)) => mkl::gemm(
+                                d,
+                                Mat::rows(x.as_ptr().add(i0 * k), k),
+                                Mat::columns(w.as_ptr().add(j0 * k), k),
+                                out,
+                                beta,
+                            ),
+                            _ => unreachable!("{path:?} for these operands"),
+                        }
+                        finish_tile(isa, tile, rows, cols, n, epilogue);
+                    }
+                });
+            }
+            #[cfg(feature = "mkl")]
+            ProductPath::MklInt8 => self.int8_tiles(x, w, m, out, epilogue),
+            _ => unreachable!("{path:?} without MKL"),
+        }
+    }
+
+    /// int8 tiles on MKL: exact i32 products into a per-tile scratch, then each row rescaled
+    /// into the output with the epilogue.
+    #[cfg(feature = "mkl")]
+    fn int8_tiles(&self, x: XRows, w: WRows, m: usize, out: &mut [f32], epilogue: Epilogue) {
+        let (
+            XRows::Int8 { q: xq, scale: xs },
+            WRows::Int8 {
+                q: wq,
+                scale: ws,
+                offset,
+            },
+        ) = (x, w)
+        else {
+            unreachable!("int8 tiles for other operands")
+        };
+        let (n, k, isa) = (self.n, self.k, self.kernels.isa);
+        let y = SharedMut::new(out);
+        for_tiles(m, n, self.kernels.row_block, |i0, i1, j0, j1| {
+            let (rows, cols) = (i1 - i0, j1 - j0);
+            let mut acc = Scratch::<i32>::new(rows * cols);
+            let bias = self.bias.as_deref().map(|b| &b[j0..j1]);
+            // SAFETY: A rows i0..i1 of the (m, k) activations, B rows j0..j1 of the (n, k)
+            // weights, the int32 products into this task's (rows, cols) scratch; then the
+            // output tile at (i0, j0), which no other tile touches.
+            unsafe {
+                mkl::u8s8_nt(
+                    rows,
+                    cols,
+                    k,
+                    xq.as_ptr().add(i0 * k),
+                    wq.as_ptr().add(j0 * k),
+                    k,
+                    acc.as_mut_ptr(),
+                    cols,
+                    offset.as_ptr().add(j0),
+                );
+                for (r, acc_row) in acc.chunks(cols).enumerate() {
+                    let out_row =
+                        std::slice::from_raw_parts_mut(y.get().add((i0 + r) * n + j0), cols);
+                    rescale_row(
+                        isa,
+                        acc_row,
+                        xs[i0 + r],
+                        &ws[j0..j1],
+                        bias,
+                        epilogue == Epilogue::Accumulate,
+                        out_row,
+                    );
+                    if epilogue == Epilogue::Gelu {
+                        math::gelu(isa, out_row);
+                    }
+                }
+            }
+        });
+    }
+
+    /// f32 products on MKL's packed weights: each part (a column range) walks the row blocks.
+    #[cfg(feature = "mkl")]
+    fn packed(
+        &self,
+        parts: &[(usize, usize, mkl::PackedF32)],
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        epilogue: Epilogue,
+    ) {
+        let (n, k, isa) = (self.n, self.k, self.kernels.isa);
+        let c = SharedMut::new(out);
+        parallel::for_row_blocks(
+            m,
+            self.kernels.row_block,
+            parts,
+            |i0, i1, &(j0, j1, ref part)| {
+                // SAFETY: as in `product`: rows i0..i1 of x, the tile at (i0, j0) of this
+                // part's columns.
+                unsafe {
+                    let tile = c.get().add(i0 * n + j0);
+                    let bias = self.bias.as_deref().map(|b| &b[j0..j1]);
+                    let beta = prepare_tile(isa, tile, i1 - i0, j1 - j0, n, bias, epilogue);
+                    part.product(i1 - i0, x.as_ptr().add(i0 * k), beta, tile, n);
+                    finish_tile(isa, tile, i1 - i0, j1 - j0, n, epilogue);
+                }
+            },
+        );
+    }
+
+    /// Calls `f` with the plain (n, k) f32 weights as a slice.
+    fn with_f32_weights<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
+        let Weights::F32(F32Weights::Plain(w)) = &self.weights else {
+            unreachable!("only plain f32 weights are read as a slice")
+        };
+        let (storage, layout) = w.storage_and_layout();
+        let Storage::Cpu(storage) = &*storage else {
+            unreachable!("CpuLinear holds a CPU tensor")
+        };
+        f(
+            &storage.as_slice::<f32>().expect("f32 weights")[layout.start_offset()..]
+                [..self.n * self.k],
+        )
+    }
+}
+
+impl XRows<'_> {
+    /// Rows `i0..i0 + rows` of rows of `k`.
+    fn rows(&self, i0: usize, rows: usize, k: usize) -> XRows<'_> {
+        let r = i0 * k..(i0 + rows) * k;
+        match *self {
+            XRows::F32(x) => XRows::F32(&x[r]),
+            XRows::Bf16(x) => XRows::Bf16(&x[r]),
+            XRows::Int8 { q, scale } => XRows::Int8 {
+                q: &q[r],
+                scale: &scale[i0..i0 + rows],
+            },
+        }
+    }
+}
+
+/// Before a product accumulates into the tile (rows of `cols` at stride `ld`): the bias is
+/// written (or added, when the tile already holds a residual). Returns the `beta` the product
+/// then needs.
+///
+/// # Safety
+/// `c` must point at `rows` rows of `cols` writable floats at stride `ld`.
+unsafe fn prepare_tile(
+    isa: Isa,
+    c: *mut f32,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+) -> f32 {
+    let accumulate = epilogue == Epilogue::Accumulate;
+    if let Some(b) = bias {
+        for r in 0..rows {
+            let row = std::slice::from_raw_parts_mut(c.add(r * ld), cols);
+            if accumulate {
+                math::add_assign(isa, row, b);
+            } else {
+                row.copy_from_slice(b);
+            }
+        }
+    }
+    if accumulate || bias.is_some() {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// After a product wrote the tile: the GELU, when asked for.
+///
+/// # Safety
+/// As for [`prepare_tile`].
+unsafe fn finish_tile(
+    isa: Isa,
+    c: *mut f32,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    epilogue: Epilogue,
+) {
+    if epilogue == Epilogue::Gelu {
+        for r in 0..rows {
+            math::gelu(isa, std::slice::from_raw_parts_mut(c.add(r * ld), cols));
+        }
+    }
+}
+
+super::isa_fn! {
+    /// One output row of the int8 product: `y = acc · xs · ws + bias`, stored or added.
+    #[cfg(feature = "mkl")]
+    fn rescale_row(
+        acc: &[i32],
+        xs: f32,
+        ws: &[f32],
+        bias: Option<&[f32]>,
+        accumulate: bool,
+        out: &mut [f32],
+    ) {
+        // Four plain loops (rather than one with branches inside) so that each vectorises.
+        let products = acc.iter().zip(ws).map(|(&a, &s)| a as f32 * xs * s);
+        match (bias, accumulate) {
+            (Some(b), false) => {
+                for ((o, p), &b) in out.iter_mut().zip(products).zip(b) {
+                    *o = p + b;
+                }
+            }
+            (Some(b), true) => {
+                for ((o, p), &b) in out.iter_mut().zip(products).zip(b) {
+                    *o += p + b;
+                }
+            }
+            (None, false) => out.iter_mut().zip(products).for_each(|(o, p)| *o = p),
+            (None, true) => out.iter_mut().zip(products).for_each(|(o, p)| *o += p),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::cpu::IsaLimit;
+
+    fn reference(
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for t in 0..k {
+                    s += x[i * k + t] as f64 * w[j * k + t] as f64;
+                }
+                out[i * n + j] = s as f32 + b.map_or(0.0, |b| b[j]);
+            }
+        }
+        out
+    }
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn max_err(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// A line on the real stderr (not captured by the test harness), so that a skipped part
+    /// shows in every `cargo test` run.
+    fn report_skip(what: &str, why: &str) {
+        let _ = writeln!(std::io::stderr().lock(), "skipped: {what}: {why}");
+    }
+
+    /// The ISAs to test: every one this CPU runs, plus a visible line for each level it lacks.
+    fn isas() -> Vec<Isa> {
+        let best = Isa::detect(IsaLimit::Best);
+        if !best.avx2() {
+            report_skip("AVX2 kernels", "this CPU lacks AVX2/FMA/F16C");
+        }
+        if !best.avx512() {
+            report_skip("AVX-512 kernels", "this CPU lacks AVX-512 F/BW/VL/DQ");
+        }
+        if !best.avx512_bf16() || !best.avx512_vnni() {
+            report_skip(
+                "AVX-512 BF16/VNNI kernels",
+                "this CPU lacks AVX-512 BF16 or VNNI",
+            );
+        }
+        if !HAS_MKL {
+            report_skip("MKL products", "this build lacks the `mkl` feature");
+        } else if !best.amx() {
+            report_skip("MKL AMX products", "this CPU lacks AMX");
+        }
+        Isa::available()
+    }
+
+    /// Every layer of `layers` against the f64 product, for row counts of the few-row kernels,
+    /// of the GEMMs and of several row blocks, with each epilogue.
+    fn check(layers: &[(CpuLinear, String, f32)], w: &[f32], bias: &[f32], n: usize, k: usize) {
+        for m in [1, 3, 4, 5, 9, 40, 700] {
+            let x = data(m * k, 3 + m as u32);
+            let exact = reference(&x, w, Some(bias), m, n, k);
+            let mut exact_gelu = exact.clone();
+            math::gelu(Isa::portable(), &mut exact_gelu);
+            let residual = data(m * n, 99);
+            let exact_sum: Vec<f32> = residual.iter().zip(&exact).map(|(r, y)| r + y).collect();
+            for (layer, name, bound) in layers {
+                let path = layer.path(m).describe();
+                let mut y = vec![f32::NAN; m * n];
+                layer.forward_into(&x, m, &mut y);
+                let e = max_err(&y, &exact);
+                assert!(e < *bound, "{name} m={m} ({path}): {e}");
+                layer.forward_with(&x, m, &mut y, Epilogue::Gelu);
+                let e = max_err(&y, &exact_gelu);
+                assert!(e < *bound, "{name} + gelu m={m} ({path}): {e}");
+                let mut y = residual.clone();
+                layer.forward_with(&x, m, &mut y, Epilogue::Accumulate);
+                let e = max_err(&y, &exact_sum);
+                assert!(e < *bound, "{name} + residual m={m} ({path}): {e}");
+            }
+        }
+    }
+
+    // k with a tail (not a multiple of 64), n not a multiple of 4.
+    const N: usize = 37;
+    const K: usize = 200;
+
+    #[test]
+    fn f32_products_stay_close_to_f64() {
+        let (w, bias) = (data(N * K, 1), data(N, 2));
+        let mut layers = Vec::new();
+        for isa in isas() {
+            let kernels = CpuKernels::new(isa).with_row_block(256);
+            let tensor = || Tensor::from_vec(w.clone(), (N, K), &candle_core::Device::Cpu);
+            let plain = CpuLinear::f32(tensor().unwrap(), Some(bias.clone()), kernels, None);
+            layers.push((plain.unwrap(), format!("f32 {isa}"), 1e-4));
+            // Packed for 17 rows, used for other row counts too (MKL builds only).
+            let packed = CpuLinear::f32(tensor().unwrap(), Some(bias.clone()), kernels, Some(17));
+            layers.push((packed.unwrap(), format!("f32 packed {isa}"), 1e-4));
+        }
+        check(&layers, &w, &bias, N, K);
+    }
+
+    #[test]
+    fn bf16_and_int8_products_stay_close_to_f64() {
+        let (w, bias) = (data(N * K, 1), data(N, 2));
+        // |x|, |w| <= 1 and k = 200, so bf16 rounding (2^-9 relative on each operand) bounds
+        // the error by about 200 · 2 · 2^-9 ≈ 0.8 in the worst case, 0.05 typically; int8 by
+        // about twice that.
+        let mut layers = Vec::new();
+        for isa in isas() {
+            let kernels = CpuKernels::new(isa).with_row_block(256);
+            for (kind, bound) in [(WeightType::Bf16, 0.1), (WeightType::Int8, 0.2)] {
+                let layer = CpuLinear::from_f32(kind, &w, N, K, Some(bias.clone()), kernels);
+                layers.push((layer, format!("{} {isa}", kind.as_str()), bound));
+            }
+        }
+        check(&layers, &w, &bias, N, K);
+    }
+
+    #[test]
+    fn every_precision_has_a_path_for_every_shape() {
+        let w = data(N * K, 1);
+        let portable = CpuKernels::new(Isa::portable());
+        let int8 = CpuLinear::from_f32(WeightType::Int8, &w, N, K, None, portable);
+        assert_eq!(int8.path(1), ProductPath::Gemv(Isa::portable()));
+        let many = int8.path(100);
+        assert!(
+            matches!(many, ProductPath::RowGroups(_) | ProductPath::MklInt8),
+            "{many:?}"
+        );
+        if CpuFeatures::detect().amx {
+            // MKL would use AMX, which the portable set excludes: our kernels take it.
+            assert_eq!(many, ProductPath::RowGroups(Isa::portable()));
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Model-side batching (issue 10) on the fixture: several caption sequences advanced in one
+//! ragged forward give the same ids and logits as each alone, whatever their lengths and
+//! whenever they join or leave; a batched encode of frames with different prompts gives the
+//! same tokens as encoding them one by one, and a bad frame fails alone; cancelling one
+//! sequence leaves the others as they were. Each test runs on the fused CPU kernels, on the
+//! portable kernels and on candle's layers (the GPU's code).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{IndexOp, Tensor};
+use common::{model_dir, reference_tensor};
+use gstllamavid::model::preprocess::FrameView;
+use gstllamavid::model::{
+    Cancel, CaptionSequence, CpuLayers, FinishReason, FrameToEncode, GenerationParams, IsaLimit,
+    LlamaVid, LoadOptions, ModelError, WeightFormat,
+};
+
+/// Logits of a sequence batched with others against the same sequence alone (f32): the
+/// products see more rows (another kernel or blocking may add in another order), nothing else.
+const BATCH_TOL: f32 = 1e-5;
+
+#[derive(Clone, Copy)]
+enum Variant {
+    Fused,
+    PortableKernels,
+    CandleLayers,
+}
+
+fn model_for(variant: Variant) -> &'static LlamaVid {
+    static MODELS: [OnceLock<LlamaVid>; 3] = [const { OnceLock::new() }; 3];
+    MODELS[variant as usize].get_or_init(|| {
+        let mut options = LoadOptions::new(model_dir());
+        options.weight_format = WeightFormat::Pickle;
+        match variant {
+            Variant::Fused => {}
+            Variant::PortableKernels => options.cpu_isa = IsaLimit::Portable,
+            Variant::CandleLayers => options.cpu_layers = CpuLayers::Candle,
+        }
+        LlamaVid::load(&options).expect("fixture model loads")
+    })
+}
+
+macro_rules! for_each_variant {
+    ($($test:ident),* $(,)?) => {
+        mod fused {
+            $(#[test] fn $test() { super::$test(super::Variant::Fused) })*
+        }
+        mod portable_kernels {
+            $(#[test] fn $test() { super::$test(super::Variant::PortableKernels) })*
+        }
+        mod candle_layers {
+            $(#[test] fn $test() { super::$test(super::Variant::CandleLayers) })*
+        }
+    };
+}
+
+for_each_variant!(
+    sequences_batched_with_others_match_each_alone,
+    a_sequence_cancelled_mid_forward_leaves_the_others_as_they_were,
+    a_cancelled_step_advances_nobody_and_the_sequences_go_on,
+    batched_encode_matches_frames_encoded_one_by_one,
+);
+
+fn params(max_new_tokens: usize) -> GenerationParams {
+    GenerationParams {
+        max_new_tokens,
+        ..GenerationParams::default()
+    }
+}
+
+/// Prefills of different lengths: the reference's prompt and video, shortened prefixes of it,
+/// and one with the video rows reversed (another content, the same length).
+fn inputs(m: &LlamaVid) -> Vec<(Tensor, GenerationParams)> {
+    let full = reference_tensor("inputs_embeds")
+        .to_dtype(m.dtype())
+        .unwrap();
+    let len = full.dim(1).unwrap();
+    let reversed = {
+        let rows: Vec<u32> = (0..len as u32).rev().collect();
+        full.index_select(&Tensor::new(rows.as_slice(), full.device()).unwrap(), 1)
+            .unwrap()
+    };
+    vec![
+        (full.clone(), params(9)),
+        (full.narrow(1, 0, len - 5).unwrap(), params(4)),
+        (reversed, params(12)),
+        (full.narrow(1, 0, len / 2).unwrap(), params(7)),
+    ]
+}
+
+struct Alone {
+    ids: Vec<u32>,
+    logits: Vec<Tensor>,
+}
+
+fn alone(m: &LlamaVid, embeds: &Tensor, params: &GenerationParams) -> Alone {
+    let g = m.generate(embeds, params, true, None).unwrap();
+    Alone {
+        ids: g.token_ids,
+        logits: g.step_logits,
+    }
+}
+
+fn assert_same(what: &str, seq: &CaptionSequence, expected: &Alone) {
+    assert_eq!(seq.token_ids(), expected.ids, "{what}: ids");
+    assert_eq!(seq.step_logits().len(), expected.logits.len(), "{what}");
+    for (step, (ours, alone)) in seq.step_logits().iter().zip(&expected.logits).enumerate() {
+        let err = common::max_abs(&(ours - alone).unwrap());
+        assert!(
+            err <= BATCH_TOL,
+            "{what}: step {step}: logits differ from the sequence alone by {err:e}"
+        );
+    }
+}
+
+/// Steps all `active` sequences together until every one is finished.
+fn run(m: &LlamaVid, sequences: &mut [CaptionSequence]) {
+    while sequences.iter().any(|s| !s.is_finished()) {
+        let mut batch: Vec<&mut CaptionSequence> = sequences.iter_mut().collect();
+        m.step(&mut batch, Cancel::NEVER).unwrap();
+    }
+}
+
+fn sequences_batched_with_others_match_each_alone(variant: Variant) {
+    let m = model_for(variant);
+    let inputs = inputs(m);
+    let expected: Vec<Alone> = inputs.iter().map(|(e, p)| alone(m, e, p)).collect();
+    // Sequences join at steps 0, 0, 2 and 3 (a prefill beside decode steps) and leave as they
+    // finish (4, 7, 9 and 12 tokens).
+    let joins = [0, 0, 2, 3];
+    let mut sequences: Vec<CaptionSequence> = Vec::new();
+    let mut step = 0;
+    while step <= 3 || sequences.iter().any(|s| !s.is_finished()) {
+        for (i, &at) in joins.iter().enumerate() {
+            if at == step {
+                let (embeds, params) = &inputs[i];
+                let seq = m.start_sequence(embeds, params).unwrap();
+                sequences.push(seq.keeping_step_logits());
+            }
+        }
+        let mut batch: Vec<&mut CaptionSequence> =
+            sequences.iter_mut().filter(|s| !s.is_finished()).collect();
+        let rows: usize = batch.iter().map(|s| s.next_rows()).sum();
+        assert!(rows > 0 || step > 3);
+        m.step(&mut batch, Cancel::NEVER).unwrap();
+        step += 1;
+    }
+    for (i, (seq, expected)) in sequences.iter().zip(&expected).enumerate() {
+        assert_same(&format!("sequence {i}"), seq, expected);
+        assert_ne!(seq.finish_reason(), Some(FinishReason::Cancelled));
+    }
+}
+
+fn a_sequence_cancelled_mid_forward_leaves_the_others_as_they_were(variant: Variant) {
+    let m = model_for(variant);
+    let inputs = inputs(m);
+    let expected: Vec<Alone> = inputs[..3].iter().map(|(e, p)| alone(m, e, p)).collect();
+    let mut sequences: Vec<CaptionSequence> = inputs[..3]
+        .iter()
+        .map(|(e, p)| m.start_sequence(e, p).unwrap().keeping_step_logits())
+        .collect();
+    let flag = Arc::new(AtomicBool::new(false));
+    sequences[1].set_cancel_flag(flag.clone());
+    // Two steps together, then sequence 1 is cancelled while the third step's forward runs
+    // (the caller's probe sets its flag at the second layer).
+    for _ in 0..2 {
+        let mut batch: Vec<&mut CaptionSequence> = sequences.iter_mut().collect();
+        m.step(&mut batch, Cancel::NEVER).unwrap();
+    }
+    let before: Vec<usize> = sequences.iter().map(|s| s.token_ids().len()).collect();
+    let checks = AtomicUsize::new(0);
+    let probe = || {
+        if checks.fetch_add(1, Ordering::Relaxed) == 1 {
+            flag.store(true, Ordering::Relaxed);
+        }
+        false
+    };
+    let mut batch: Vec<&mut CaptionSequence> = sequences.iter_mut().collect();
+    m.step(&mut batch, Cancel::on_probe(&probe)).unwrap();
+    assert_eq!(
+        checks.load(Ordering::Relaxed),
+        2,
+        "the forward stopped at the layer after the flag was set"
+    );
+    assert_eq!(sequences[1].finish_reason(), Some(FinishReason::Cancelled));
+    let after: Vec<usize> = sequences.iter().map(|s| s.token_ids().len()).collect();
+    assert_eq!(after, before, "an interrupted step advances nobody");
+    run(m, &mut sequences);
+    assert_same("sequence 0", &sequences[0], &expected[0]);
+    assert_same("sequence 2", &sequences[2], &expected[2]);
+    assert_eq!(sequences[1].token_ids(), &expected[1].ids[..2]);
+}
+
+fn a_cancelled_step_advances_nobody_and_the_sequences_go_on(variant: Variant) {
+    let m = model_for(variant);
+    let inputs = inputs(m);
+    let expected: Vec<Alone> = inputs[..2].iter().map(|(e, p)| alone(m, e, p)).collect();
+    let mut sequences: Vec<CaptionSequence> = inputs[..2]
+        .iter()
+        .map(|(e, p)| m.start_sequence(e, p).unwrap().keeping_step_logits())
+        .collect();
+    let layers = m.config().num_hidden_layers;
+    for cancel_at in [layers, 2] {
+        // The prefill (first time) or a decode step (second time) cut at its last layer.
+        let checks = AtomicUsize::new(0);
+        let probe = || checks.fetch_add(1, Ordering::Relaxed) + 1 >= cancel_at;
+        let mut batch: Vec<&mut CaptionSequence> = sequences.iter_mut().collect();
+        let result = m.step(&mut batch, Cancel::on_probe(&probe));
+        assert!(matches!(result, Err(ModelError::Cancelled)), "{result:?}");
+        let positions: Vec<usize> = sequences.iter().map(|s| s.positions()).collect();
+        let mut batch: Vec<&mut CaptionSequence> = sequences.iter_mut().collect();
+        m.step(&mut batch, Cancel::NEVER).unwrap();
+        let advanced: Vec<usize> = sequences.iter().map(|s| s.positions()).collect();
+        for ((seq, p), a) in sequences.iter().zip(positions).zip(advanced) {
+            assert!(
+                a > p,
+                "{seq:?}: the step after the cancelled one advanced it"
+            );
+        }
+    }
+    run(m, &mut sequences);
+    assert_same("sequence 0", &sequences[0], &expected[0]);
+    assert_same("sequence 1", &sequences[1], &expected[1]);
+}
+
+fn batched_encode_matches_frames_encoded_one_by_one(variant: Variant) {
+    let m = model_for(variant);
+    let frames = reference_tensor("frames");
+    let (count, h, w, _) = frames.dims4().unwrap();
+    let data: Vec<Vec<u8>> = (0..count)
+        .map(|t| {
+            frames
+                .i(t)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+    let views: Vec<FrameView> = data
+        .iter()
+        .map(|d| FrameView::packed_rgb(w, h, d))
+        .collect();
+    let first = m.prompt("What is happening in this video?").unwrap();
+    let second = m.prompt("Which colours stand out?").unwrap();
+    let same_as_first = m.prompt("What is happening in this video?").unwrap();
+    // A frame whose stride is shorter than its rows: refused, alone.
+    let bad = FrameView::new(
+        gstllamavid::model::preprocess::PixelFormat::Rgb,
+        w,
+        h,
+        vec![&data[0]],
+        vec![w],
+    );
+    let prompts = [&first, &second, &same_as_first];
+    let mut batch: Vec<FrameToEncode> = Vec::new();
+    for (i, view) in views.iter().enumerate() {
+        for prompt in prompts {
+            batch.push(FrameToEncode {
+                frame: view.clone(),
+                prompt,
+            });
+        }
+        if i == 0 {
+            batch.push(FrameToEncode {
+                frame: bad.clone(),
+                prompt: &first,
+            });
+        }
+    }
+    let results = m.encode_batch(&batch, Cancel::NEVER).unwrap();
+    assert_eq!(results.len(), batch.len());
+    for (item, result) in batch.iter().zip(&results) {
+        let one = m.encode_frames(std::slice::from_ref(&item.frame), item.prompt);
+        match (result, one) {
+            (Ok(ours), Ok(one)) => {
+                let one = one.squeeze(0).unwrap();
+                let err = common::max_abs(&(ours - &one).unwrap());
+                assert!(err <= BATCH_TOL, "batched tokens differ by {err:e}");
+            }
+            (Err(ModelError::InvalidInput(_)), Err(ModelError::InvalidInput(_))) => {}
+            (ours, one) => panic!("batched {ours:?} but one by one {one:?}"),
+        }
+    }
+    assert!(matches!(results[3], Err(ModelError::InvalidInput(_))));
+    assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1);
+    // The two prompts guide the context token differently; the content token is the same.
+    let (a, b) = (results[0].as_ref().unwrap(), results[1].as_ref().unwrap());
+    assert!(common::max_abs(&(a.i(0).unwrap() - b.i(0).unwrap()).unwrap()) > 1e-4);
+    assert!(common::max_abs(&(a.i(1).unwrap() - b.i(1).unwrap()).unwrap()) <= BATCH_TOL);
+}
