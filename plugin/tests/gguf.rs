@@ -218,7 +218,10 @@ fn gguf_sequences_batched_match_each_alone() {
 // ---- bad input ----------------------------------------------------------------------------
 
 /// The f32 export's header and tensors, to rewrite into broken files.
-fn parts() -> (Vec<(String, Value)>, Vec<(String, QTensor)>) {
+type Metadata = Vec<(String, Value)>;
+type Tensors = Vec<(String, QTensor)>;
+
+fn parts() -> (Metadata, Tensors) {
     let path = exported(GgmlDType::F32);
     let mut f = std::fs::File::open(&path).unwrap();
     let content = gguf_file::Content::read(&mut f).unwrap();
