@@ -12,8 +12,10 @@
 //! - [`BusLog`], [`record_bus`], [`run_to_eos`], [`set_state_within`], [`within`],
 //!   [`StopOnDrop`]: nothing may hang a test or leave a pipeline playing;
 //! - [`gst_tool`]: `gst-launch-1.0` and `gst-inspect-1.0` with this build of the plugin, killed
-//!   on timeout.
-//! - [`fake_llm_server`]: a test double of a vLLM (OpenAI-compatible) server, scripted.
+//!   on timeout;
+//! - [`fake_llm_server`]: a test double of a vLLM (OpenAI-compatible) server, scripted;
+//! - [`hub_mirror`]: `HubMirrorDouble`, a test double of the Hugging Face hub on 127.0.0.1, and
+//!   `FixtureHub`, the fixture served through it.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant};
 use gst::prelude::*;
 
 pub mod fake_llm_server;
+pub mod hub_mirror;
 
 pub use gst;
 pub use gst_check;
@@ -298,6 +301,8 @@ pub struct Caption {
     pub frames: u32,
     pub latency: u64,
     pub prompt: String,
+    /// Captions decoded together when this one finished.
+    pub batch: u32,
 }
 
 impl Caption {
@@ -322,6 +327,7 @@ impl Caption {
             frames: field::<u32>(s, "frames"),
             latency: field::<u64>(s, "latency"),
             prompt: field::<String>(s, "prompt"),
+            batch: field::<u32>(s, "batch"),
         }
     }
 
@@ -981,14 +987,15 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> ToolOutput {
 /// snapshot that a concurrent build cannot replace mid-run), and `GST_REGISTRY` a registry of
 /// the tests' own in the target directory, so that the user's registry is never touched.
 pub fn gst_tool(tool: &str, args: &[&str], timeout: Duration) -> ToolOutput {
-    gst_tool_with_env(tool, args, &[], timeout)
+    gst_tool_with_env::<&str, &str>(tool, args, &[], timeout)
 }
 
-/// [`gst_tool`] with extra environment variables.
-pub fn gst_tool_with_env(
+/// [`gst_tool`] with extra environment variables for the child (the tests' own environment is
+/// never changed: tests run in parallel threads).
+pub fn gst_tool_with_env<K: AsRef<std::ffi::OsStr>, V: AsRef<std::ffi::OsStr>>(
     tool: &str,
     args: &[&str],
-    env: &[(&str, &str)],
+    env: &[(K, V)],
     timeout: Duration,
 ) -> ToolOutput {
     let library = plugin_library();
@@ -1012,6 +1019,11 @@ pub fn gst_tool_with_env(
         )
         // Debug logs would mix with the output the tests read.
         .env_remove("GST_DEBUG")
-        .envs(env.iter().copied());
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    run_with_timeout(cmd, timeout)
+}
+
+/// Runs any command, killed after `timeout`, with its output captured.
+pub fn run_tool(cmd: Command, timeout: Duration) -> ToolOutput {
     run_with_timeout(cmd, timeout)
 }

@@ -80,6 +80,12 @@ fn gst_inspect_finds_the_element_and_lists_its_properties_and_pads() {
     for must in [
         "dtype",
         "threads",
+        "encode-batch",
+        "caption-batch",
+        "frames-batched",
+        "lower-thread-priority",
+        "tune-allocator",
+        "cpu-isa",
         "frame-policy",
         "window-duration",
         "prompt",

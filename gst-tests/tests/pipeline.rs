@@ -344,16 +344,21 @@ fn frame_policy_auto_asks_the_source_when_the_latency_query_fails() {
 }
 
 #[test]
-fn a_differing_threads_value_on_a_shared_model_is_warned_about() {
+fn differing_threads_or_batch_limits_on_a_shared_model_are_warned_about() {
     // Issue 9 item 7: the pool belongs to the shared model; the first loader sizes it, a later
     // element asking for another size is told (another test may hold the model already, so
-    // only the element asking for a size no loader used is sure to be warned).
+    // only the element asking for a size no loader used is sure to be warned). The same for
+    // the batch limits of its scheduler (issue 10).
     init();
     let pipeline = gst::Pipeline::new();
     let first = caption_element();
     first.set_property("threads", 1u32);
     let second = caption_element();
     second.set_property("threads", 7u32);
+    second.set_property("encode-batch", 7u32);
+    second.set_property("caption-batch", 7u32);
+    second.set_property("lower-thread-priority", false);
+    second.set_property("tune-allocator", false);
     let plain = caption_element();
     for e in [&first, &second, &plain] {
         pipeline.add(e).unwrap();
@@ -369,12 +374,13 @@ fn a_differing_threads_value_on_a_shared_model_is_warned_about() {
             .cloned()
             .collect::<Vec<_>>()
     };
-    let threads_warnings = |element: &gst::Element| -> Vec<String> {
+    let warned = |element: &gst::Element, property: &str| -> Vec<String> {
         warnings(&from(element))
             .into_iter()
-            .filter(|w| w.contains("threads="))
+            .filter(|w| w.contains(&format!("{property}=")))
             .collect()
     };
+    let threads_warnings = |element: &gst::Element| warned(element, "threads");
     let second_warned = threads_warnings(&second);
     assert_eq!(second_warned.len(), 1, "{second_warned:?}");
     assert!(second_warned[0].contains("threads=7"), "{second_warned:?}");
@@ -383,4 +389,18 @@ fn a_differing_threads_value_on_a_shared_model_is_warned_about() {
         "threads=0 asks for nothing"
     );
     assert_eq!(second.property::<u32>("threads"), 7);
+    for property in ["encode-batch", "caption-batch"] {
+        let batch_warned = warned(&second, property);
+        assert_eq!(batch_warned.len(), 1, "{property}: {batch_warned:?}");
+        assert!(batch_warned[0].contains(&format!("{property}=7")));
+        assert!(warned(&plain, property).is_empty(), "0 asks for nothing");
+    }
+    // Host effects: every loader so far used the defaults (true).
+    for property in ["lower-thread-priority", "tune-allocator"] {
+        let effect_warned = warned(&second, property);
+        assert_eq!(effect_warned.len(), 1, "{property}: {effect_warned:?}");
+        assert!(effect_warned[0].contains(&format!("{property}=false")));
+        assert!(warned(&plain, property).is_empty(), "the defaults agree");
+        assert!(!second.property::<bool>(property));
+    }
 }

@@ -2,12 +2,15 @@
 //! LLaMA-VID (two tokens per frame) running on candle.
 //!
 //! - [`model`]: the LLaMA-VID network, its files and tokenizers (no GStreamer).
+//! - [`hub`]: models from the Hugging Face hub and URLs, fetched into the standard cache (no
+//!   GStreamer).
 //! - [`captioner`]: sampling, the worker, the token window and scheduling (no pads).
 //! - [`llamavidcaption`]: the element, thin glue between pads and the captioner.
 
 use gst::glib;
 
 pub mod captioner;
+pub mod hub;
 pub mod llamavidcaption;
 pub mod model;
 

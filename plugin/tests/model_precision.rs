@@ -76,6 +76,20 @@ fn check(precision: Precision, limit: IsaLimit) {
     let model = LlamaVid::load(&options).expect("fixture loads");
     assert_eq!(model.precision(), precision, "{:?}", model.notes());
     let what = format!("{precision} on {}", model.compute());
+    // The kernels the limit names, and nothing wider (issue 16: the AVX2 path runs no
+    // AVX-512 kernel and no MKL GEMM, which would pick its own wider code).
+    let paths = model.product_paths();
+    let narrowed = match Isa::detect(limit) {
+        isa if limit == IsaLimit::Avx2 && isa.avx2() => Some("avx2"),
+        _ if limit == IsaLimit::Portable => Some("portable"),
+        _ => None,
+    };
+    if let Some(name) = narrowed {
+        for path in &paths {
+            assert!(path.ends_with(&format!("({name})")), "{what}: {path}");
+        }
+    }
+    report(&format!("{what}: {}", paths.join("; ")));
     let tg = model.token_generator();
     let qformer_ids = ids("qformer_input_ids");
     let question = common::prompt_json()["question"]

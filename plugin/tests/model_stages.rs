@@ -25,6 +25,9 @@ enum Variant {
     Fused,
     PortableKernels,
     CandleLayers,
+    /// The AVX2 + FMA kernels (issue 16: what an AVX2 CPU without AVX-512 runs; the portable
+    /// ones again on a CPU without AVX2).
+    Avx2Kernels,
 }
 
 impl Variant {
@@ -35,13 +38,14 @@ impl Variant {
             Variant::Fused => {}
             Variant::PortableKernels => options.cpu_isa = IsaLimit::Portable,
             Variant::CandleLayers => options.cpu_layers = CpuLayers::Candle,
+            Variant::Avx2Kernels => options.cpu_isa = IsaLimit::Avx2,
         }
         options
     }
 }
 
 fn model_for(variant: Variant) -> &'static LlamaVid {
-    static MODELS: [OnceLock<LlamaVid>; 3] = [const { OnceLock::new() }; 3];
+    static MODELS: [OnceLock<LlamaVid>; 4] = [const { OnceLock::new() }; 4];
     MODELS[variant as usize].get_or_init(|| {
         LlamaVid::load(&variant.options(WeightFormat::Pickle))
             .expect("fixture model loads from the .bin shards")
@@ -59,6 +63,9 @@ macro_rules! for_each_variant {
         }
         mod candle_layers {
             $(#[test] fn $test() { super::$test(super::Variant::CandleLayers) })*
+        }
+        mod avx2_kernels {
+            $(#[test] fn $test() { super::$test(super::Variant::Avx2Kernels) })*
         }
     };
 }
@@ -420,5 +427,13 @@ fn each_variant_runs_the_path_it_names() {
     );
     let fused = paths(Variant::Fused);
     assert!(!fused.contains("candle"), "{fused}");
-    eprintln!("fused: {fused}\nportable: {portable}");
+    let avx2 = paths(Variant::Avx2Kernels);
+    assert!(
+        !avx2.contains("candle") && !avx2.contains("avx512"),
+        "AVX2 kernels use no AVX-512: {avx2}"
+    );
+    if llamavid_kernels::cpu::Isa::detect(IsaLimit::Avx2).avx2() {
+        assert!(avx2.contains("gemv (avx2)"), "{avx2}");
+    }
+    eprintln!("fused: {fused}\nportable: {portable}\navx2: {avx2}");
 }

@@ -2,12 +2,15 @@
 //! pipelines: for users who want one caption of a clip, and for debugging the model.
 //!
 //! ```text
-//! llamavid-caption --model DIR [--prompt TEXT] [--vision-tower FILE] [--max-new-tokens N]
+//! llamavid-caption --model DIR|owner/name[@revision] [--prompt TEXT]
+//!                  [--vision-tower FILE|URL|owner/name/path] [--max-new-tokens N]
 //!                  [--temperature T] [--top-p P] [--seed S] [--max-frames N] [--fps F]
 //!                  [--weights auto|bin|safetensors] [--json] [--llm-gguf FILE]
 //!                  [--llm-server URL --llm-server-model NAME [--llm-server-timeout SECONDS]]
 //!                  VIDEO_OR_FRAME_DIR
 //! ```
+//! A hub id is fetched into the Hugging Face cache first, with a progress bar (HF_ENDPOINT,
+//! HF_HOME, HF_TOKEN, HF_HUB_OFFLINE apply, as for the element).
 //!
 //! With `--llm-server`, the language model runs on that vLLM server (started with
 //! `--enable-prompt-embeds`, serving the output of `llamavid-export-llm` under NAME): only the
@@ -23,18 +26,20 @@ use gstllamavid::model::remote::{RemoteLanguageModel, ServerConfig};
 use gstllamavid::model::{
     GenerationParams, LanguageModelWeights, LlamaVid, LoadOptions, WeightFormat,
 };
+use llamavid_examples::progress::fetch_model;
 use llamavid_examples::{decode_image_dir, decode_video};
 
-const USAGE: &str = "usage: llamavid-caption --model DIR [--prompt TEXT] [--vision-tower FILE] \
+const USAGE: &str = "usage: llamavid-caption --model DIR|owner/name[@revision] [--prompt TEXT] \
+[--vision-tower FILE|URL|owner/name/path] \
 [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--max-frames N] [--fps F] \
 [--weights auto|bin|safetensors] [--json] [--llm-gguf FILE] [--llm-server URL --llm-server-model NAME \
 [--llm-server-timeout SECONDS]] VIDEO_OR_FRAME_DIR";
 
 struct Args {
-    model: PathBuf,
+    model: String,
     input: PathBuf,
     prompt: String,
-    vision_tower: Option<PathBuf>,
+    vision_tower: Option<String>,
     llm_gguf: Option<PathBuf>,
     params: GenerationParams,
     max_frames: usize,
@@ -68,9 +73,9 @@ fn parse_args() -> Result<Args> {
                 .with_context(|| format!("{arg} needs a value\n{USAGE}"))
         };
         match arg.as_str() {
-            "--model" => model = Some(PathBuf::from(value()?)),
+            "--model" => model = Some(value()?),
             "--prompt" => prompt = value()?,
-            "--vision-tower" => vision_tower = Some(PathBuf::from(value()?)),
+            "--vision-tower" => vision_tower = Some(value()?),
             "--llm-gguf" => llm_gguf = Some(PathBuf::from(value()?)),
             "--max-new-tokens" => params.max_new_tokens = value()?.parse()?,
             "--temperature" => params.temperature = value()?.parse()?,
@@ -137,9 +142,11 @@ fn run() -> Result<()> {
     let args = parse_args()?;
     gst::init()?;
 
+    let fetched = fetch_model(&args.model, args.vision_tower.as_deref(), args.weights)?;
     let started = Instant::now();
-    let mut options = LoadOptions::new(&args.model);
-    options.vision_tower = args.vision_tower.clone();
+    let mut options = LoadOptions::new(&fetched.model_dir);
+    options.vision_tower = fetched.vision_tower.clone();
+    options.bert_dir = fetched.bert_dir.clone();
     options.llm_gguf = args.llm_gguf.clone();
     options.weight_format = args.weights;
     let remote = match &args.llm_server {

@@ -2,12 +2,12 @@
 //! the bus with its timing, the way a media app would consume them.
 //!
 //! ```text
-//! llamavid-live MODEL_DIR [PIPELINE_SOURCE [VIDEO_SINK]]
+//! llamavid-live MODEL [PIPELINE_SOURCE [VIDEO_SINK]]     (MODEL: a directory or a hub id)
 //! ```
 //! `PIPELINE_SOURCE` is a gst-launch fragment producing raw video, by default a camera
 //! (`v4l2src ! videoconvert`); `VIDEO_SINK` shows the video, by default `autovideosink`
 //! (`fakesink` on a machine without a display). Example without a camera:
-//! `llamavid-live /models/llama-vid-7b-full-224-video-fps-1 "videotestsrc is-live=true ! video/x-raw,width=640,height=360"`
+//! `llamavid-live YanweiLi/llama-vid-7b-full-224-video-fps-1 "videotestsrc is-live=true ! video/x-raw,width=640,height=360"`
 
 use anyhow::{Context, Result};
 use gst::prelude::*;
@@ -23,7 +23,7 @@ fn run() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let model = args
         .next()
-        .context("usage: llamavid-live MODEL_DIR [PIPELINE_SOURCE [VIDEO_SINK]]")?;
+        .context("usage: llamavid-live MODEL [PIPELINE_SOURCE [VIDEO_SINK]] (MODEL: a directory or a hub id)")?;
     let source = args
         .next()
         .unwrap_or_else(|| "v4l2src ! videoconvert".into());

@@ -9,8 +9,11 @@
 //! `vdpbf16ps`, u8 × s8 `vpdpbusd` on AVX-512, and portable versions of each. [`product`] is the
 //! only entry: it picks the version the caller's [`Isa`] proves the CPU can run.
 
-use super::parallel::{for_ranges, SharedMut};
-use super::Isa;
+use std::mem::MaybeUninit;
+
+use super::linear::{Epilogue, WeightType};
+use super::parallel::{for_ranges, for_tiles, SharedMut};
+use super::{math, Isa};
 
 /// The most activation rows these kernels take.
 pub const MAX_ROWS: usize = 4;
@@ -42,8 +45,75 @@ pub(crate) enum WRows<'a> {
     },
 }
 
-/// `out[i, j] = x_i · w_j (+ bias[j])` for the m <= [`MAX_ROWS`] rows of `x`; `out` is (m, n).
-/// For int8, `x_i · w_j` is `(Σ_k xq[i, k] · wq[j, k] + offset[j]) · xs[i] · ws[j]`.
+/// Which lanes run the products of one precision on an [`Isa`]: the widest that the `Isa`
+/// proves the CPU runs. [`product`] runs exactly this choice; [`kernel`] names it for the
+/// dispatch point's report and for tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Plain Rust for the compiler's baseline.
+    Portable,
+    /// 256-bit AVX2 + FMA: f32 FMA; bf16 widened to f32 by a shift, then FMA; u8 × s8 widened
+    /// to i16, then `vpmaddwd` (exact: no saturating `vpmaddubsw`).
+    Avx2,
+    /// 512-bit f32 FMA.
+    Avx512,
+    /// `vdpbf16ps`.
+    Avx512Bf16,
+    /// `vpdpbusd`.
+    Avx512Vnni,
+}
+
+impl Kernel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Portable => "portable",
+            Self::Avx2 => "avx2",
+            Self::Avx512 => "avx512",
+            Self::Avx512Bf16 => "avx512-bf16",
+            Self::Avx512Vnni => "avx512-vnni",
+        }
+    }
+}
+
+impl std::fmt::Display for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The lanes [`product`] runs for weights of `kind` on `isa`.
+pub fn kernel(isa: Isa, kind: WeightType) -> Kernel {
+    if !cfg!(target_arch = "x86_64") {
+        return Kernel::Portable;
+    }
+    match kind {
+        WeightType::F32 if isa.avx512() => Kernel::Avx512,
+        WeightType::Bf16 if isa.avx512_bf16() => Kernel::Avx512Bf16,
+        WeightType::Int8 if isa.avx512_vnni() => Kernel::Avx512Vnni,
+        _ if isa.avx2() => Kernel::Avx2,
+        _ => Kernel::Portable,
+    }
+}
+
+/// How [`product`] walks the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Schedule {
+    /// At most [`MAX_ROWS`] rows: the columns split over the pool, every weight read once.
+    Columns,
+    /// Any number of rows: tiles of at most `row_block` rows (the threads split the columns),
+    /// each walked in chunks of [`TILE_COLUMNS`] weight rows (kept in cache) against groups of
+    /// [`MAX_ROWS`] activation rows; the GELU of each tile applied while it is in cache.
+    Tiles { row_block: usize },
+}
+
+/// Weight rows per chunk of a [`Schedule::Tiles`] tile: 64 rows of k = 1408 are 90 KB in int8,
+/// 180 KB in bf16, resident in L2 while every activation row group of the tile passes.
+const TILE_COLUMNS: usize = 64;
+
+/// `out[i, j] = x_i · w_j (+ bias[j])` for the m rows of `x` ((m, k), m <= [`MAX_ROWS`] for
+/// [`Schedule::Columns`]), then the epilogue; `out` is (m, n). For int8, `x_i · w_j` is
+/// `(Σ_k xq[i, k] · wq[j, k] + offset[j]) · xs[i] · ws[j]`. Runs the lanes of
+/// [`kernel`]`(isa, ..)`.
 ///
 /// # Panics
 /// When the operands' precisions differ or a size does not match.
@@ -56,30 +126,51 @@ pub(crate) fn product(
     k: usize,
     bias: Option<&[f32]>,
     out: &mut [f32],
+    epilogue: Epilogue,
+    schedule: Schedule,
 ) {
-    assert!((1..=MAX_ROWS).contains(&m), "{m} rows");
+    assert!(
+        m >= 1 && (m <= MAX_ROWS || schedule != Schedule::Columns),
+        "{m} rows"
+    );
     assert_eq!(out.len(), m * n);
     assert!(bias.is_none_or(|b| b.len() == n));
-    let shape = Shape { m, n, k, bias };
+    let shape = Shape {
+        m,
+        n,
+        k,
+        bias,
+        accumulate: epilogue == Epilogue::Accumulate,
+    };
+    let run = Run {
+        isa,
+        shape,
+        gelu: epilogue == Epilogue::Gelu,
+        schedule,
+    };
+    // SAFETY (every arm): `kernel` returns a kernel only when `isa` proves each feature its
+    // wrapper enables: Avx512 the AVX-512 set, Avx512Bf16 and Avx512Vnni that set with BF16 or
+    // VNNI, Avx2 AVX2 + FMA + F16C (and the AVX2 lanes use nothing else); the portable
+    // wrapper needs no feature.
     match (x, w) {
-        (XRows::F32(x), WRows::F32(w)) => {
-            #[cfg(target_arch = "x86_64")]
-            if isa.avx512() {
-                // SAFETY: `isa` proves the AVX-512 features `avx512` enables.
-                return unsafe { drive(avx512::<x86::F32x16>, x, w, shape, &(), out) };
+        (XRows::F32(x), WRows::F32(w)) => unsafe {
+            match kernel(isa, WeightType::F32) {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512 => run.drive(avx512::<x86::F32x16>, x, w, &(), out),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => run.drive(avx2::<x86_avx2::F32x8>, x, w, &(), out),
+                _ => run.drive(portable::<scalar::F32>, x, w, &(), out),
             }
-            // SAFETY: the portable block needs no CPU feature.
-            unsafe { drive(portable::<scalar::F32>, x, w, shape, &(), out) }
-        }
-        (XRows::Bf16(x), WRows::Bf16(w)) => {
-            #[cfg(target_arch = "x86_64")]
-            if isa.avx512_bf16() {
-                // SAFETY: `isa` proves AVX-512 BF16, which `avx512_bf16` enables.
-                return unsafe { drive(avx512_bf16::<x86::Bf16x32>, x, w, shape, &(), out) };
+        },
+        (XRows::Bf16(x), WRows::Bf16(w)) => unsafe {
+            match kernel(isa, WeightType::Bf16) {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512Bf16 => run.drive(avx512_bf16::<x86::Bf16x32>, x, w, &(), out),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => run.drive(avx2::<x86_avx2::Bf16x8>, x, w, &(), out),
+                _ => run.drive(portable::<scalar::Bf16>, x, w, &(), out),
             }
-            // SAFETY: the portable block needs no CPU feature.
-            unsafe { drive(portable::<scalar::Bf16>, x, w, shape, &(), out) }
-        }
+        },
         (
             XRows::Int8 { q: x, scale: xs },
             WRows::Int8 {
@@ -92,13 +183,17 @@ pub(crate) fn product(
             assert_eq!(ws.len(), n);
             assert_eq!(offset.len(), n);
             let scales = Int8Scales { xs, ws, offset };
-            #[cfg(target_arch = "x86_64")]
-            if isa.avx512_vnni() {
-                // SAFETY: `isa` proves AVX-512 VNNI, which `avx512_vnni` enables.
-                return unsafe { drive(avx512_vnni::<x86::U8S8x64>, x, w, shape, &scales, out) };
+            unsafe {
+                match kernel(isa, WeightType::Int8) {
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512Vnni => {
+                        run.drive(avx512_vnni::<x86::U8S8x64>, x, w, &scales, out)
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx2 => run.drive(avx2::<x86_avx2::U8S8x16>, x, w, &scales, out),
+                    _ => run.drive(portable::<scalar::U8S8>, x, w, &scales, out),
+                }
             }
-            // SAFETY: the portable block needs no CPU feature.
-            unsafe { drive(portable::<scalar::U8S8>, x, w, shape, &scales, out) }
         }
         _ => panic!("activations and weights of different precisions"),
     }
@@ -110,13 +205,26 @@ struct Shape<'a> {
     n: usize,
     k: usize,
     bias: Option<&'a [f32]>,
+    /// `out += y` instead of `out = y`.
+    accumulate: bool,
 }
 
-/// What one task computes: columns `j0..j1` of every output row.
+/// One product's shape and how it runs.
+struct Run<'a> {
+    isa: Isa,
+    shape: Shape<'a>,
+    gelu: bool,
+    schedule: Schedule,
+}
+
+/// What one kernel call computes: columns `j0..j1` of output rows `i0..i0 + rows`
+/// (rows <= [`MAX_ROWS`]).
 struct Tile<'a, X, W> {
     x: &'a [X],
     w: &'a [W],
     shape: Shape<'a>,
+    i0: usize,
+    rows: usize,
     j0: usize,
     j1: usize,
     out: SharedMut<f32>,
@@ -213,84 +321,147 @@ macro_rules! lanes {
     };
 }
 
-/// Splits the columns over the pool and runs `kernel` on each range.
-///
-/// # Safety
-/// `kernel` must be safe to run on this CPU.
-unsafe fn drive<X: Sync, W: Sync, S: Sync>(
-    kernel: unsafe fn(&Tile<X, W>, &S),
-    x: &[X],
-    w: &[W],
-    shape: Shape,
-    scales: &S,
-    out: &mut [f32],
-) {
-    assert_eq!(x.len(), shape.m * shape.k);
-    assert_eq!(w.len(), shape.n * shape.k);
-    let out = SharedMut::new(out);
-    for_ranges(shape.n, 4, ROWS_PER_TASK, |j0, j1| {
-        let tile = Tile {
+impl Run<'_> {
+    /// Runs `kernel` over the output in the run's schedule, then the GELU if asked.
+    ///
+    /// # Safety
+    /// `kernel` must be safe to run on this CPU.
+    unsafe fn drive<X: Sync, W: Sync, S: Sync>(
+        &self,
+        kernel: unsafe fn(&Tile<X, W>, &S),
+        x: &[X],
+        w: &[W],
+        scales: &S,
+        out: &mut [f32],
+    ) {
+        let shape = self.shape;
+        let (m, n) = (shape.m, shape.n);
+        assert_eq!(x.len(), m * shape.k);
+        assert_eq!(w.len(), n * shape.k);
+        let shared = SharedMut::new(out);
+        let tile = |i0: usize, rows: usize, j0: usize, j1: usize| Tile {
             x,
             w,
             shape,
+            i0,
+            rows,
             j0,
             j1,
-            out,
+            out: shared,
         };
-        // SAFETY: the caller vouches for the CPU; the sizes are checked above and each task
-        // writes only its columns j0..j1.
-        unsafe { kernel(&tile, scales) }
-    });
+        // SAFETY (both arms): the caller vouches for the CPU; the sizes are checked above,
+        // and each call writes only its rows and columns, which no other call touches.
+        match self.schedule {
+            Schedule::Columns => {
+                for_ranges(n, 4, ROWS_PER_TASK, |j0, j1| unsafe {
+                    kernel(&tile(0, m, j0, j1), scales)
+                });
+                if self.gelu {
+                    math::gelu(self.isa, out);
+                }
+            }
+            Schedule::Tiles { row_block } => {
+                for_tiles(m, n, row_block, |i0, i1, j0, j1| {
+                    for c0 in (j0..j1).step_by(TILE_COLUMNS) {
+                        let c1 = (c0 + TILE_COLUMNS).min(j1);
+                        for r0 in (i0..i1).step_by(MAX_ROWS) {
+                            let rows = (i1 - r0).min(MAX_ROWS);
+                            unsafe { kernel(&tile(r0, rows, c0, c1), scales) };
+                        }
+                    }
+                    if self.gelu {
+                        for i in i0..i1 {
+                            // SAFETY: row i, columns j0..j1 of this tile, written above and
+                            // touched by no other task.
+                            let row = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    shared.get().add(i * n + j0),
+                                    j1 - j0,
+                                )
+                            };
+                            math::gelu(self.isa, row);
+                        }
+                    }
+                });
+            }
+        }
+    }
 }
 
-/// Four weight rows at a time against the `M` activation rows.
+/// `C` weight rows at a time against the `M` activation rows (`M · C` accumulators, `C`
+/// weight vectors and one activation vector live in registers).
 #[inline(always)]
-unsafe fn block<L: Lanes, const M: usize>(t: &Tile<L::X, L::W>, scales: &L::Scales<'_>) {
-    let Shape { n, k, bias, .. } = t.shape;
+unsafe fn block<L: Lanes, const M: usize, const C: usize>(
+    t: &Tile<L::X, L::W>,
+    scales: &L::Scales<'_>,
+) {
+    let Shape {
+        n,
+        k,
+        bias,
+        accumulate,
+        ..
+    } = t.shape;
     let (full, tail) = (k / L::STEP, k % L::STEP);
-    let (x, w, out) = (t.x.as_ptr(), t.w.as_ptr(), t.out.get());
+    let x = t.x.as_ptr().add(t.i0 * k);
+    let out = t.out.get().add(t.i0 * n);
+    let w = t.w.as_ptr();
     let mut j = t.j0;
     while j < t.j1 {
-        let rows = (t.j1 - j).min(4);
-        let mut acc = [[L::Acc::zero(); 4]; M];
+        let rows = (t.j1 - j).min(C);
+        let mut acc = [[L::Acc::zero(); C]; M];
         // Rows past the end repeat the last one (their sums are not stored).
         let wrow = |r: usize| w.add((j + r.min(rows - 1)) * k);
         for c in 0..full + (tail > 0) as usize {
             let len = if c == full { tail } else { 0 };
             let off = c * L::STEP;
-            // No closure around the loads: a closure would not inherit the wrapper's target
-            // features, and the intrinsics would become calls.
-            let wv = [
-                L::load_w(wrow(0).add(off) as *const u8, len),
-                L::load_w(wrow(1).add(off) as *const u8, len),
-                L::load_w(wrow(2).add(off) as *const u8, len),
-                L::load_w(wrow(3).add(off) as *const u8, len),
-            ];
+            // Plain loops, no closure around the loads: a closure would not inherit the
+            // wrapper's target features, and the intrinsics would become calls.
+            let mut wv = [MaybeUninit::<L::V>::uninit(); C];
+            for (r, v) in wv.iter_mut().enumerate() {
+                *v = MaybeUninit::new(L::load_w(wrow(r).add(off) as *const u8, len));
+            }
             for (i, a) in acc.iter_mut().enumerate() {
                 let xv = L::load(x.add(i * k + off) as *const u8, len);
-                for (a, &wv) in a.iter_mut().zip(&wv) {
-                    *a = L::madd(*a, xv, wv);
+                for (a, wv) in a.iter_mut().zip(&wv) {
+                    *a = L::madd(*a, xv, wv.assume_init());
                 }
             }
         }
         for (i, a) in acc.iter().enumerate() {
             for (r, &v) in a.iter().enumerate().take(rows) {
                 let b = bias.map_or(0.0, |b| b[j + r]);
-                *out.add(i * n + j + r) = scales.finish(v.sum(), i, j + r) + b;
+                let y = scales.finish(v.sum(), t.i0 + i, j + r) + b;
+                let o = out.add(i * n + j + r);
+                *o = if accumulate { *o + y } else { y };
             }
         }
         j += rows;
     }
 }
 
-/// [`block`] for the tile's row count.
+/// [`block`] for the tile's row count, four weight rows at a time (32 vector registers, or
+/// the portable lanes).
 #[inline(always)]
 unsafe fn rows<L: Lanes>(t: &Tile<L::X, L::W>, scales: &L::Scales<'_>) {
-    match t.shape.m {
-        1 => block::<L, 1>(t, scales),
-        2 => block::<L, 2>(t, scales),
-        3 => block::<L, 3>(t, scales),
-        _ => block::<L, 4>(t, scales),
+    match t.rows {
+        1 => block::<L, 1, 4>(t, scales),
+        2 => block::<L, 2, 4>(t, scales),
+        3 => block::<L, 3, 4>(t, scales),
+        _ => block::<L, 4, 4>(t, scales),
+    }
+}
+
+/// [`block`] for AVX2's 16 vector registers: four weight rows for one activation row (the
+/// decode step), two for more (at most 8 accumulators, 4 weight and 2 activation registers
+/// with the two-register bf16 vectors).
+#[inline(always)]
+unsafe fn rows_16_registers<L: Lanes>(t: &Tile<L::X, L::W>, scales: &L::Scales<'_>) {
+    match t.rows {
+        1 => block::<L, 1, 4>(t, scales),
+        2 => block::<L, 2, 2>(t, scales),
+        3 => block::<L, 3, 2>(t, scales),
+        _ => block::<L, 4, 2>(t, scales),
     }
 }
 
@@ -302,6 +473,13 @@ unsafe fn portable<L: Lanes>(t: &Tile<L::X, L::W>, scales: &L::Scales<'_>) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn avx512<L: Lanes>(t: &Tile<L::X, L::W>, scales: &L::Scales<'_>) {
     rows::<L>(t, scales)
+}
+
+/// The AVX2 level: exactly [`Isa::AVX2_FEATURES`], nothing of AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2<L: Lanes>(t: &Tile<L::X, L::W>, scales: &L::Scales<'_>) {
+    rows_16_registers::<L>(t, scales)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -458,6 +636,107 @@ mod x86 {
     });
 }
 
+/// AVX2 lanes: only 256-bit AVX2 and FMA intrinsics (nothing of AVX-512), inlined into the
+/// `avx2` wrapper, which enables exactly [`Isa::AVX2_FEATURES`]. Tails are copied into a
+/// zeroed buffer (AVX2 has no byte- or word-masked loads).
+#[cfg(target_arch = "x86_64")]
+mod x86_avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Accumulator, Int8Scales, Lanes, NoScales};
+
+    /// 32 bytes from `p`, or its first `bytes` and zeros when `bytes > 0`.
+    #[inline(always)]
+    unsafe fn load_bytes(p: *const u8, bytes: usize) -> __m256i {
+        if bytes == 0 {
+            return _mm256_loadu_si256(p as *const __m256i);
+        }
+        let mut buf = [0u8; 32];
+        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), bytes);
+        _mm256_loadu_si256(buf.as_ptr() as *const __m256i)
+    }
+
+    /// 16 bytes from `p`, or its first `bytes` and zeros when `bytes > 0`.
+    #[inline(always)]
+    unsafe fn load_16_bytes(p: *const u8, bytes: usize) -> __m128i {
+        if bytes == 0 {
+            return _mm_loadu_si128(p as *const __m128i);
+        }
+        let mut buf = [0u8; 16];
+        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), bytes);
+        _mm_loadu_si128(buf.as_ptr() as *const __m128i)
+    }
+
+    impl Accumulator for __m256 {
+        type Sum = f32;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn sum(self) -> f32 {
+            let s = _mm_add_ps(
+                _mm256_castps256_ps128(self),
+                _mm256_extractf128_ps::<1>(self),
+            );
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+        }
+    }
+
+    impl Accumulator for __m256i {
+        type Sum = i32;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            _mm256_setzero_si256()
+        }
+        #[inline(always)]
+        unsafe fn sum(self) -> i32 {
+            let s = _mm_add_epi32(
+                _mm256_castsi256_si128(self),
+                _mm256_extracti128_si256::<1>(self),
+            );
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+            _mm_cvtsi128_si32(s)
+        }
+    }
+
+    lanes!(F32x8 {
+        x: f32, w: f32, vector: __m256, acc: __m256, scales: NoScales, step: 8,
+        load(p, tail) { _mm256_castsi256_ps(load_bytes(p, tail * 4)) }
+        madd(acc, x, w) { _mm256_fmadd_ps(x, w, acc) }
+    });
+
+    lanes!(
+        /// 16 bf16 as two f32 vectors: each 32-bit lane holds two bf16, the low one becomes
+        /// an f32 by a left shift of 16, the high one by clearing the low 16 bits. Activations
+        /// and weights split alike, so the pairs of products match; bf16 products are exact
+        /// in f32 (8-bit significands) and accumulate with FMA, as `vdpbf16ps` does.
+        Bf16x8 {
+        x: u16, w: u16, vector: (__m256, __m256), acc: __m256, scales: NoScales, step: 16,
+        load(p, tail) {
+            let v = load_bytes(p, tail * 2);
+            let low = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v));
+            let high = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(-65536)));
+            (low, high)
+        }
+        madd(acc, x, w) { _mm256_fmadd_ps(x.1, w.1, _mm256_fmadd_ps(x.0, w.0, acc)) }
+    });
+
+    lanes!(
+        /// 16 u8 activations and 16 s8 weights widened to i16, multiplied and summed in
+        /// pairs into i32 by `vpmaddwd`: exact (|255 · 127 · 2| fits easily), where the
+        /// u8 × s8 `vpmaddubsw` would saturate its i16 pair sums at the +128-offset
+        /// activations' range.
+        U8S8x16 {
+        x: u8, w: i8, vector: __m256i, acc: __m256i, scales: Int8Scales, step: 16,
+        load(p, tail) { _mm256_cvtepu8_epi16(load_16_bytes(p, tail)) }
+        load_w(p, tail) { _mm256_cvtepi8_epi16(load_16_bytes(p, tail)) }
+        madd(acc, x, w) { _mm256_add_epi32(acc, _mm256_madd_epi16(x, w)) }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,6 +761,8 @@ mod tests {
                     k,
                     Some(&bias),
                     &mut out,
+                    Epilogue::Store,
+                    Schedule::Columns,
                 );
                 for i in 0..m {
                     for j in 0..n {

@@ -13,14 +13,16 @@
 //!   ggml's arithmetic ([`super::quant`]).
 //!
 //! Products of at most [`gemv::MAX_ROWS`] rows (decoding) run on the matrix-vector kernels of
-//! [`gemv`]; larger ones on MKL's GEMMs (AMX bf16/u8s8 where permitted), or for f32 without MKL
-//! on the `gemm` crate, in tiles: the columns split between the threads, each walking its row
-//! blocks, with the [`Epilogue`] applied to each tile while it is in cache.
+//! [`gemv`] (AVX-512, AVX2 or portable lanes); larger ones on MKL's GEMMs (AMX or AVX-512
+//! BF16/VNNI for bf16/u8s8), for f32 without MKL on the `gemm` crate, and for bf16/int8 without
+//! those instructions (AVX2 CPUs) on the same lanes as the few-row kernels, in tiles: the
+//! columns split between the threads, each walking its row blocks, with the [`Epilogue`]
+//! applied to each tile while it is in cache.
 
 use candle_core::{Storage, Tensor};
 
 use super::blas::{self, Dims, Mat, Out};
-use super::gemv::{self, WRows, XRows};
+use super::gemv::{self, Schedule, WRows, XRows};
 use super::parallel::{for_tiles, SharedMut};
 use super::quant::{BlockType, BlockWeights};
 use super::scratch::Scratch;
@@ -65,11 +67,22 @@ impl CpuKernels {
         self.row_block
     }
 
-    /// Whether many-row bf16 and int8 products go to MKL's GEMMs: the build links MKL, and MKL
-    /// will not use AMX behind our back (it would on an AMX CPU whose AMX we were told not to
-    /// use, or have not asked permission for).
-    pub fn mkl_reduced_precision(self) -> bool {
-        HAS_MKL && (self.isa.amx() || !CpuFeatures::detect().amx)
+    /// Whether many-row products of `kind` (bf16 or int8) go to MKL's GEMMs: the build links
+    /// MKL, the CPU has the instructions for them (AMX, or AVX-512 BF16 / VNNI), and MKL will
+    /// not use AMX behind our back (it would on an AMX CPU whose AMX we were told not to use,
+    /// or have not asked permission for). Without those instructions (AVX2 machines, or an
+    /// AVX-512 CPU narrowed to AVX2) our own exact kernels take them: MKL's u8 × s8 GEMM may
+    /// saturate 16-bit intermediate sums without VNNI (oneDNN documents this for its int8
+    /// GEMMs), and under a narrowed ISA MKL would still pick its own, wider code. So an AVX2
+    /// path runs the same code on an AVX2 machine as on a narrowed one, where it is tested.
+    pub fn mkl_reduced_precision(self, kind: WeightType) -> bool {
+        let native = match kind {
+            WeightType::F32 => return false,
+            WeightType::Bf16 => self.isa.avx512_bf16(),
+            WeightType::Int8 => self.isa.avx512_vnni(),
+            WeightType::Ggml(_) => return false,
+        };
+        HAS_MKL && (self.isa.amx() || (native && !CpuFeatures::detect().amx))
     }
 }
 
@@ -108,33 +121,14 @@ pub enum Epilogue {
     Accumulate,
 }
 
-impl Epilogue {
-    /// Applies the epilogue as separate passes, for paths that do not fuse it: `compute`
-    /// writes `y` into the slice it is given.
-    fn unfused(self, isa: Isa, out: &mut [f32], compute: impl FnOnce(&mut [f32])) {
-        match self {
-            Self::Store => compute(out),
-            Self::Gelu => {
-                compute(out);
-                math::gelu(isa, out);
-            }
-            Self::Accumulate => {
-                let mut y = Scratch::<f32>::new(out.len());
-                compute(&mut y);
-                math::add_assign(isa, out, &y);
-            }
-        }
-    }
-}
-
 /// The kernel a product runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProductPath {
-    /// The few-row kernels of [`gemv`] for these instructions.
-    Gemv(Isa),
-    /// Many rows of reduced precision without a GEMM to take them: the few-row kernels,
-    /// [`gemv::MAX_ROWS`] rows at a time (correct, but slow for large products).
-    RowGroups(Isa),
+    /// The few-row kernels of [`gemv`] with these lanes: every weight read once.
+    Gemv(gemv::Kernel),
+    /// Many rows of reduced precision without an MKL GEMM for them (AVX2 and portable CPUs):
+    /// the same lanes in cache-sized tiles, the epilogue applied to each tile.
+    Tiles(gemv::Kernel),
     /// f32 tiles on MKL's sgemm (feature `mkl`) or the `gemm` crate.
     Sgemm,
     /// f32 tiles on MKL's packed weights.
@@ -150,8 +144,8 @@ pub enum ProductPath {
 impl ProductPath {
     pub fn describe(self) -> String {
         match self {
-            Self::Gemv(isa) => format!("gemv ({isa})"),
-            Self::RowGroups(isa) => format!("gemv row groups ({isa})"),
+            Self::Gemv(kernel) => format!("gemv ({kernel})"),
+            Self::Tiles(kernel) => format!("tiles ({kernel})"),
             Self::Sgemm if HAS_MKL => "MKL sgemm".into(),
             Self::Sgemm => "gemm crate".into(),
             Self::MklPacked => "MKL packed sgemm".into(),
@@ -345,14 +339,16 @@ impl CpuLinear {
     pub fn path(&self, m: usize) -> ProductPath {
         let isa = self.kernels.isa;
         let few = m <= gemv::MAX_ROWS;
+        let kind = self.weight_type();
+        let ours = gemv::kernel(isa, kind);
         match &self.weights {
             #[cfg(feature = "mkl")]
             Weights::F32(F32Weights::Packed(_)) => ProductPath::MklPacked,
-            Weights::F32(_) if few && isa.avx512() => ProductPath::Gemv(isa),
+            Weights::F32(_) if few && isa.avx2() => ProductPath::Gemv(ours),
             Weights::F32(_) => ProductPath::Sgemm,
             Weights::Ggml(_) => ProductPath::GgmlBlocks(isa),
-            _ if few => ProductPath::Gemv(isa),
-            _ if !self.kernels.mkl_reduced_precision() => ProductPath::RowGroups(isa),
+            _ if few => ProductPath::Gemv(ours),
+            _ if !self.kernels.mkl_reduced_precision(kind) => ProductPath::Tiles(ours),
             Weights::Bf16(_) => ProductPath::MklBf16,
             Weights::Int8(_) => ProductPath::MklInt8,
         }
@@ -423,17 +419,16 @@ impl CpuLinear {
     ) {
         let (n, k, isa) = (self.n, self.k, self.kernels.isa);
         match path {
-            ProductPath::Gemv(isa) | ProductPath::RowGroups(isa) => {
-                epilogue.unfused(isa, out, |out| {
-                    for (i0, rows_out) in (0..m)
-                        .step_by(gemv::MAX_ROWS)
-                        .zip(out.chunks_mut(gemv::MAX_ROWS * n))
-                    {
-                        let rows = rows_out.len() / n;
-                        let x = x.rows(i0, rows, k);
-                        gemv::product(isa, x, rows, w, n, k, self.bias.as_deref(), rows_out);
+            ProductPath::Gemv(_) | ProductPath::Tiles(_) => {
+                let schedule = if matches!(path, ProductPath::Gemv(_)) {
+                    Schedule::Columns
+                } else {
+                    Schedule::Tiles {
+                        row_block: self.kernels.row_block,
                     }
-                })
+                };
+                let bias = self.bias.as_deref();
+                gemv::product(isa, x, m, w, n, k, bias, out, epilogue, schedule)
             }
             ProductPath::Sgemm | ProductPath::MklBf16 => {
                 let c = SharedMut::new(out);
@@ -579,21 +574,6 @@ impl CpuLinear {
             &storage.as_slice::<f32>().expect("f32 weights")[layout.start_offset()..]
                 [..self.n * self.k],
         )
-    }
-}
-
-impl XRows<'_> {
-    /// Rows `i0..i0 + rows` of rows of `k`.
-    fn rows(&self, i0: usize, rows: usize, k: usize) -> XRows<'_> {
-        let r = i0 * k..(i0 + rows) * k;
-        match *self {
-            XRows::F32(x) => XRows::F32(&x[r]),
-            XRows::Bf16(x) => XRows::Bf16(&x[r]),
-            XRows::Int8 { q, scale } => XRows::Int8 {
-                q: &q[r],
-                scale: &scale[i0..i0 + rows],
-            },
-        }
     }
 }
 
@@ -804,35 +784,92 @@ mod tests {
 
     #[test]
     fn bf16_and_int8_products_stay_close_to_f64() {
-        let (w, bias) = (data(N * K, 1), data(N, 2));
-        // |x|, |w| <= 1 and k = 200, so bf16 rounding (2^-9 relative on each operand) bounds
+        // |x|, |w| <= 1 and k <= 200, so bf16 rounding (2^-9 relative on each operand) bounds
         // the error by about 200 · 2 · 2^-9 ≈ 0.8 in the worst case, 0.05 typically; int8 by
-        // about twice that.
-        let mut layers = Vec::new();
-        for isa in isas() {
-            let kernels = CpuKernels::new(isa).with_row_block(256);
-            for (kind, bound) in [(WeightType::Bf16, 0.1), (WeightType::Int8, 0.2)] {
-                let layer = CpuLinear::from_f32(kind, &w, N, K, Some(bias.clone()), kernels);
-                layers.push((layer, format!("{} {isa}", kind.as_str()), bound));
+        // about twice that. Two shapes: k = 200 and 77 leave tails for every vector width
+        // (8, 16, 32, 64 elements), n = 37 and 9 partial blocks of 2 and 4 weight rows.
+        for (n, k) in [(N, K), (9, 77)] {
+            let (w, bias) = (data(n * k, 1), data(n, 2));
+            let mut layers = Vec::new();
+            for isa in isas() {
+                let kernels = CpuKernels::new(isa).with_row_block(256);
+                for (kind, bound) in [(WeightType::Bf16, 0.1), (WeightType::Int8, 0.2)] {
+                    let layer = CpuLinear::from_f32(kind, &w, n, k, Some(bias.clone()), kernels);
+                    layers.push((layer, format!("{} {isa}", kind.as_str()), bound));
+                }
+            }
+            check(&layers, &w, &bias, n, k);
+        }
+    }
+
+    /// The int8 sums are exact in i32 on every path, so every ISA's int8 product equals the
+    /// portable one bit for bit; bf16 products are exact in f32, so only the summation order
+    /// differs. Much tighter than the f64 bounds above: a lane that drops or repeats an
+    /// element of a tail would show here.
+    #[test]
+    fn every_isa_agrees_with_the_portable_kernels() {
+        for (n, k) in [(N, K), (9, 77)] {
+            let (w, bias) = (data(n * k, 1), data(n, 2));
+            for kind in [WeightType::Bf16, WeightType::Int8] {
+                let layer = |isa| {
+                    let kernels = CpuKernels::new(isa).with_row_block(256);
+                    CpuLinear::from_f32(kind, &w, n, k, Some(bias.clone()), kernels)
+                };
+                let portable = layer(Isa::portable());
+                for isa in isas() {
+                    let ours = layer(isa);
+                    for m in [1, 2, 3, 4, 5, 9, 300] {
+                        let x = data(m * k, 7 + m as u32);
+                        let (want, got) = (portable.forward(&x, m), ours.forward(&x, m));
+                        let e = max_err(&got, &want);
+                        let bound = if kind == WeightType::Int8 { 0.0 } else { 1e-5 };
+                        let path = ours.path(m).describe();
+                        assert!(e <= bound, "{kind:?} {isa} m={m} ({path}): {e}");
+                    }
+                }
             }
         }
-        check(&layers, &w, &bias, N, K);
     }
 
     #[test]
     fn every_precision_has_a_path_for_every_shape() {
         let w = data(N * K, 1);
         let portable = CpuKernels::new(Isa::portable());
-        let int8 = CpuLinear::from_f32(WeightType::Int8, &w, N, K, None, portable);
-        assert_eq!(int8.path(1), ProductPath::Gemv(Isa::portable()));
-        let many = int8.path(100);
-        assert!(
-            matches!(many, ProductPath::RowGroups(_) | ProductPath::MklInt8),
-            "{many:?}"
-        );
-        if CpuFeatures::detect().amx {
-            // MKL would use AMX, which the portable set excludes: our kernels take it.
-            assert_eq!(many, ProductPath::RowGroups(Isa::portable()));
+        for kind in [WeightType::Bf16, WeightType::Int8] {
+            let layer = CpuLinear::from_f32(kind, &w, N, K, None, portable);
+            assert_eq!(layer.path(1), ProductPath::Gemv(gemv::Kernel::Portable));
+            // No MKL GEMM without the instructions for it: our tiles take many rows.
+            assert_eq!(layer.path(100), ProductPath::Tiles(gemv::Kernel::Portable));
+        }
+    }
+
+    /// Issue 16: under the AVX2 limit (an AVX2 + FMA CPU without AVX-512, or this CPU narrowed
+    /// to one) every product runs our AVX2 lanes or the f32 GEMM, never an AVX-512 kernel nor
+    /// MKL's reduced-precision GEMMs (which would pick their own wider code).
+    #[test]
+    fn avx2_limit_runs_the_avx2_kernels_for_every_precision_and_shape() {
+        let isa = Isa::detect(IsaLimit::Avx2);
+        if !isa.avx2() {
+            return report_skip("AVX2 dispatch", "this CPU lacks AVX2/FMA/F16C");
+        }
+        assert!(!isa.avx512() && !isa.avx512_bf16() && !isa.avx512_vnni() && !isa.amx());
+        assert_eq!(isa.name(), "avx2");
+        let w = data(N * K, 1);
+        let kernels = CpuKernels::new(isa);
+        for kind in [WeightType::F32, WeightType::Bf16, WeightType::Int8] {
+            assert_eq!(gemv::kernel(isa, kind), gemv::Kernel::Avx2, "{kind:?}");
+            assert!(!kernels.mkl_reduced_precision(kind), "{kind:?}");
+            let layer = CpuLinear::from_f32(kind, &w, N, K, None, kernels);
+            for m in 1..=gemv::MAX_ROWS {
+                assert_eq!(layer.path(m), ProductPath::Gemv(gemv::Kernel::Avx2));
+            }
+            let many = if kind == WeightType::F32 {
+                ProductPath::Sgemm
+            } else {
+                ProductPath::Tiles(gemv::Kernel::Avx2)
+            };
+            assert_eq!(layer.path(gemv::MAX_ROWS + 1), many, "{kind:?}");
+            assert_eq!(layer.path(2056), many, "{kind:?}");
         }
     }
 }

@@ -3,7 +3,7 @@
 //! set and when the element goes to READY, so that ordinary settings never kill a stream.
 
 use super::engine::CaptionEngine;
-use super::worker::CaptionSettings;
+use super::stream::CaptionSettings;
 
 /// Whether `question` can be asked: it must be prepared without error and leave room in the
 /// context for one frame and one token of caption. The error says why not.
@@ -68,9 +68,8 @@ pub fn frames_in_window(duration_ns: u64, interval_ns: u64) -> u64 {
 mod tests {
     use super::*;
     use crate::model::preprocess::FrameView;
-    use crate::model::{GenerationParams, ModelError, Result};
+    use crate::model::{Cancel, GenerationParams, ModelError, Result};
     use candle_core::Tensor;
-    use std::sync::atomic::AtomicBool;
 
     /// Test double: a context of `positions`, prompts one position per character, frames of
     /// two positions; a question containing "!" cannot be prepared.
@@ -92,17 +91,17 @@ mod tests {
             self.positions.saturating_sub(prompt + max_new_tokens) / 2
         }
 
-        fn encode(&self, _: &FrameView, _: &usize, _: &AtomicBool) -> Result<Tensor> {
+        type Sequence = ();
+
+        fn encode_batch(&self, _: &[(FrameView<'_>, &usize)], _: Cancel) -> Vec<Result<Tensor>> {
             unreachable!("not encoded in these tests")
         }
 
-        fn caption(
-            &self,
-            _: &Tensor,
-            _: &usize,
-            _: &GenerationParams,
-            _: &AtomicBool,
-        ) -> Result<String> {
+        fn start_sequence(&self, _: &Tensor, _: &usize, _: &GenerationParams) -> Result<()> {
+            unreachable!("not captioned in these tests")
+        }
+
+        fn step(&self, _: &mut [&mut ()], _: Cancel) -> Result<Vec<Option<String>>> {
             unreachable!("not captioned in these tests")
         }
     }

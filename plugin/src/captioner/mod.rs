@@ -1,6 +1,9 @@
-//! Streaming logic with no GStreamer types: which frames are sampled, the hand-off to the
-//! worker, the window of tokens, the caption schedule, and the shared-model registry.
+//! Streaming logic with no GStreamer types: which frames are sampled, each stream's window and
+//! caption schedule, the scheduler that runs a shared model for every stream (batched encode,
+//! continuous batching of captions), where captions are generated, the context's limits, and
+//! the shared models.
 
+pub mod backend;
 pub mod engine;
 pub mod frame;
 pub mod limits;
@@ -9,11 +12,18 @@ pub mod queue;
 pub mod registry;
 pub mod remote;
 pub mod sampler;
+pub mod scheduler;
+pub mod stream;
 pub mod window;
 pub mod worker;
+
+#[cfg(test)]
+mod test_engine;
 
 pub use engine::CaptionEngine;
 pub use frame::OwnedFrame;
 pub use queue::{Pushed, QueuePolicy};
 pub use sampler::FrameSampler;
-pub use worker::{CaptionEvent, CaptionOutput, CaptionSettings, FrameJob, Job, Problem, Worker};
+pub use scheduler::{BatchLimits, Scheduler, StreamHandle};
+pub use stream::{CaptionEvent, CaptionOutput, CaptionSettings, Problem};
+pub use worker::{FrameJob, Job, Worker};

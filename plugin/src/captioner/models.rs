@@ -8,7 +8,8 @@ use std::sync::{Arc, LazyLock, Mutex};
 use candle_core::{DType, Device};
 
 use super::registry::Registry;
-use crate::model::{LanguageModelWeights, LlamaVid, LoadOptions, ModelError, Precision};
+use super::scheduler::{BatchLimits, Scheduler};
+use crate::model::{IsaLimit, LanguageModelWeights, LlamaVid, LoadOptions, ModelError, Precision};
 
 /// Where the `device` property asks the model to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +101,8 @@ impl Arithmetic {
 pub struct ModelRequest {
     pub model_dir: PathBuf,
     pub vision_tower: Option<PathBuf>,
+    /// bert-base-uncased's folder (`config.json`, `vocab.txt`); `None`: beside the model.
+    pub bert_dir: Option<PathBuf>,
     /// A GGUF file to take the language model from (`LoadOptions::llm_gguf`).
     pub llm_gguf: Option<PathBuf>,
     pub device: DeviceRequest,
@@ -107,8 +110,20 @@ pub struct ModelRequest {
     /// Size of the model's own thread pool (`None`: the default). Not part of the key: a
     /// shared model has one pool, sized by the element that loaded it.
     pub threads: Option<usize>,
+    /// Most frames encoded and captions decoded together by the model's scheduler (`None`:
+    /// [`BatchLimits::default_for`] the device). Not part of the key either: one scheduler.
+    pub encode_batch: Option<usize>,
+    pub caption_batch: Option<usize>,
     /// Which language-model weights to load (only the token embeddings when a server runs it).
     pub language_model: LanguageModelWeights,
+    /// Effects on the host process (the README's list): the pool's threads at a lower priority,
+    /// glibc's allocator tuned. Not part of the key: a shared model has one pool, and the
+    /// allocator is the process's; the loader's values hold.
+    pub lower_thread_priority: bool,
+    pub tune_allocator: bool,
+    /// The most the CPU kernels may use. Part of the key: it chooses the kernels (and the
+    /// layout of packed weights) of the copy.
+    pub cpu_isa: IsaLimit,
 }
 
 /// What makes two loaded models the same one.
@@ -116,12 +131,14 @@ pub struct ModelRequest {
 pub struct ModelKey {
     pub model_dir: PathBuf,
     pub vision_tower: Option<PathBuf>,
+    pub bert_dir: Option<PathBuf>,
     pub llm_gguf: Option<PathBuf>,
     pub device: DeviceId,
     pub dtype: DType,
     /// As requested (`Auto` stays `Auto`: it resolves the same way for every element).
     pub precision: Precision,
     pub language_model: LanguageModelWeights,
+    pub cpu_isa: IsaLimit,
 }
 
 impl ModelRequest {
@@ -133,23 +150,29 @@ impl ModelRequest {
         ModelKey {
             model_dir: canonical(&self.model_dir),
             vision_tower: self.vision_tower.as_deref().map(canonical),
+            bert_dir: self.bert_dir.as_deref().map(canonical),
             llm_gguf: self.llm_gguf.as_deref().map(canonical),
             device,
             dtype,
             precision,
             language_model: self.language_model,
+            cpu_isa: self.cpu_isa,
         }
     }
 
     fn load_options(&self, key: &ModelKey, device: Device) -> LoadOptions {
         let mut options = LoadOptions::new(&self.model_dir);
         options.vision_tower = self.vision_tower.clone();
+        options.bert_dir = self.bert_dir.clone();
         options.llm_gguf = self.llm_gguf.clone();
         options.device = device;
         options.dtype = key.dtype;
         options.precision = key.precision;
         options.threads = self.threads;
         options.language_model = key.language_model;
+        options.lower_thread_priority = self.lower_thread_priority;
+        options.tune_allocator = self.tune_allocator;
+        options.cpu_isa = key.cpu_isa;
         options
     }
 }
@@ -215,30 +238,77 @@ fn cuda_device(ordinal: usize) -> Result<Device, String> {
     ))
 }
 
-/// A loaded model, as the elements naming it share it.
+/// A loaded model, as the elements naming it share it: the weights and the one scheduler
+/// that runs them for every stream.
 pub struct SharedModel {
     pub model: Arc<LlamaVid>,
+    pub scheduler: Scheduler<LlamaVid>,
     pub key: ModelKey,
     /// The pool size it was loaded with.
     pub threads: Option<usize>,
+    /// The host effects it was loaded with.
+    pub lower_thread_priority: bool,
+    pub tune_allocator: bool,
 }
 
 impl SharedModel {
-    /// A sentence for an element that asked for `threads` but shares a model whose pool was
-    /// sized otherwise by the element that loaded it (the first loader's value wins).
-    pub fn threads_note(&self, threads: Option<usize>) -> Option<String> {
-        threads_note_for(self.threads, threads)
+    /// Sentences for an element whose request differs from what the shared model was made
+    /// with by the element that loaded it (the first loader's values win): pool size, batch
+    /// limits and host effects.
+    pub fn sharing_notes(&self, request: &ModelRequest) -> Vec<String> {
+        let limits = self.scheduler.limits();
+        let sizes = [
+            differs(
+                "threads",
+                self.threads,
+                request.threads,
+                "its thread pool has",
+            ),
+            differs(
+                "encode-batch",
+                Some(limits.encode),
+                request.encode_batch,
+                "its scheduler encodes frames in batches of up to",
+            ),
+            differs(
+                "caption-batch",
+                Some(limits.caption),
+                request.caption_batch,
+                "its scheduler decodes captions in batches of up to",
+            ),
+        ];
+        let effects = [
+            differs(
+                "lower-thread-priority",
+                Some(self.lower_thread_priority),
+                Some(request.lower_thread_priority),
+                "it was loaded with the value",
+            ),
+            differs(
+                "tune-allocator",
+                Some(self.tune_allocator),
+                Some(request.tune_allocator),
+                "it was loaded with the value",
+            ),
+        ];
+        sizes.into_iter().chain(effects).flatten().collect()
     }
 }
 
-fn threads_note_for(loaded: Option<usize>, asked: Option<usize>) -> Option<String> {
+/// A sentence when `asked` is set and differs from `loaded` (`None`: the default size).
+fn differs<T: PartialEq + std::fmt::Display>(
+    property: &str,
+    loaded: Option<T>,
+    asked: Option<T>,
+    what: &str,
+) -> Option<String> {
     let asked = asked?;
-    (loaded != Some(asked)).then(|| {
-        let actual = loaded.map_or("the default size".to_owned(), |n| format!("{n} threads"));
+    (loaded.as_ref() != Some(&asked)).then(|| {
+        let actual = loaded.map_or("the default size".to_owned(), |n| n.to_string());
         format!(
-            "threads={asked} not applied: the model is shared with an element that loaded it \
-             first, and its thread pool has {actual} (set the same `threads` on every element \
-             sharing a model)"
+            "{property}={asked} not applied: the model is shared with an element that loaded it \
+             first, and {what} {actual} (set the same `{property}` on every element sharing a \
+             model)"
         )
     })
 }
@@ -249,6 +319,8 @@ pub enum LoadError {
     /// A property names something that cannot be (an unknown or missing device).
     Device(String),
     Model(ModelError),
+    /// The scheduler's thread could not start.
+    Thread(std::io::Error),
 }
 
 static MODELS: LazyLock<Registry<ModelKey, SharedModel>> = LazyLock::new(Registry::default);
@@ -261,16 +333,25 @@ pub fn load_shared(request: &ModelRequest) -> Result<(Arc<SharedModel>, bool), L
         .resolve(|ordinal| device(DeviceId::Cuda(ordinal)).is_ok());
     let device = device(id).map_err(LoadError::Device)?;
     let key = request.key(id);
-    MODELS
-        .get_or_load(&key, || {
-            let model = LlamaVid::load(&request.load_options(&key, device))?;
-            Ok(SharedModel {
-                model: Arc::new(model),
-                key: key.clone(),
-                threads: request.threads,
-            })
+    MODELS.get_or_load(&key, || {
+        let gpu = !device.is_cpu();
+        let options = request.load_options(&key, device);
+        let model = Arc::new(LlamaVid::load(&options).map_err(LoadError::Model)?);
+        let defaults = BatchLimits::default_for(gpu);
+        let limits = BatchLimits {
+            encode: request.encode_batch.unwrap_or(defaults.encode),
+            caption: request.caption_batch.unwrap_or(defaults.caption),
+        };
+        let scheduler = Scheduler::spawn(model.clone(), limits).map_err(LoadError::Thread)?;
+        Ok(SharedModel {
+            model,
+            scheduler,
+            key: key.clone(),
+            threads: request.threads,
+            lower_thread_priority: request.lower_thread_priority,
+            tune_allocator: request.tune_allocator,
         })
-        .map_err(LoadError::Model)
+    })
 }
 
 #[cfg(test)]
@@ -282,11 +363,17 @@ mod tests {
         ModelRequest {
             model_dir: PathBuf::from("/models/llama-vid"),
             vision_tower: None,
+            bert_dir: None,
             llm_gguf: None,
             device: device.parse().unwrap(),
             arithmetic: Arithmetic::Auto,
             threads: None,
+            encode_batch: None,
+            caption_batch: None,
             language_model: LanguageModelWeights::All,
+            lower_thread_priority: true,
+            tune_allocator: true,
+            cpu_isa: IsaLimit::Best,
         }
     }
 
@@ -326,17 +413,40 @@ mod tests {
     }
 
     #[test]
-    fn threads_and_path_spellings_are_not_part_of_the_key() {
+    fn threads_host_effects_and_path_spellings_are_not_part_of_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = request("cpu");
         a.model_dir = dir.path().to_owned();
         let mut b = a.clone();
         b.model_dir = dir.path().join(".");
         b.threads = Some(3);
+        b.lower_thread_priority = false;
+        b.tune_allocator = false;
         assert_eq!(a.key(DeviceId::Cpu), b.key(DeviceId::Cpu));
         let mut c = a.clone();
         c.arithmetic = Arithmetic::Int8;
         assert_ne!(a.key(DeviceId::Cpu), c.key(DeviceId::Cpu));
+        // The instruction-set limit chooses other kernels: another copy.
+        for isa in [IsaLimit::Avx512, IsaLimit::Avx2, IsaLimit::Portable] {
+            let mut d = a.clone();
+            d.cpu_isa = isa;
+            assert_ne!(a.key(DeviceId::Cpu), d.key(DeviceId::Cpu), "{isa}");
+        }
+    }
+
+    #[test]
+    fn the_load_options_carry_the_host_effects_and_the_isa() {
+        let mut r = request("cpu");
+        r.lower_thread_priority = false;
+        r.tune_allocator = false;
+        r.cpu_isa = IsaLimit::Avx2;
+        let options = r.load_options(&r.key(DeviceId::Cpu), Device::Cpu);
+        assert!(!options.lower_thread_priority && !options.tune_allocator);
+        assert_eq!(options.cpu_isa, IsaLimit::Avx2);
+        let defaults = request("cpu");
+        let options = defaults.load_options(&defaults.key(DeviceId::Cpu), Device::Cpu);
+        assert!(options.lower_thread_priority && options.tune_allocator);
+        assert_eq!(options.cpu_isa, IsaLimit::Best);
     }
 
     #[test]
@@ -368,9 +478,9 @@ mod tests {
     }
 
     #[test]
-    fn a_differing_threads_request_is_reported() {
-        // The rule of `SharedModel::threads_note`, without loading a model.
-        let note = threads_note_for;
+    fn a_differing_request_on_a_shared_model_is_reported() {
+        // The rule of `SharedModel::sharing_notes`, without loading a model.
+        let note = |loaded, asked| differs("threads", loaded, asked, "its thread pool has");
         assert!(note(Some(2), Some(2)).is_none());
         assert!(note(Some(2), None).is_none(), "no request, no complaint");
         let text = note(None, Some(4)).unwrap();
@@ -378,6 +488,11 @@ mod tests {
             text.contains("threads=4") && text.contains("default size"),
             "{text}"
         );
-        assert!(note(Some(2), Some(3)).unwrap().contains("2 threads"));
+        assert!(note(Some(2), Some(3)).unwrap().contains("has 2"));
+        let effect = |loaded, asked| differs("tune-allocator", Some(loaded), Some(asked), "x");
+        assert!(effect(true, true).is_none());
+        assert!(effect(true, false)
+            .unwrap()
+            .contains("tune-allocator=false"));
     }
 }

@@ -106,32 +106,6 @@ impl<T: Droppable> JobQueue<T> {
         }
     }
 
-    /// Like [`pop`](Self::pop), but gives up after `wait`: `Ok(None)` when nothing came,
-    /// `Err(())` once the queue is closed.
-    #[allow(clippy::result_unit_err)]
-    pub fn pop_timeout(&self, wait: std::time::Duration) -> Result<Option<T>, ()> {
-        let deadline = std::time::Instant::now() + wait;
-        let mut state = self.lock();
-        loop {
-            if state.closed {
-                return Err(());
-            }
-            if let Some(item) = state.items.pop_front() {
-                self.changed.notify_all();
-                return Ok(Some(item));
-            }
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            state = self
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-
     /// While flushing, pending items are discarded and pushes are refused (a blocked pusher
     /// returns at once).
     pub fn set_flushing(&self, flushing: bool) {
@@ -149,6 +123,25 @@ impl<T: Droppable> JobQueue<T> {
         state.closed = true;
         state.items.clear();
         self.changed.notify_all();
+    }
+
+    /// The next item without waiting, if any (`None` also once closed).
+    pub fn try_pop(&self) -> Option<T> {
+        let mut state = self.lock();
+        if state.closed {
+            return None;
+        }
+        let item = state.items.pop_front();
+        if item.is_some() {
+            self.changed.notify_all();
+        }
+        item
+    }
+
+    /// Looks at the next item without taking it.
+    pub fn peek<R>(&self, look: impl FnOnce(Option<&T>) -> R) -> R {
+        let state = self.lock();
+        look(state.items.front())
     }
 
     pub fn len(&self) -> usize {

@@ -1,142 +1,135 @@
-//! Captions of one stream through a language-model server, without ever holding up the
-//! worker: a due caption starts a request and the worker goes back to encoding frames (the
-//! window keeps sliding); the reply is collected between jobs. At most one request is in
-//! flight per stream: a caption that falls due meanwhile is skipped and counted late. A
-//! server that is away or failing (retryable errors) gets the next attempt after a backoff
+//! One stream's captions through a language-model server, as a [`CaptionBackend`] the stream
+//! owns: a due caption starts a request (the window's input embeddings) and the scheduler goes
+//! back to encoding frames (the window keeps sliding); the reply is collected when it comes.
+//! At most one request is in flight per stream: a caption that falls due meanwhile is skipped.
+//! A server that is away or failing (retryable errors) gets the next attempt after a backoff
 //! that doubles up to [`MAX_BACKOFF`], with a warning when the outage starts and a message
-//! when it ends; a refusal (4xx: wrong model name, prompt embeds not enabled, too long) is
-//! returned as an error, for the element to stop on.
+//! when it ends; a refusal (4xx: wrong model name, prompt embeds not enabled, too long) fails
+//! the stream, for the element to stop on.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::worker::CaptionEvent;
-use crate::model::remote::{Completion, RemoteCaptionInput, RemoteLanguageModel, PROBE};
-use crate::model::{ModelError, Result};
+use candle_core::Tensor;
+
+use super::backend::{CaptionBackend, CaptionId, Finished, Outcome, Report};
+use super::engine::CaptionEngine;
+use super::stream::Problem;
+use crate::model::remote::{RemoteLanguageModel, PROBE};
+use crate::model::{Cancel, GenerationParams, ModelError, Result};
 
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// What became of a due caption.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Started {
-    Sent,
-    /// The previous request is still in flight: this caption is late and skipped.
-    Busy,
-    /// The server failed recently: no request before the backoff ends.
-    BackingOff,
-}
+/// How often the scheduler looks for the server's reply while one is awaited.
+const POLL: Duration = Duration::from_millis(20);
 
-/// What a reply brought.
-#[derive(Debug)]
-pub enum Collected {
-    /// The caption's event (text still empty) and the server's completion.
-    Caption(CaptionEvent, Completion),
-    /// The server failed and will be asked again after the backoff; `first` is true for the
-    /// first failure of an outage (warn once).
-    Unavailable { error: ModelError, first: bool },
-    /// The server answered again after `failures` failed attempts.
-    Recovered { failures: u32 },
-}
-
-pub struct RemoteCaptions {
+pub struct RemoteCaptions<E: CaptionEngine> {
+    /// Builds the server's input and decodes its ids (the local embeddings and tokenizer).
+    engine: Arc<E>,
     model: RemoteLanguageModel,
     /// The caption whose request is in flight (`None` for the start-up probe).
-    pending: Option<CaptionEvent>,
-    /// The arrival of the last frame of the pending caption, for its latency.
-    pending_arrived: Option<Instant>,
+    pending: Option<CaptionId>,
     retry_at: Option<Instant>,
     failures: u32,
-    /// Captions skipped because a request was still in flight.
-    pub late: u64,
 }
 
-impl RemoteCaptions {
+impl<E: CaptionEngine> RemoteCaptions<E> {
     /// Starts with a probe of the server (`/v1/models`): an unreachable server is reported
     /// at once, a server that does not serve the model is refused at once.
-    pub fn new(model: RemoteLanguageModel) -> Result<Self> {
+    pub fn new(engine: Arc<E>, model: RemoteLanguageModel) -> Result<Self> {
         model.start_probe()?;
         Ok(Self {
+            engine,
             model,
             pending: None,
-            pending_arrived: None,
             retry_at: None,
             failures: 0,
-            late: 0,
         })
     }
 
-    pub fn model(&self) -> &RemoteLanguageModel {
-        &self.model
-    }
-
-    pub fn in_flight(&self) -> bool {
-        self.model.busy()
-    }
-
-    /// True when a caption due now would not be sent (counting it late when a request is in
-    /// flight), so that its input need not be built.
-    pub fn start_blocked(&mut self) -> bool {
-        if self.model.busy() {
-            self.late += 1;
-            return true;
-        }
+    fn backing_off(&self) -> bool {
         self.retry_at.is_some_and(|at| Instant::now() < at)
     }
 
-    /// Sends a due caption, unless a request is in flight or the server is backed off from.
-    /// `event` describes the window (its text is filled in when the reply comes), `arrived`
-    /// is when its last frame arrived.
-    pub fn start(
-        &mut self,
-        input: RemoteCaptionInput,
-        event: CaptionEvent,
-        arrived: Instant,
-    ) -> Result<Started> {
-        if self.model.busy() {
-            self.late += 1;
-            return Ok(Started::Busy);
-        }
-        if self.retry_at.is_some_and(|at| Instant::now() < at) {
-            return Ok(Started::BackingOff);
-        }
-        self.model.start(input)?;
-        self.pending = Some(event);
-        self.pending_arrived = Some(arrived);
-        Ok(Started::Sent)
+    fn url(&self) -> &str {
+        &self.model.config().url
+    }
+}
+
+impl<E: CaptionEngine> CaptionBackend<E::Prompt> for RemoteCaptions<E> {
+    fn accepts(&mut self) -> bool {
+        !self.model.busy() && !self.backing_off()
     }
 
-    /// The request in flight is of no use any more (a flush): its reply will be dropped.
-    pub fn abandon(&mut self) {
-        if self.pending.take().is_some() {
+    fn stream_waits(&self) -> bool {
+        false
+    }
+
+    fn start(
+        &mut self,
+        id: CaptionId,
+        tokens: &Tensor,
+        prompt: &E::Prompt,
+        params: &GenerationParams,
+    ) -> Result<()> {
+        let input = self.engine.remote_input(tokens, prompt, params)?;
+        self.model.start(input)?;
+        self.pending = Some(id);
+        Ok(())
+    }
+
+    /// The reply of the request in flight will be dropped (a flush): it still runs to its end
+    /// on the server, and no new request starts before it has.
+    fn abandon(&mut self, id: CaptionId) {
+        if self.pending == Some(id) {
+            self.pending = None;
             self.model.abandon();
         }
-        self.pending_arrived = None;
     }
 
-    /// Collects the reply in flight if it comes within `wait`. Fatal failures are returned
-    /// as errors.
-    pub fn poll(&mut self, wait: Duration) -> Result<Vec<Collected>> {
-        let Some(reply) = self.model.reply(wait) else {
-            return Ok(Vec::new());
+    fn captions(&self) -> Vec<CaptionId> {
+        self.pending.into_iter().collect()
+    }
+
+    fn ready(&self) -> bool {
+        false
+    }
+
+    fn poll_every(&self) -> Option<Duration> {
+        self.model.busy().then_some(POLL)
+    }
+
+    fn advance(&mut self, _cancel: Cancel) -> Vec<Report> {
+        let Some(reply) = self.model.reply(Duration::ZERO) else {
+            return Vec::new();
         };
         let pending = self.pending.take();
-        let arrived = self.pending_arrived.take();
-        let mut collected = Vec::new();
+        let mut reports = Vec::new();
         match reply {
             Ok(completion) => {
                 if self.failures > 0 {
-                    collected.push(Collected::Recovered {
-                        failures: self.failures,
-                    });
+                    reports.push(Report::Info(format!(
+                        "The language-model server answers again (after {} failed attempts)",
+                        self.failures
+                    )));
                 }
                 self.failures = 0;
                 self.retry_at = None;
-                if let Some(mut event) = pending {
+                if let Some(id) = pending {
                     if completion.finish_reason.as_deref() != Some(PROBE) {
-                        if let Some(arrived) = arrived {
-                            event.latency = arrived.elapsed();
-                        }
-                        collected.push(Collected::Caption(event, completion));
+                        let outcome = match self.engine.remote_text(completion) {
+                            Ok(text) => Outcome::Text(text),
+                            Err(e) => Outcome::Failed(Problem::model(
+                                "decoding the language-model server's reply",
+                                &e,
+                            )),
+                        };
+                        reports.push(Report::Finished(Finished {
+                            id,
+                            outcome,
+                            batch: 1,
+                        }));
                     }
                 }
             }
@@ -146,22 +139,30 @@ impl RemoteCaptions {
                     .saturating_mul(1 << (self.failures - 1).min(16))
                     .min(MAX_BACKOFF);
                 self.retry_at = Some(Instant::now() + backoff);
-                collected.push(Collected::Unavailable {
-                    error: ModelError::Remote(e),
-                    first: self.failures == 1,
-                });
+                if self.failures == 1 {
+                    reports.push(Report::Warning(Problem {
+                        message: format!(
+                            "The language-model server {} cannot caption now; captions resume \
+                             when it answers (retrying with backoff)",
+                            self.url()
+                        ),
+                        debug: e.to_string(),
+                        log: None,
+                    }));
+                }
+                if let Some(id) = pending {
+                    reports.push(Report::Finished(Finished {
+                        id,
+                        outcome: Outcome::Lost,
+                        batch: 1,
+                    }));
+                }
             }
-            Err(e) => return Err(e),
+            Err(e) => reports.push(Report::Failed(Problem::model(
+                "captioning through the language-model server",
+                &e,
+            ))),
         }
-        Ok(collected)
-    }
-
-    /// Waits for the request in flight (an EOS drains it), checking `cancelled` every 10 ms.
-    pub fn drain(&mut self, cancelled: impl Fn() -> bool) -> Result<Vec<Collected>> {
-        let mut collected = Vec::new();
-        while self.model.busy() && !cancelled() {
-            collected.extend(self.poll(Duration::from_millis(10))?);
-        }
-        Ok(collected)
+        reports
     }
 }

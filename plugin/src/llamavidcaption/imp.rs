@@ -20,14 +20,17 @@ use super::settings::{
 };
 use super::text::{push_item, Popped, TextItem, TextTimeline};
 use super::{FramePolicy, CAPTION_META, CAT};
+use crate::captioner::backend::CaptionBackend;
 use crate::captioner::limits::{check_prompt, check_prompt_text, check_settings};
 use crate::captioner::models::{load_shared, LoadError, SharedModel};
+use crate::captioner::remote::RemoteCaptions;
 use crate::captioner::{
-    CaptionSettings, FrameJob, FrameSampler, Job, OwnedFrame, Pushed, QueuePolicy, Worker,
+    CaptionSettings, FrameJob, FrameSampler, Job, OwnedFrame, Pushed, QueuePolicy, StreamHandle,
 };
 use crate::model::remote::RemoteLanguageModel;
+use crate::model::LlamaVid;
 
-/// Sampled frames that may wait for the worker. Copies of frames, not upstream buffers.
+/// Sampled frames that may wait for the model. Copies of frames, not upstream buffers.
 const QUEUE_CAPACITY: usize = 4;
 
 /// Per-stream state of the streaming thread.
@@ -67,12 +70,14 @@ pub struct LlamaVidCaption {
     srcpad: gst::Pad,
     textpad: gst::Pad,
     settings: Mutex<Settings>,
-    /// The captioning settings: the one copy, read by the worker before each job.
+    /// The captioning settings: the one copy, read by the scheduler before each of this
+    /// stream's jobs.
     caption: Arc<Mutex<CaptionSettings>>,
     state: Mutex<State>,
     shared: Arc<Shared>,
     model: Mutex<Option<Arc<SharedModel>>>,
-    worker: Mutex<Option<Arc<Worker>>>,
+    /// This element's stream on the model's scheduler, while PAUSED or PLAYING.
+    stream: Mutex<Option<Arc<StreamHandle<LlamaVid>>>>,
 }
 
 impl LlamaVidCaption {
@@ -118,9 +123,22 @@ impl LlamaVidCaption {
     /// Loads (or shares) the model named by the properties, and checks the settings against
     /// it: a prompt it cannot take fails here, a window longer than its context is a warning.
     fn load_model(&self) -> Result<(), gst::ErrorMessage> {
-        let request = lock(&self.settings)
+        let mut request = lock(&self.settings)
             .model_request()
             .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("{}", e)))?;
+        // A hub id or URL becomes files in the cache (downloaded now if need be).
+        let fetched = super::fetch::fetch_model(
+            self.obj().upcast_ref(),
+            &request.model_dir.to_string_lossy(),
+            request
+                .vision_tower
+                .as_ref()
+                .map(|p| p.to_string_lossy())
+                .as_deref(),
+        )?;
+        request.model_dir = fetched.model_dir;
+        request.vision_tower = fetched.vision_tower;
+        request.bert_dir = fetched.bert_dir;
         self.post_progress(gst::ProgressType::Start, "Loading the LLaMA-VID model");
         gst::info!(CAT, imp = self, "loading {request:?}");
         let started = Instant::now();
@@ -132,6 +150,10 @@ impl LlamaVidCaption {
                     LoadError::Device(e) => {
                         gst::error_msg!(gst::LibraryError::Settings, ("{}", e))
                     }
+                    LoadError::Thread(e) => gst::error_msg!(
+                        gst::CoreError::Thread,
+                        ("Cannot start the model's scheduler thread: {}", e)
+                    ),
                     LoadError::Model(e) => {
                         if let Some(backtrace) = e.backtrace() {
                             gst::error!(CAT, imp = self, "{}\n{backtrace}", e.summary());
@@ -151,7 +173,7 @@ impl LlamaVidCaption {
         for note in shared.model.notes() {
             gst::warning!(CAT, imp = self, "{note}");
         }
-        if let Some(note) = shared.threads_note(request.threads) {
+        for note in shared.sharing_notes(&request) {
             gst::warning!(CAT, imp = self, "{note}");
             gst::element_imp_warning!(self, gst::LibraryError::Settings, ("{}", note));
         }
@@ -179,7 +201,8 @@ impl LlamaVidCaption {
         Ok(())
     }
 
-    fn start_worker(&self) -> Result<(), gst::ErrorMessage> {
+    /// Attaches this element's stream to the model's scheduler.
+    fn attach_stream(&self) -> Result<(), gst::ErrorMessage> {
         let Some(shared) = lock(&self.model).clone() else {
             return Err(gst::error_msg!(
                 gst::CoreError::StateChange,
@@ -196,10 +219,12 @@ impl LlamaVidCaption {
                     config.model,
                     config.url
                 );
-                Some(
-                    RemoteLanguageModel::new(config)
-                        .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("{}", e)))?,
-                )
+                let model = RemoteLanguageModel::new(config)
+                    .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("{}", e)))?;
+                let captions = RemoteCaptions::new(shared.model.clone(), model).map_err(|e| {
+                    gst::error_msg!(gst::LibraryError::Settings, ("{}", e.summary()))
+                })?;
+                Some(Box::new(captions) as Box<dyn CaptionBackend<_>>)
             }
             None => None,
         };
@@ -207,28 +232,27 @@ impl LlamaVidCaption {
             element: self.obj().downgrade(),
             shared: self.shared.clone(),
         });
-        let worker = Worker::spawn_with_remote(
-            shared.model.clone(),
-            self.caption.clone(),
-            output,
-            QUEUE_CAPACITY,
-            remote,
-        )
-        .map_err(|e| {
-            gst::error_msg!(
-                gst::CoreError::Thread,
-                ("Cannot start the worker thread: {}", e)
-            )
-        })?;
-        *lock(&self.worker) = Some(Arc::new(worker));
+        let stream =
+            shared
+                .scheduler
+                .attach_with(self.caption.clone(), output, QUEUE_CAPACITY, remote);
+        *lock(&self.stream) = Some(Arc::new(stream));
         Ok(())
     }
 
-    fn stop_worker(&self) {
-        let worker = lock(&self.worker).take();
-        if let Some(worker) = worker {
-            worker.shutdown();
+    /// Leaves the scheduler: returns at once, the model's work for this stream is dropped
+    /// (other elements sharing the model are not touched).
+    fn detach_stream(&self) {
+        let stream = lock(&self.stream).take();
+        if let Some(stream) = stream {
+            stream.detach();
         }
+    }
+
+    /// This element's stream, cloned out of its lock (a submit may wait for room, and a flush
+    /// or state change must reach the stream meanwhile).
+    fn stream(&self) -> Option<Arc<StreamHandle<LlamaVid>>> {
+        lock(&self.stream).clone()
     }
 
     fn start_text_task(&self) -> Result<(), glib::BoolError> {
@@ -388,11 +412,8 @@ impl LlamaVidCaption {
         };
         let stats = &self.shared.stats;
         stats.frames_sampled.fetch_add(1, Ordering::Relaxed);
-        // Clone the handle out of the lock: `submit` may wait for room (non-live), and a flush
-        // or state change must be able to reach the worker meanwhile.
-        let worker = lock(&self.worker).clone();
-        let pushed = match worker {
-            Some(worker) => worker.submit(job, policy),
+        let pushed = match self.stream() {
+            Some(stream) => stream.submit(job, policy),
             None => Pushed::Refused(job),
         };
         if let Pushed::Replaced(_) = pushed {
@@ -401,7 +422,7 @@ impl LlamaVidCaption {
             gst::debug!(
                 CAT,
                 imp = self,
-                "worker busy: dropped the oldest waiting frame ({dropped} so far)"
+                "model busy: dropped the oldest waiting frame ({dropped} so far)"
             );
             let rt = gst::ClockTime::from_nseconds(running_time);
             let stream_time = lock(&self.state)
@@ -480,9 +501,8 @@ impl LlamaVidCaption {
             EventView::FlushStart(_) => {
                 self.shared.flushing.store(true, Ordering::SeqCst);
                 self.shared.signal_eos(None);
-                let worker = lock(&self.worker).clone();
-                if let Some(worker) = worker {
-                    worker.flush_start();
+                if let Some(stream) = self.stream() {
+                    stream.flush_start();
                 }
                 self.shared.text.set_flushing(true);
                 let _ = self.textpad.push_event(event.clone());
@@ -491,9 +511,8 @@ impl LlamaVidCaption {
             }
             EventView::FlushStop(_) => {
                 let epoch = self.shared.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-                let worker = lock(&self.worker).clone();
-                if let Some(worker) = worker {
-                    worker.flush_stop(epoch);
+                if let Some(stream) = self.stream() {
+                    stream.flush_stop(epoch);
                 }
                 {
                     let mut state = lock(&self.state);
@@ -512,10 +531,9 @@ impl LlamaVidCaption {
             EventView::Eos(_) => {
                 let epoch = self.shared.epoch.load(Ordering::SeqCst);
                 // The handle is cloned out of the lock: the submit may wait for room.
-                let worker = lock(&self.worker).clone();
-                let submitted = match worker {
-                    Some(worker) => matches!(
-                        worker.submit(Job::Eos { epoch }, QueuePolicy::Block),
+                let submitted = match self.stream() {
+                    Some(stream) => matches!(
+                        stream.submit(Job::Eos { epoch }, QueuePolicy::Block),
                         Pushed::Queued
                     ),
                     None => false,
@@ -525,7 +543,7 @@ impl LlamaVidCaption {
                     self.shared.wait_eos(epoch);
                 }
                 if !submitted || self.shared.failed.load(Ordering::SeqCst) {
-                    // No worker to finish the text stream: end it here.
+                    // Nothing on the model's side to finish the text stream: end it here.
                     self.shared.text.push(TextItem::Eos);
                 }
                 self.srcpad.push_event(event)
@@ -624,7 +642,7 @@ impl ObjectSubclass for LlamaVidCaption {
             settings: Mutex::new(settings),
             shared: Arc::new(Shared::default()),
             model: Mutex::new(None),
-            worker: Mutex::new(None),
+            stream: Mutex::new(None),
         }
     }
 }
@@ -647,7 +665,20 @@ impl ObjectImpl for LlamaVidCaption {
                 lock(&self.settings).device = string(value).unwrap_or_else(|| DEFAULT_DEVICE.into())
             }
             "threads" => lock(&self.settings).threads = value.get().expect("type checked"),
+            "encode-batch" => {
+                lock(&self.settings).encode_batch = value.get().expect("type checked")
+            }
+            "caption-batch" => {
+                lock(&self.settings).caption_batch = value.get().expect("type checked")
+            }
             "dtype" => lock(&self.settings).dtype = value.get().expect("type checked"),
+            "lower-thread-priority" => {
+                lock(&self.settings).lower_thread_priority = value.get().expect("type checked")
+            }
+            "tune-allocator" => {
+                lock(&self.settings).tune_allocator = value.get().expect("type checked")
+            }
+            "cpu-isa" => lock(&self.settings).cpu_isa = value.get().expect("type checked"),
             "llm-server" => lock(&self.settings).llm_server = non_empty(value),
             "llm-server-model" => lock(&self.settings).llm_server_model = non_empty(value),
             "llm-server-timeout" => {
@@ -718,7 +749,12 @@ impl ObjectImpl for LlamaVidCaption {
             "llm-gguf" => path(&lock(&self.settings).llm_gguf).to_value(),
             "device" => lock(&self.settings).device.to_value(),
             "threads" => lock(&self.settings).threads.to_value(),
+            "encode-batch" => lock(&self.settings).encode_batch.to_value(),
+            "caption-batch" => lock(&self.settings).caption_batch.to_value(),
             "dtype" => lock(&self.settings).dtype.to_value(),
+            "lower-thread-priority" => lock(&self.settings).lower_thread_priority.to_value(),
+            "tune-allocator" => lock(&self.settings).tune_allocator.to_value(),
+            "cpu-isa" => lock(&self.settings).cpu_isa.to_value(),
             "llm-server" => lock(&self.settings).llm_server.to_value(),
             "llm-server-model" => lock(&self.settings).llm_server_model.to_value(),
             "llm-server-timeout" => lock(&self.settings).llm_server_timeout_ms.to_value(),
@@ -735,6 +771,7 @@ impl ObjectImpl for LlamaVidCaption {
             "frames-sampled" => counter(&stats.frames_sampled),
             "frames-encoded" => counter(&stats.frames_encoded),
             "frames-dropped" => counter(&stats.frames_dropped),
+            "frames-batched" => counter(&stats.frames_batched),
             "captions" => counter(&stats.captions),
             "last-caption" => lock(&stats.last_caption).0.to_value(),
             "last-caption-latency" => (lock(&stats.last_caption).1.as_millis() as u64).to_value(),
@@ -822,7 +859,7 @@ impl ElementImpl for LlamaVidCaption {
                 *lock(&self.state) = State::new(lock(&self.settings).sample_interval_ms);
                 // Text queued while the pads activate (stream-start, segment) must not be lost.
                 self.shared.text.set_flushing(false);
-                if let Err(e) = self.start_worker() {
+                if let Err(e) = self.attach_stream() {
                     self.post_error_message(e);
                     return Err(gst::StateChangeError);
                 }
@@ -830,7 +867,7 @@ impl ElementImpl for LlamaVidCaption {
             gst::StateChange::PausedToReady => {
                 self.shared.flushing.store(true, Ordering::SeqCst);
                 self.shared.signal_eos(None);
-                self.stop_worker();
+                self.detach_stream();
                 self.stop_text_task();
             }
             _ => {}

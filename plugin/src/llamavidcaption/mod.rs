@@ -16,6 +16,7 @@ use std::sync::LazyLock;
 use gst::glib;
 use gst::prelude::*;
 
+mod fetch;
 mod frames;
 mod imp;
 mod liveness;
@@ -81,6 +82,28 @@ pub enum Dtype {
     Int8 = 3,
 }
 
+/// The most the model's CPU kernels may use (`cpu-isa` property).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, glib::Enum, Default)]
+#[repr(u32)]
+#[enum_type(name = "GstLlamaVidCpuIsa")]
+pub enum CpuIsa {
+    #[default]
+    #[enum_value(
+        name = "Best: everything the CPU has, AMX included (AMX permission asked for the process in bf16/int8/auto mkl builds)",
+        nick = "best"
+    )]
+    Best = 0,
+    #[enum_value(
+        name = "AVX-512 (with BF16/VNNI where present), never AMX",
+        nick = "avx512"
+    )]
+    Avx512 = 1,
+    #[enum_value(name = "AVX2 and FMA, no AVX-512", nick = "avx2")]
+    Avx2 = 2,
+    #[enum_value(name = "Portable kernels, no vector extension", nick = "portable")]
+    Portable = 3,
+}
+
 glib::wrapper! {
     pub struct LlamaVidCaption(ObjectSubclass<imp::LlamaVidCaption>) @extends gst::Element, gst::Object;
 }
@@ -93,6 +116,7 @@ pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     {
         FramePolicy::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
         Dtype::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+        CpuIsa::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     }
     gst::Element::register(
         Some(plugin),

@@ -24,6 +24,7 @@ pub struct Stats {
     pub frames_sampled: AtomicU64,
     pub frames_encoded: AtomicU64,
     pub frames_dropped: AtomicU64,
+    pub frames_batched: AtomicU64,
     pub captions: AtomicU64,
     pub last_caption: Mutex<(String, Duration)>,
 }
@@ -34,6 +35,7 @@ impl Stats {
             &self.frames_sampled,
             &self.frames_encoded,
             &self.frames_dropped,
+            &self.frames_batched,
             &self.captions,
         ] {
             counter.store(0, Ordering::Relaxed);
@@ -112,6 +114,7 @@ pub fn caption_structure(name: &str, event: &CaptionEvent, pts: u64) -> gst::Str
         .field("frames", event.frames)
         .field("latency", event.latency.as_nanos() as u64)
         .field("prompt", &event.prompt)
+        .field("batch", event.batch)
         .build()
 }
 
@@ -158,12 +161,13 @@ impl ElementOutput {
 }
 
 impl CaptionOutput for ElementOutput {
-    fn frame_encoded(&self, epoch: u64) {
+    fn frame_encoded(&self, epoch: u64, batch: usize) {
         if self.shared.current(epoch) {
-            self.shared
-                .stats
-                .frames_encoded
-                .fetch_add(1, Ordering::Relaxed);
+            let stats = &self.shared.stats;
+            stats.frames_encoded.fetch_add(1, Ordering::Relaxed);
+            if batch > 1 {
+                stats.frames_batched.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 

@@ -9,11 +9,11 @@ use std::time::Duration;
 use gst::glib;
 use gst::prelude::*;
 
-use super::{Dtype, FramePolicy};
+use super::{CpuIsa, Dtype, FramePolicy};
 use crate::captioner::models::{Arithmetic, DeviceRequest, ModelRequest};
 use crate::captioner::CaptionSettings;
 use crate::model::remote::ServerConfig;
-use crate::model::{GenerationParams, LanguageModelWeights};
+use crate::model::{GenerationParams, IsaLimit, LanguageModelWeights};
 
 pub const DEFAULT_PROMPT: &str = "Describe what is happening in the video.";
 pub const DEFAULT_DEVICE: &str = "auto";
@@ -27,6 +27,8 @@ pub const DEFAULT_SEED: u64 = 0;
 pub const DEFAULT_LATENCY_MS: u64 = 10_000;
 /// 0: the model's default pool size.
 pub const DEFAULT_THREADS: u32 = 0;
+/// 0: the scheduler's default for the device.
+pub const DEFAULT_BATCH: u32 = 0;
 pub const MS: u64 = 1_000_000;
 pub const DEFAULT_LLM_SERVER_TIMEOUT_MS: u64 = 60_000;
 
@@ -40,6 +42,11 @@ pub struct Settings {
     pub device: String,
     pub dtype: Dtype,
     pub threads: u32,
+    pub encode_batch: u32,
+    pub caption_batch: u32,
+    pub lower_thread_priority: bool,
+    pub tune_allocator: bool,
+    pub cpu_isa: CpuIsa,
     pub sample_interval_ms: u64,
     pub latency_ms: u64,
     pub frame_policy: FramePolicy,
@@ -58,6 +65,11 @@ impl Default for Settings {
             device: DEFAULT_DEVICE.into(),
             dtype: Dtype::Auto,
             threads: DEFAULT_THREADS,
+            encode_batch: DEFAULT_BATCH,
+            caption_batch: DEFAULT_BATCH,
+            lower_thread_priority: true,
+            tune_allocator: true,
+            cpu_isa: CpuIsa::Best,
             sample_interval_ms: DEFAULT_SAMPLE_INTERVAL_MS,
             latency_ms: DEFAULT_LATENCY_MS,
             frame_policy: FramePolicy::Auto,
@@ -72,7 +84,7 @@ impl Settings {
     /// The model these settings name; `Err` says which property is wrong.
     pub fn model_request(&self) -> Result<ModelRequest, String> {
         let model_dir = self.model.clone().ok_or(
-            "No model set: set the `model` property to a LLaMA-VID model directory".to_owned(),
+            "No model set: set the `model` property to a LLaMA-VID model directory or a hub id (owner/name)".to_owned(),
         )?;
         let device = self.device.parse::<DeviceRequest>()?;
         if self.llm_gguf.is_some() && self.llm_server.is_some() {
@@ -82,19 +94,26 @@ impl Settings {
                     .to_owned(),
             );
         }
+        let set = |n: u32| (n > 0).then_some(n as usize);
         Ok(ModelRequest {
             model_dir,
             vision_tower: self.vision_tower.clone(),
+            bert_dir: None,
             llm_gguf: self.llm_gguf.clone(),
             device,
             arithmetic: self.dtype.into(),
-            threads: (self.threads > 0).then_some(self.threads as usize),
+            threads: set(self.threads),
+            encode_batch: set(self.encode_batch),
+            caption_batch: set(self.caption_batch),
             // With the language model on a server only its token embeddings are loaded.
             language_model: if self.llm_server.is_some() {
                 LanguageModelWeights::EmbeddingsOnly
             } else {
                 LanguageModelWeights::All
             },
+            lower_thread_priority: self.lower_thread_priority,
+            tune_allocator: self.tune_allocator,
+            cpu_isa: self.cpu_isa.into(),
         })
     }
 
@@ -123,6 +142,17 @@ impl From<Dtype> for Arithmetic {
             Dtype::F32 => Arithmetic::F32,
             Dtype::Bf16 => Arithmetic::Bf16,
             Dtype::Int8 => Arithmetic::Int8,
+        }
+    }
+}
+
+impl From<CpuIsa> for IsaLimit {
+    fn from(isa: CpuIsa) -> Self {
+        match isa {
+            CpuIsa::Best => IsaLimit::Best,
+            CpuIsa::Avx512 => IsaLimit::Avx512,
+            CpuIsa::Avx2 => IsaLimit::Avx2,
+            CpuIsa::Portable => IsaLimit::Portable,
         }
     }
 }
@@ -166,12 +196,12 @@ pub fn properties() -> &'static [glib::ParamSpec] {
         vec![
             glib::ParamSpecString::builder("model")
                 .nick("Model")
-                .blurb("LLaMA-VID model directory (config.json, weights, tokenizer); the EVA weights and bert-base-uncased are looked up beside it")
+                .blurb("LLaMA-VID model: a directory (config.json, weights, tokenizer; the EVA weights and bert-base-uncased are looked up beside it) or a Hugging Face hub id owner/name[@revision], downloaded into the hub cache with bert-base-uncased and the EVA weights")
                 .mutable_ready()
                 .build(),
             glib::ParamSpecString::builder("vision-tower")
                 .nick("Vision tower")
-                .blurb("EVA-ViT-G weights file (eva_vit_g.pth); default: mm_vision_tower of config.json, resolved beside the model")
+                .blurb("EVA-ViT-G weights (eva_vit_g.pth): a file, an https:// URL, or a hub file owner/name/path[@revision]; default: mm_vision_tower of config.json resolved beside a local model, the LAVIS URL for a hub model")
                 .mutable_ready()
                 .build(),
             glib::ParamSpecString::builder("llm-gguf")
@@ -196,6 +226,37 @@ pub fn properties() -> &'static [glib::ParamSpec] {
                 .blurb("Threads of the model's own compute pool on the CPU; 0: one per core, leaving one core for the pipeline on machines with more than two. Elements sharing a model share its pool: the first to load it sets the size (a different value later gets a warning)")
                 .maximum(1024)
                 .default_value(DEFAULT_THREADS)
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecUInt::builder("encode-batch")
+                .nick("Encode batch")
+                .blurb("Most sampled frames (of all elements sharing the model) its scheduler encodes together; 0: 4 on the CPU, 16 on CUDA. Set by the element that loads the model")
+                .maximum(256)
+                .default_value(DEFAULT_BATCH)
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecUInt::builder("caption-batch")
+                .nick("Caption batch")
+                .blurb("Most captions (of all elements sharing the model) its scheduler decodes together, one forward per token; 0: 8 on the CPU, 32 on CUDA. Set by the element that loads the model")
+                .maximum(256)
+                .default_value(DEFAULT_BATCH)
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecBoolean::builder("lower-thread-priority")
+                .nick("Lower thread priority")
+                .blurb("Run the model's compute threads at a lower priority (nice +5 on Linux) so that the pipeline's threads win a busy CPU; false leaves their priority alone. Elements sharing a model share its threads: the first to load it decides (a different value later gets a warning)")
+                .default_value(true)
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecBoolean::builder("tune-allocator")
+                .nick("Tune allocator")
+                .blurb("Tune glibc's allocator (mallopt: freed activations stay in the heap, 10 to 20% of an encode), a process-wide setting made once by the first CPU load; false when the application tunes its own allocator. The first element to load a model decides (a different value later gets a warning)")
+                .default_value(true)
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecEnum::builder_with_default("cpu-isa", CpuIsa::Best)
+                .nick("CPU instruction set")
+                .blurb("The most the model's CPU kernels may use, a narrowing of what the CPU has: best (AMX included, whose permission is then asked for the process), avx512 (never AMX), avx2, portable. Elements asking for different values load separate copies of the model")
                 .mutable_ready()
                 .build(),
             ms_property("sample-interval", "Sample interval", "Running time between sampled frames, in ms (the fps-1 checkpoints were trained on one frame per second)", DEFAULT_SAMPLE_INTERVAL_MS, 1),
@@ -262,6 +323,7 @@ pub fn properties() -> &'static [glib::ParamSpec] {
             statistic("frames-sampled", "Frames sampled", "Frames picked for encoding"),
             statistic("frames-encoded", "Frames encoded", "Frames turned into tokens"),
             statistic("frames-dropped", "Frames dropped", "Sampled frames dropped because the model was behind"),
+            statistic("frames-batched", "Frames batched", "Frames encoded together with others (a batch of 2 or more, frames of other elements sharing the model included)"),
             statistic("captions", "Captions", "Captions produced"),
             glib::ParamSpecString::builder("last-caption").nick("Last caption").blurb("Text of the latest caption").read_only().build(),
             statistic("last-caption-latency", "Last caption latency", "Time from the arrival of the latest caption's last frame to the caption, in ms"),

@@ -4,6 +4,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::ModelError;
+
 /// Where the answer to "stop now?" comes from. Copy, so it is passed down by value.
 #[derive(Clone, Copy, Default)]
 pub struct Cancel<'a> {
@@ -62,6 +64,16 @@ impl<'a> Cancel<'a> {
         } else {
             Ok(())
         }
+    }
+}
+
+/// `ModelError::Cancelled` when `error` is what [`Cancel::check`] returned, the error itself
+/// otherwise: how the model turns a cancelled pass back into its own error.
+pub fn cancelled_or(error: candle_core::Error) -> ModelError {
+    if matches!(&error, candle_core::Error::Msg(m) if m == CANCELLED) {
+        ModelError::Cancelled
+    } else {
+        ModelError::Tensor(error)
     }
 }
 

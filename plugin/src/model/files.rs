@@ -69,9 +69,11 @@ impl ModelFiles {
                             what: "EVA vision tower weights (mm_vision_tower)",
                             path: PathBuf::from(mm_vision_tower),
                             hint: format!(
-                                "looked at {}; download LAVIS eva_vit_g.pth there or set the \
-                                 vision-tower property to its path",
-                                tried(&paths)
+                                "looked at {}; put LAVIS eva_vit_g.pth there, or set \
+                                 vision-tower to its path, to its URL ({}) to download it, or \
+                                 to a hub file owner/name/path",
+                                tried(&paths),
+                                crate::hub::LAVIS_EVA_URL
                             ),
                         })
                     }

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use llamavid_kernels::cpu::vit::VitProfile;
 use llamavid_kernels::cpu::{host, CpuKernels, Isa};
 
-use super::cancel::{Cancel, CANCELLED};
+use super::cancel::{cancelled_or, Cancel};
 use super::checkpoint::Checkpoint;
 use super::config::{read_json, BertConfig, LlavaConfig, VisionOverrides};
 use super::eva::{EvaConfig, EvaVit};
@@ -804,14 +804,5 @@ impl LlamaVid {
             text: clean_answer(&text).to_owned(),
             token_ids,
         })
-    }
-}
-
-/// `Cancelled` when `error` is what [`Cancel::check`] returns, the error itself otherwise.
-pub(super) fn cancelled_or(error: candle_core::Error) -> ModelError {
-    if matches!(&error, candle_core::Error::Msg(m) if m == CANCELLED) {
-        ModelError::Cancelled
-    } else {
-        ModelError::Tensor(error)
     }
 }

@@ -67,25 +67,18 @@ impl Precision {
             (Self::Auto, Some(_)) => (Self::F32, None),
             (_, Some(k)) if fast_reduced_precision(k) => (self, None),
             (_, Some(k)) => {
-                let isa = k.isa();
-                let small = match self {
-                    Self::Bf16 if isa.avx512_bf16() => "AVX-512 BF16",
-                    Self::Int8 if isa.avx512_vnni() => "AVX-512 VNNI",
-                    _ => "portable",
-                };
-                let large = if k.mkl_reduced_precision() {
-                    "MKL's GEMMs without AMX"
-                } else if cpu::HAS_MKL {
-                    "the few-row kernels (AMX is excluded for this model)"
+                let kind = self.weight_type();
+                let small = cpu::gemv::kernel(k.isa(), kind);
+                let large = if k.mkl_reduced_precision(kind) {
+                    "MKL's GEMMs without AMX".to_owned()
                 } else {
-                    "the few-row kernels (this build lacks the `mkl` feature)"
+                    format!("our {small} kernels in tiles")
                 };
                 (
                     self,
                     Some(format!(
                         "precision {self}: decoding runs on the {small} kernels and large \
-                         products on {large}; expect it to be slower than f32 on this CPU \
-                         ({})",
+                         products on {large} (CPU: {})",
                         cpu::CpuFeatures::detect().describe()
                     )),
                 )
