@@ -5,7 +5,7 @@
 //! llamavid-caption --model DIR|owner/name[@revision] [--prompt TEXT]
 //!                  [--vision-tower FILE|URL|owner/name/path] [--max-new-tokens N]
 //!                  [--temperature T] [--top-p P] [--seed S] [--max-frames N] [--fps F]
-//!                  [--weights auto|bin|safetensors] [--json]
+//!                  [--weights auto|bin|safetensors] [--json] [--llm-gguf FILE]
 //!                  [--llm-server URL --llm-server-model NAME [--llm-server-timeout SECONDS]]
 //!                  VIDEO_OR_FRAME_DIR
 //! ```
@@ -32,7 +32,7 @@ use llamavid_examples::{decode_image_dir, decode_video};
 const USAGE: &str = "usage: llamavid-caption --model DIR|owner/name[@revision] [--prompt TEXT] \
 [--vision-tower FILE|URL|owner/name/path] \
 [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--max-frames N] [--fps F] \
-[--weights auto|bin|safetensors] [--json] [--llm-server URL --llm-server-model NAME \
+[--weights auto|bin|safetensors] [--json] [--llm-gguf FILE] [--llm-server URL --llm-server-model NAME \
 [--llm-server-timeout SECONDS]] VIDEO_OR_FRAME_DIR";
 
 struct Args {
@@ -40,6 +40,7 @@ struct Args {
     input: PathBuf,
     prompt: String,
     vision_tower: Option<String>,
+    llm_gguf: Option<PathBuf>,
     params: GenerationParams,
     max_frames: usize,
     fps: f64,
@@ -53,6 +54,7 @@ fn parse_args() -> Result<Args> {
     let mut input = None;
     let mut prompt = "Describe what is happening in the video.".to_owned();
     let mut vision_tower = None;
+    let mut llm_gguf = None;
     let mut params = GenerationParams {
         max_new_tokens: 128,
         ..GenerationParams::default()
@@ -74,6 +76,7 @@ fn parse_args() -> Result<Args> {
             "--model" => model = Some(value()?),
             "--prompt" => prompt = value()?,
             "--vision-tower" => vision_tower = Some(value()?),
+            "--llm-gguf" => llm_gguf = Some(PathBuf::from(value()?)),
             "--max-new-tokens" => params.max_new_tokens = value()?.parse()?,
             "--temperature" => params.temperature = value()?.parse()?,
             "--top-p" => params.top_p = value()?.parse()?,
@@ -118,6 +121,7 @@ fn parse_args() -> Result<Args> {
             .with_context(|| format!("a video file or frame directory is required\n{USAGE}"))?,
         prompt,
         vision_tower,
+        llm_gguf,
         params,
         max_frames,
         fps,
@@ -143,6 +147,7 @@ fn run() -> Result<()> {
     let mut options = LoadOptions::new(&fetched.model_dir);
     options.vision_tower = fetched.vision_tower.clone();
     options.bert_dir = fetched.bert_dir.clone();
+    options.llm_gguf = args.llm_gguf.clone();
     options.weight_format = args.weights;
     let remote = match &args.llm_server {
         Some(config) => {

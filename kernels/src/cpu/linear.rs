@@ -9,6 +9,8 @@
 //! * **int8**: weights quantised once per output channel (symmetric, scale = max|w|/127),
 //!   activations quantised per row at every call (dynamic, symmetric, stored +128 as u8),
 //!   products accumulated exactly in i32 and rescaled to f32.
+//! * **ggml blocks** (a GGUF file's Q4_0 … Q6_K): the file's blocks as they are, products with
+//!   ggml's arithmetic ([`super::quant`]).
 //!
 //! Products of at most [`gemv::MAX_ROWS`] rows (decoding) run on the matrix-vector kernels of
 //! [`gemv`] (AVX-512, AVX2 or portable lanes); larger ones on MKL's GEMMs (AMX or AVX-512
@@ -22,6 +24,7 @@ use candle_core::{Storage, Tensor};
 use super::blas::{self, Dims, Mat, Out};
 use super::gemv::{self, Schedule, WRows, XRows};
 use super::parallel::{for_tiles, SharedMut};
+use super::quant::{BlockType, BlockWeights};
 use super::scratch::Scratch;
 use super::{convert, math, CpuFeatures, Isa, HAS_MKL};
 #[cfg(feature = "mkl")]
@@ -77,6 +80,7 @@ impl CpuKernels {
             WeightType::F32 => return false,
             WeightType::Bf16 => self.isa.avx512_bf16(),
             WeightType::Int8 => self.isa.avx512_vnni(),
+            WeightType::Ggml(_) => return false,
         };
         HAS_MKL && (self.isa.amx() || (native && !CpuFeatures::detect().amx))
     }
@@ -88,6 +92,8 @@ pub enum WeightType {
     F32,
     Bf16,
     Int8,
+    /// ggml block-quantized weights from a GGUF file.
+    Ggml(BlockType),
 }
 
 impl WeightType {
@@ -96,6 +102,7 @@ impl WeightType {
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
             Self::Int8 => "int8",
+            Self::Ggml(t) => t.name(),
         }
     }
 }
@@ -130,6 +137,8 @@ pub enum ProductPath {
     MklBf16,
     /// int8 tiles on MKL's `gemm_s8u8s32` (AMX where permitted).
     MklInt8,
+    /// ggml's block dot products ([`super::quant`]) for these instructions, any row count.
+    GgmlBlocks(Isa),
 }
 
 impl ProductPath {
@@ -142,6 +151,7 @@ impl ProductPath {
             Self::MklPacked => "MKL packed sgemm".into(),
             Self::MklBf16 => "MKL bf16 GEMM".into(),
             Self::MklInt8 => "MKL u8s8 GEMM".into(),
+            Self::GgmlBlocks(isa) => format!("ggml block dots ({isa})"),
         }
     }
 }
@@ -151,6 +161,7 @@ enum Weights {
     /// (n, k) row-major bf16 bits.
     Bf16(Vec<u16>),
     Int8(Int8Weights),
+    Ggml(BlockWeights),
 }
 
 enum F32Weights {
@@ -219,7 +230,8 @@ impl CpuLinear {
     }
 
     /// Weights of type `kind` from `w`, (n, k) row-major f32: converted once to bf16 or
-    /// quantised per output channel to int8 (f32 weights are copied into a tensor).
+    /// quantised per output channel to int8 (f32 weights are copied into a tensor). ggml
+    /// blocks are not made here: they come from a file ([`CpuLinear::ggml`]).
     pub fn from_f32(
         kind: WeightType,
         w: &[f32],
@@ -243,8 +255,32 @@ impl CpuLinear {
                 let (q, scale, offset) = convert::quantize_weights(kernels.isa, w, k);
                 Weights::Int8(Int8Weights { q, scale, offset })
             }
+            // A caller's slip, not an input error: no precision maps to ggml blocks.
+            WeightType::Ggml(t) => panic!("{t:?} weights come from a GGUF file (CpuLinear::ggml)"),
         };
         Self::with_weights(weights, bias, n, k, kernels)
+    }
+
+    /// ggml block-quantized weights: `data` holds `n` rows of `k` values in blocks of `t`, as
+    /// a GGUF file stores them (kept as they are). Errs when the sizes do not fit.
+    pub fn ggml(
+        t: BlockType,
+        n: usize,
+        k: usize,
+        data: Vec<u8>,
+        bias: Option<Vec<f32>>,
+        kernels: CpuKernels,
+    ) -> Result<Self, String> {
+        let weights = Weights::Ggml(BlockWeights::new(t, n, k, data)?);
+        Ok(Self::with_weights(weights, bias, n, k, kernels))
+    }
+
+    /// The weights as f32 (n, k) when they are ggml blocks (for checks).
+    pub fn dequantized_blocks(&self) -> Option<Vec<f32>> {
+        match &self.weights {
+            Weights::Ggml(w) => Some(w.dequantize()),
+            _ => None,
+        }
     }
 
     fn with_weights(
@@ -277,10 +313,11 @@ impl CpuLinear {
     }
 
     pub fn weight_type(&self) -> WeightType {
-        match self.weights {
+        match &self.weights {
             Weights::F32(_) => WeightType::F32,
             Weights::Bf16(_) => WeightType::Bf16,
             Weights::Int8(_) => WeightType::Int8,
+            Weights::Ggml(w) => WeightType::Ggml(w.block_type()),
         }
     }
 
@@ -294,6 +331,7 @@ impl CpuLinear {
             }
             Weights::Bf16(w) => w.len() * 2,
             Weights::Int8(w) => w.q.len() + w.scale.len() * 8,
+            Weights::Ggml(w) => w.bytes(),
         }
     }
 
@@ -308,6 +346,7 @@ impl CpuLinear {
             Weights::F32(F32Weights::Packed(_)) => ProductPath::MklPacked,
             Weights::F32(_) if few && isa.avx2() => ProductPath::Gemv(ours),
             Weights::F32(_) => ProductPath::Sgemm,
+            Weights::Ggml(_) => ProductPath::GgmlBlocks(isa),
             _ if few => ProductPath::Gemv(ours),
             _ if !self.kernels.mkl_reduced_precision(kind) => ProductPath::Tiles(ours),
             Weights::Bf16(_) => ProductPath::MklBf16,
@@ -359,6 +398,12 @@ impl CpuLinear {
                     offset: &w.offset,
                 };
                 self.product(path, x, w, m, out, epilogue)
+            }
+            Weights::Ggml(w) => {
+                let ProductPath::GgmlBlocks(isa) = path else {
+                    unreachable!("{path:?} for ggml blocks")
+                };
+                w.product(isa, x, (m, n, k), self.bias.as_deref(), out, epilogue)
             }
         }
     }

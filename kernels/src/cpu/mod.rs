@@ -6,6 +6,8 @@
 //!   under the `mkl` feature (AMX bf16/u8s8, packed f32), the `gemm` crate for f32 without MKL.
 //! * [`vit`], [`llama`]: one EVA-ViT block and one LLaMA decoder layer, fused (no intermediate
 //!   tensors; GELU and residual adds applied to each tile of a product while it is in cache).
+//! * [`quant`]: products on ggml's block-quantized weights (GGUF files) with ggml's arithmetic,
+//!   reached through the same [`CpuLinear::path`].
 //! * [`math`] (norms, softmax, GELU, SiLU), [`convert`] (bf16, int8 quantisation), [`blas`]
 //!   (single-threaded tile products), [`parallel`] (how work is split), [`scratch`] (reused
 //!   buffers).
@@ -32,6 +34,7 @@ pub mod math;
 #[cfg(feature = "mkl")]
 mod mkl;
 pub mod parallel;
+pub mod quant;
 pub mod scratch;
 pub mod vit;
 

@@ -103,6 +103,8 @@ pub struct ModelRequest {
     pub vision_tower: Option<PathBuf>,
     /// bert-base-uncased's folder (`config.json`, `vocab.txt`); `None`: beside the model.
     pub bert_dir: Option<PathBuf>,
+    /// A GGUF file to take the language model from (`LoadOptions::llm_gguf`).
+    pub llm_gguf: Option<PathBuf>,
     pub device: DeviceRequest,
     pub arithmetic: Arithmetic,
     /// Size of the model's own thread pool (`None`: the default). Not part of the key: a
@@ -130,6 +132,7 @@ pub struct ModelKey {
     pub model_dir: PathBuf,
     pub vision_tower: Option<PathBuf>,
     pub bert_dir: Option<PathBuf>,
+    pub llm_gguf: Option<PathBuf>,
     pub device: DeviceId,
     pub dtype: DType,
     /// As requested (`Auto` stays `Auto`: it resolves the same way for every element).
@@ -148,6 +151,7 @@ impl ModelRequest {
             model_dir: canonical(&self.model_dir),
             vision_tower: self.vision_tower.as_deref().map(canonical),
             bert_dir: self.bert_dir.as_deref().map(canonical),
+            llm_gguf: self.llm_gguf.as_deref().map(canonical),
             device,
             dtype,
             precision,
@@ -160,6 +164,7 @@ impl ModelRequest {
         let mut options = LoadOptions::new(&self.model_dir);
         options.vision_tower = self.vision_tower.clone();
         options.bert_dir = self.bert_dir.clone();
+        options.llm_gguf = self.llm_gguf.clone();
         options.device = device;
         options.dtype = key.dtype;
         options.precision = key.precision;
@@ -359,6 +364,7 @@ mod tests {
             model_dir: PathBuf::from("/models/llama-vid"),
             vision_tower: None,
             bert_dir: None,
+            llm_gguf: None,
             device: device.parse().unwrap(),
             arithmetic: Arithmetic::Auto,
             threads: None,

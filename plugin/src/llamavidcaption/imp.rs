@@ -660,6 +660,7 @@ impl ObjectImpl for LlamaVidCaption {
         match pspec.name() {
             "model" => lock(&self.settings).model = path(value),
             "vision-tower" => lock(&self.settings).vision_tower = path(value),
+            "llm-gguf" => lock(&self.settings).llm_gguf = path(value),
             "device" => {
                 lock(&self.settings).device = string(value).unwrap_or_else(|| DEFAULT_DEVICE.into())
             }
@@ -745,6 +746,7 @@ impl ObjectImpl for LlamaVidCaption {
         match pspec.name() {
             "model" => path(&lock(&self.settings).model).to_value(),
             "vision-tower" => path(&lock(&self.settings).vision_tower).to_value(),
+            "llm-gguf" => path(&lock(&self.settings).llm_gguf).to_value(),
             "device" => lock(&self.settings).device.to_value(),
             "threads" => lock(&self.settings).threads.to_value(),
             "encode-batch" => lock(&self.settings).encode_batch.to_value(),

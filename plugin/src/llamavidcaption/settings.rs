@@ -37,6 +37,8 @@ pub const DEFAULT_LLM_SERVER_TIMEOUT_MS: u64 = 60_000;
 pub struct Settings {
     pub model: Option<PathBuf>,
     pub vision_tower: Option<PathBuf>,
+    /// A llama.cpp GGUF file to take the language model from.
+    pub llm_gguf: Option<PathBuf>,
     pub device: String,
     pub dtype: Dtype,
     pub threads: u32,
@@ -59,6 +61,7 @@ impl Default for Settings {
         Self {
             model: None,
             vision_tower: None,
+            llm_gguf: None,
             device: DEFAULT_DEVICE.into(),
             dtype: Dtype::Auto,
             threads: DEFAULT_THREADS,
@@ -84,11 +87,19 @@ impl Settings {
             "No model set: set the `model` property to a LLaMA-VID model directory or a hub id (owner/name)".to_owned(),
         )?;
         let device = self.device.parse::<DeviceRequest>()?;
+        if self.llm_gguf.is_some() && self.llm_server.is_some() {
+            return Err(
+                "`llm-gguf` and `llm-server` are both set: the language model runs either \
+                 here from the GGUF file or on the server; unset one"
+                    .to_owned(),
+            );
+        }
         let set = |n: u32| (n > 0).then_some(n as usize);
         Ok(ModelRequest {
             model_dir,
             vision_tower: self.vision_tower.clone(),
             bert_dir: None,
+            llm_gguf: self.llm_gguf.clone(),
             device,
             arithmetic: self.dtype.into(),
             threads: set(self.threads),
@@ -191,6 +202,11 @@ pub fn properties() -> &'static [glib::ParamSpec] {
             glib::ParamSpecString::builder("vision-tower")
                 .nick("Vision tower")
                 .blurb("EVA-ViT-G weights (eva_vit_g.pth): a file, an https:// URL, or a hub file owner/name/path[@revision]; default: mm_vision_tower of config.json resolved beside a local model, the LAVIS URL for a hub model")
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecString::builder("llm-gguf")
+                .nick("Language model GGUF")
+                .blurb("llama.cpp GGUF file (llama architecture: F32/F16/BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, e.g. written by llamavid-export-gguf) to take the language model from instead of the checkpoint; the vision side and the tokenizer still come from the model directory")
                 .mutable_ready()
                 .build(),
             glib::ParamSpecString::builder("prompt")

@@ -1,12 +1,19 @@
 //! The LLaMA decoder (HF `LlamaForCausalLM` layout): RMSNorm, rotate-half RoPE, SwiGLU MLP,
-//! untied `lm_head`, KV cache. It takes input embeddings, because LLaMA-VID splices the frame
-//! tokens between embedded prompt tokens.
+//! tied or untied `lm_head`, KV cache. It takes input embeddings, because LLaMA-VID splices the
+//! frame tokens between embedded prompt tokens.
+//!
+//! The weights come through [`LlamaWeights`], by parameter rather than by file name: the HF
+//! checkpoint ([`CheckpointWeights`]) or a GGUF file (`super::gguf`), whose quantized matrices
+//! become quantized [`Linear`] layers of this same decoder.
 //!
 //! A forward pass may carry several sequences at once (a ragged batch: each with its own
 //! cache and its own number of new rows, a prefill beside decode steps): the rows of all of
 //! them go through every linear layer together (each weight is read once), attention runs per
 //! sequence over its own cache and positions.
 
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
 
@@ -15,6 +22,170 @@ use super::nn::{fused_llama_layer, linear_no_bias, Linear, LoadContext, Sequence
 
 use super::config::LlavaConfig;
 
+/// The decoder's hyper-parameters, from `config.json` or a GGUF file's metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_kv_heads: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub vocab_size: usize,
+    pub tie_word_embeddings: bool,
+}
+
+impl LlamaConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+impl From<&LlavaConfig> for LlamaConfig {
+    fn from(cfg: &LlavaConfig) -> Self {
+        Self {
+            hidden_size: cfg.hidden_size,
+            intermediate_size: cfg.intermediate_size,
+            num_hidden_layers: cfg.num_hidden_layers,
+            num_attention_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_kv_heads(),
+            rms_norm_eps: cfg.rms_norm_eps,
+            rope_theta: cfg.rope_theta,
+            max_position_embeddings: cfg.max_position_embeddings,
+            vocab_size: cfg.vocab_size,
+            tie_word_embeddings: cfg.tie_word_embeddings,
+        }
+    }
+}
+
+/// One parameter of the decoder; each weight source maps it to its own tensor name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LlamaParam {
+    Embed,
+    FinalNorm,
+    LmHead,
+    InputNorm(usize),
+    Q(usize),
+    K(usize),
+    V(usize),
+    O(usize),
+    PostNorm(usize),
+    Gate(usize),
+    Up(usize),
+    Down(usize),
+}
+
+impl LlamaParam {
+    /// The tensor's name in an HF `LlamaForCausalLM` checkpoint.
+    pub fn hf_name(self) -> String {
+        match self {
+            Self::Embed => "model.embed_tokens.weight".into(),
+            Self::FinalNorm => "model.norm.weight".into(),
+            Self::LmHead => "lm_head.weight".into(),
+            Self::InputNorm(i) => format!("model.layers.{i}.input_layernorm.weight"),
+            Self::Q(i) => format!("model.layers.{i}.self_attn.q_proj.weight"),
+            Self::K(i) => format!("model.layers.{i}.self_attn.k_proj.weight"),
+            Self::V(i) => format!("model.layers.{i}.self_attn.v_proj.weight"),
+            Self::O(i) => format!("model.layers.{i}.self_attn.o_proj.weight"),
+            Self::PostNorm(i) => format!("model.layers.{i}.post_attention_layernorm.weight"),
+            Self::Gate(i) => format!("model.layers.{i}.mlp.gate_proj.weight"),
+            Self::Up(i) => format!("model.layers.{i}.mlp.up_proj.weight"),
+            Self::Down(i) => format!("model.layers.{i}.mlp.down_proj.weight"),
+        }
+    }
+
+    /// The parameters of layer `i`, in file order.
+    pub fn of_layer(i: usize) -> [Self; 9] {
+        [
+            Self::InputNorm(i),
+            Self::Q(i),
+            Self::K(i),
+            Self::V(i),
+            Self::O(i),
+            Self::PostNorm(i),
+            Self::Gate(i),
+            Self::Up(i),
+            Self::Down(i),
+        ]
+    }
+}
+
+/// Where a [`Llama`] gets its weights. Shapes are (out, in) for matrices, as in PyTorch; Q and
+/// K rows in the HF order (rotate-half RoPE). Each source builds its layers with the
+/// [`LoadContext`] it was given.
+pub trait LlamaWeights {
+    /// A linear layer without bias, weight (out_dim, in_dim).
+    fn linear(&self, param: LlamaParam, in_dim: usize, out_dim: usize) -> Result<Linear>;
+    /// An RMSNorm of width `len`.
+    fn rms_norm(&self, param: LlamaParam, len: usize, eps: f64) -> Result<RmsNorm>;
+    /// The token embedding (vocab, hidden).
+    fn embedding(&self, vocab: usize, hidden: usize) -> Result<TokenEmbedding>;
+    /// The context the layers are built with (the tied `lm_head` is built with it too).
+    fn context(&self) -> &LoadContext;
+}
+
+/// The HF checkpoint's tensors (`model.*` and `lm_head.*` under `vb`), the matrices built as
+/// `ctx` says.
+pub struct CheckpointWeights<'a> {
+    pub vb: VarBuilder<'a>,
+    pub ctx: &'a LoadContext,
+}
+
+impl LlamaWeights for CheckpointWeights<'_> {
+    fn linear(&self, param: LlamaParam, in_dim: usize, out_dim: usize) -> Result<Linear> {
+        let name = param.hf_name();
+        let prefix = name.strip_suffix(".weight").unwrap_or(&name);
+        linear_no_bias(in_dim, out_dim, self.vb.pp(prefix), self.ctx)
+    }
+
+    fn rms_norm(&self, param: LlamaParam, len: usize, eps: f64) -> Result<RmsNorm> {
+        let name = param.hf_name();
+        rms_norm(
+            len,
+            eps,
+            self.vb.pp(name.strip_suffix(".weight").unwrap_or(&name)),
+        )
+    }
+
+    fn embedding(&self, vocab: usize, hidden: usize) -> Result<TokenEmbedding> {
+        let e = embedding(vocab, hidden, self.vb.pp("model.embed_tokens"))?;
+        Ok(TokenEmbedding::Dense(e))
+    }
+
+    fn context(&self) -> &LoadContext {
+        self.ctx
+    }
+}
+
+/// Token ids to vectors: a dense matrix, or quantized rows (a GGUF file's `token_embd`) that
+/// are dequantized only for the ids looked up.
+#[derive(Clone)]
+pub enum TokenEmbedding {
+    Dense(Embedding),
+    Quantized(Arc<QTensor>),
+}
+
+impl TokenEmbedding {
+    /// Ids (S,) to embeddings (S, H).
+    fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        let ids = Tensor::new(ids, device)?;
+        match self {
+            Self::Dense(e) => e.forward(&ids),
+            Self::Quantized(q) => q.embedding(&ids),
+        }
+    }
+
+    /// The same matrix as an output layer (tied `lm_head`), built as `ctx` says.
+    fn tied_lm_head(&self, ctx: &LoadContext) -> Result<Linear> {
+        match self {
+            Self::Dense(e) => Ok(ctx.linear(e.embeddings().clone(), None)),
+            Self::Quantized(q) => ctx.gguf_linear(q.clone()),
+        }
+    }
+}
+
 /// Rotary tables computed in f32 from the base, never from the checkpoint's rounded `inv_freq`.
 struct Rotary {
     cos: Tensor,
@@ -22,8 +193,8 @@ struct Rotary {
 }
 
 impl Rotary {
-    fn new(cfg: &LlavaConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let head_dim = cfg.hidden_size / cfg.num_attention_heads;
+    fn new(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let head_dim = cfg.head_dim();
         let inv_freq: Vec<f32> = (0..head_dim / 2)
             .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / head_dim as f32))
             .collect();
@@ -58,17 +229,17 @@ struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn new(cfg: &LlavaConfig, vb: VarBuilder, ctx: &LoadContext) -> Result<Self> {
+    fn new(cfg: &LlamaConfig, layer: usize, weights: &dyn LlamaWeights) -> Result<Self> {
         let h = cfg.hidden_size;
-        let head_dim = h / cfg.num_attention_heads;
-        let kv = cfg.num_kv_heads() * head_dim;
+        let head_dim = cfg.head_dim();
+        let kv = cfg.num_kv_heads * head_dim;
         Ok(Self {
-            q_proj: linear_no_bias(h, h, vb.pp("q_proj"), ctx)?,
-            k_proj: linear_no_bias(h, kv, vb.pp("k_proj"), ctx)?,
-            v_proj: linear_no_bias(h, kv, vb.pp("v_proj"), ctx)?,
-            o_proj: linear_no_bias(h, h, vb.pp("o_proj"), ctx)?,
+            q_proj: weights.linear(LlamaParam::Q(layer), h, h)?,
+            k_proj: weights.linear(LlamaParam::K(layer), h, kv)?,
+            v_proj: weights.linear(LlamaParam::V(layer), h, kv)?,
+            o_proj: weights.linear(LlamaParam::O(layer), h, h)?,
             num_heads: cfg.num_attention_heads,
-            num_kv_heads: cfg.num_kv_heads(),
+            num_kv_heads: cfg.num_kv_heads,
             head_dim,
         })
     }
@@ -182,21 +353,16 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &LlavaConfig, vb: VarBuilder, ctx: &LoadContext) -> Result<Self> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let mlp = vb.pp("mlp");
+    fn new(cfg: &LlamaConfig, layer: usize, weights: &dyn LlamaWeights) -> Result<Self> {
+        let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
         Ok(Self {
-            input_layernorm: rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
-            self_attn: SelfAttention::new(cfg, vb.pp("self_attn"), ctx)?,
-            post_attention_layernorm: rms_norm(
-                h,
-                cfg.rms_norm_eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
+            input_layernorm: weights.rms_norm(LlamaParam::InputNorm(layer), h, eps)?,
+            self_attn: SelfAttention::new(cfg, layer, weights)?,
+            post_attention_layernorm: weights.rms_norm(LlamaParam::PostNorm(layer), h, eps)?,
             mlp: Mlp {
-                gate_proj: linear_no_bias(h, i, mlp.pp("gate_proj"), ctx)?,
-                up_proj: linear_no_bias(h, i, mlp.pp("up_proj"), ctx)?,
-                down_proj: linear_no_bias(i, h, mlp.pp("down_proj"), ctx)?,
+                gate_proj: weights.linear(LlamaParam::Gate(layer), h, i)?,
+                up_proj: weights.linear(LlamaParam::Up(layer), h, i)?,
+                down_proj: weights.linear(LlamaParam::Down(layer), i, h)?,
             },
         })
     }
@@ -319,36 +485,53 @@ pub enum LogitsFor {
 }
 
 pub struct Llama {
-    embed_tokens: Embedding,
+    embed_tokens: TokenEmbedding,
     layers: Vec<DecoderLayer>,
     /// The final norm and `lm_head`; `None` when only the embeddings were loaded.
     head: Option<(RmsNorm, Linear)>,
     rotary: Rotary,
     max_positions: usize,
     hidden: usize,
+    device: Device,
 }
 
 impl Llama {
     /// `vb` points at the checkpoint root (`model.*` and `lm_head.*`).
     pub fn new(cfg: &LlavaConfig, vb: VarBuilder, ctx: &LoadContext) -> Result<Self> {
+        let (dtype, device) = (vb.dtype(), vb.device().clone());
+        let weights = CheckpointWeights { vb, ctx };
+        Self::from_weights(&cfg.into(), &weights, dtype, &device)
+    }
+
+    /// Builds the decoder from any weight source; `dtype` and `device` are those of the
+    /// activations (and of the rotary tables).
+    pub fn from_weights(
+        cfg: &LlamaConfig,
+        weights: &dyn LlamaWeights,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
-        let model = vb.pp("model");
-        let embed_tokens = embedding(cfg.vocab_size, h, model.pp("embed_tokens"))?;
+        let embed_tokens = weights.embedding(cfg.vocab_size, h)?;
         let lm_head = if cfg.tie_word_embeddings {
-            ctx.linear(embed_tokens.embeddings().clone(), None)
+            embed_tokens.tied_lm_head(weights.context())?
         } else {
-            linear_no_bias(h, cfg.vocab_size, vb.pp("lm_head"), ctx)?
+            weights.linear(LlamaParam::LmHead, h, cfg.vocab_size)?
         };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, model.pp(format!("layers.{i}")), ctx))
+            .map(|i| DecoderLayer::new(cfg, i, weights))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed_tokens,
             layers,
-            head: Some((rms_norm(h, cfg.rms_norm_eps, model.pp("norm"))?, lm_head)),
-            rotary: Rotary::new(cfg, vb.dtype(), vb.device())?,
+            head: Some((
+                weights.rms_norm(LlamaParam::FinalNorm, h, cfg.rms_norm_eps)?,
+                lm_head,
+            )),
+            rotary: Rotary::new(cfg, dtype, device)?,
             max_positions: cfg.max_position_embeddings,
             hidden: h,
+            device: device.clone(),
         })
     }
 
@@ -356,13 +539,15 @@ impl Llama {
     /// works, `forward` refuses.
     pub fn embeddings_only(cfg: &LlavaConfig, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
+        let embed = embedding(cfg.vocab_size, h, vb.pp("model").pp("embed_tokens"))?;
         Ok(Self {
-            embed_tokens: embedding(cfg.vocab_size, h, vb.pp("model").pp("embed_tokens"))?,
+            embed_tokens: TokenEmbedding::Dense(embed),
             layers: Vec::new(),
             head: None,
-            rotary: Rotary::new(cfg, vb.dtype(), vb.device())?,
+            rotary: Rotary::new(&cfg.into(), vb.dtype(), vb.device())?,
             max_positions: cfg.max_position_embeddings,
             hidden: h,
+            device: vb.device().clone(),
         })
     }
 
@@ -404,8 +589,11 @@ impl Llama {
 
     /// Token ids (S,) to embeddings (1, S, H).
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        let ids = Tensor::new(ids, self.embed_tokens.embeddings().device())?;
-        self.embed_tokens.forward(&ids)?.unsqueeze(0)
+        let dtype = self.rotary.cos.dtype();
+        self.embed_tokens
+            .forward(ids, &self.device)?
+            .to_dtype(dtype)?
+            .unsqueeze(0)
     }
 
     /// Runs embeddings (1, S, H) at the positions after the cache's, extending the cache.
@@ -555,6 +743,52 @@ fn commit(steps: &mut [SequenceStep<'_>]) {
     for step in steps {
         step.cache.commit(step.embeddings.dim(1).unwrap_or(0));
     }
+}
+
+/// The greedy continuation of `prompt`: `max_new` ids (EOS does not stop it, like llama.cpp's
+/// `ignore_eos`), with the logits (vocab,) that chose each of them (the first row is the
+/// prefill's last position). Ties go to the lowest id.
+pub fn greedy_continuation(
+    llm: &Llama,
+    prompt: &[u32],
+    max_new: usize,
+) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
+    if prompt.is_empty() {
+        candle_core::bail!("the prompt has no tokens");
+    }
+    let mut cache = llm.new_cache(prompt.len() + max_new);
+    let mut logits = llm.forward(
+        &llm.embed(prompt)?,
+        &mut cache,
+        LogitsFor::LastPosition,
+        None,
+    )?;
+    let (mut ids, mut rows) = (Vec::with_capacity(max_new), Vec::with_capacity(max_new));
+    while ids.len() < max_new {
+        let row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        let best = row
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                if v > best.1 {
+                    (i, v)
+                } else {
+                    best
+                }
+            })
+            .0 as u32;
+        rows.push(row);
+        ids.push(best);
+        if ids.len() < max_new {
+            logits = llm.forward(
+                &llm.embed(&[best])?,
+                &mut cache,
+                LogitsFor::LastPosition,
+                None,
+            )?;
+        }
+    }
+    Ok((ids, rows))
 }
 
 #[cfg(test)]

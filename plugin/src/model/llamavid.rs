@@ -14,7 +14,8 @@ use super::checkpoint::Checkpoint;
 use super::config::{read_json, BertConfig, LlavaConfig, VisionOverrides};
 use super::eva::{EvaConfig, EvaVit};
 use super::files::ModelFiles;
-use super::llama::Llama;
+use super::gguf::GgufLlama;
+use super::llama::{CheckpointWeights, Llama};
 use super::nn::{LoadContext, Precision};
 use super::options::{CpuLayers, LanguageModelWeights, LoadOptions};
 use super::pool::ComputePool;
@@ -166,6 +167,46 @@ fn eva_config(eva: &Checkpoint, overrides: &VisionOverrides, path: &Path) -> Res
         num_heads,
         mlp_hidden,
     })
+}
+
+/// The language model from a GGUF file, checked against the checkpoint's configuration (the
+/// projectors' width and the tokenizer's vocabulary must fit it); the layers built as `ctx`
+/// says, the embedding from the checkpoint when the GGUF has none.
+fn load_gguf_llm(
+    path: &Path,
+    config: &LlavaConfig,
+    config_path: &Path,
+    checkpoint: &CheckpointWeights,
+    dtype: DType,
+    device: &Device,
+) -> Result<Llama> {
+    let gguf = GgufLlama::open(path)?;
+    let llm = gguf.config();
+    for (what, ours, theirs) in [
+        (
+            "hidden_size (llama.embedding_length)",
+            config.hidden_size,
+            llm.hidden_size,
+        ),
+        (
+            "vocab_size (token_embd rows)",
+            config.vocab_size,
+            llm.vocab_size,
+        ),
+    ] {
+        if ours != theirs {
+            return Err(ModelError::bad_file(
+                path,
+                format!(
+                    "{what} is {theirs}, but the checkpoint's {} says {ours}: this GGUF holds \
+                     another language model than the one the projectors were trained for",
+                    config_path.display()
+                ),
+            ));
+        }
+    }
+    let weights = gguf.weights(dtype, device, checkpoint.ctx, Some(checkpoint));
+    Ok(Llama::from_weights(llm, &weights, dtype, device)?)
 }
 
 /// The CPU kernels a load asks for, with AMX permission requested only when bf16/int8
@@ -380,9 +421,13 @@ impl LlamaVid {
         };
         let vb = hf.var_builder(dtype, device);
         let tokens = TokenGenerator::new(&token_cfg, vb.pp("model"), &ctx)?;
-        let llm = match options.language_model {
-            LanguageModelWeights::All => Llama::new(&config, vb, &ctx)?,
-            LanguageModelWeights::EmbeddingsOnly => Llama::embeddings_only(&config, vb)?,
+        let llm = match (options.language_model, &options.llm_gguf) {
+            (LanguageModelWeights::EmbeddingsOnly, _) => Llama::embeddings_only(&config, vb)?,
+            (LanguageModelWeights::All, None) => Llama::new(&config, vb, &ctx)?,
+            (LanguageModelWeights::All, Some(path)) => {
+                let checkpoint = CheckpointWeights { vb, ctx: &ctx };
+                load_gguf_llm(path, &config, &files.config, &checkpoint, dtype, device)?
+            }
         };
 
         let llm_tokenizer = LlamaTokenizer::from_model_dir(model_dir)?;

@@ -13,6 +13,7 @@ pub mod error;
 pub mod eva;
 pub mod files;
 pub mod generation;
+pub mod gguf;
 pub mod llama;
 pub mod nn;
 pub mod options;

@@ -2,7 +2,7 @@
 //! ours rather than candle's so that the matrix products, where nearly all the time goes, have
 //! one place to choose how they run: candle's ops (the GPU's path, and the CPU's when asked
 //! for), or the CPU kernels of [`llamavid_kernels::cpu`] in f32, bf16 or int8 (see
-//! [`Precision`]).
+//! [`Precision`]), or on a GGUF file's block-quantized weights ([`LoadContext::gguf_linear`]).
 //!
 //! Modules receive a [`LoadContext`] beside their `VarBuilder` (as candle-transformers modules
 //! receive their config): it says, explicitly, which kernels and precision every `Linear` built
@@ -13,6 +13,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
 use llamavid_kernels::cpu::vit::VitProfile;
@@ -198,6 +199,42 @@ impl LoadContext {
         }
     }
 
+    /// A layer on weights (out, in) as a GGUF file stores them. Block-quantized ones stay as
+    /// they are: on the CPU kernels of this context, computing as ggml does (see
+    /// `llamavid_kernels::cpu::quant`), else (GPU, candle layers, and the types our kernels
+    /// lack: Q2_K, Q3_K) in candle's quantized products. F32/F16/BF16 ones become f32 weights
+    /// built as [`LoadContext::linear`] builds them (the context's precision applies).
+    pub fn gguf_linear(&self, weight: Arc<QTensor>) -> Result<Linear> {
+        use cpu::quant::BlockType;
+        let block = match weight.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                let dense = weight.dequantize(&weight.device())?;
+                return Ok(self.linear(dense, None));
+            }
+            GgmlDType::Q4_0 => Some(BlockType::Q4_0),
+            GgmlDType::Q4_1 => Some(BlockType::Q4_1),
+            GgmlDType::Q5_0 => Some(BlockType::Q5_0),
+            GgmlDType::Q5_1 => Some(BlockType::Q5_1),
+            GgmlDType::Q8_0 => Some(BlockType::Q8_0),
+            GgmlDType::Q4K => Some(BlockType::Q4K),
+            GgmlDType::Q5K => Some(BlockType::Q5K),
+            GgmlDType::Q6K => Some(BlockType::Q6K),
+            _ => None,
+        };
+        if let (Some(block), Some(kernels), true) = (block, self.cpu, weight.device().is_cpu()) {
+            let (n, k) = weight.shape().dims2()?;
+            let data = weight.data()?.into_owned();
+            let kernel = CpuLinear::ggml(block, n, k, data, None, kernels)
+                .map_err(candle_core::Error::Msg)?;
+            return Ok(Linear {
+                backend: Backend::Cpu(Arc::new(kernel)),
+            });
+        }
+        Ok(Linear {
+            backend: Backend::Quantized(QMatMul::from_arc(weight)?),
+        })
+    }
+
     /// The weights in the layout of a CPU kernel; `None` when none applies (no CPU kernels in
     /// this context, GPU tensors, non-f32 weights).
     fn cpu_linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Option<CpuLinear> {
@@ -229,6 +266,8 @@ impl LoadContext {
 #[derive(Clone)]
 enum Backend {
     Candle(candle_nn::Linear),
+    /// A GGUF file's weights in candle's quantized products (GPU, or the candle layers).
+    Quantized(QMatMul),
     Cpu(Arc<CpuLinear>),
 }
 
@@ -247,6 +286,10 @@ impl fmt::Debug for Linear {
                 .field("weight", &l.weight().shape())
                 .field("precision", &"f32")
                 .finish(),
+            Backend::Quantized(_) => f
+                .debug_struct("Linear")
+                .field("precision", &"gguf")
+                .finish(),
             Backend::Cpu(kernel) => f
                 .debug_struct("Linear")
                 .field("out", &kernel.out_features())
@@ -262,7 +305,7 @@ impl Linear {
     pub fn cpu_kernel(&self) -> Option<&CpuLinear> {
         match &self.backend {
             Backend::Cpu(kernel) => Some(kernel),
-            Backend::Candle(_) => None,
+            Backend::Candle(_) | Backend::Quantized(_) => None,
         }
     }
 
@@ -271,18 +314,29 @@ impl Linear {
         match &self.backend {
             Backend::Cpu(kernel) => kernel.path(rows).describe(),
             Backend::Candle(_) => "candle".into(),
+            Backend::Quantized(_) => "candle QMatMul".into(),
         }
     }
 
-    /// The arithmetic this layer runs.
+    /// The arithmetic this layer runs; f32 for a GGUF file's block-quantized weights (the
+    /// precision setting does not apply to them: see [`Linear::is_block_quantized`]).
     pub fn precision(&self) -> Precision {
         match &self.backend {
-            Backend::Candle(_) => Precision::F32,
+            Backend::Candle(_) | Backend::Quantized(_) => Precision::F32,
             Backend::Cpu(kernel) => match kernel.weight_type() {
                 WeightType::Bf16 => Precision::Bf16,
                 WeightType::Int8 => Precision::Int8,
-                WeightType::F32 => Precision::F32,
+                WeightType::F32 | WeightType::Ggml(_) => Precision::F32,
             },
+        }
+    }
+
+    /// Whether the weights are a GGUF file's block-quantized ones.
+    pub fn is_block_quantized(&self) -> bool {
+        match &self.backend {
+            Backend::Quantized(QMatMul::QTensor(_)) => true,
+            Backend::Cpu(kernel) => matches!(kernel.weight_type(), WeightType::Ggml(_)),
+            _ => false,
         }
     }
 
@@ -290,6 +344,10 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         match &self.backend {
             Backend::Candle(l) => l.weight().elem_count() * l.weight().dtype().size_in_bytes(),
+            Backend::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Backend::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => {
+                w.elem_count() * w.dtype().size_in_bytes()
+            }
             Backend::Cpu(kernel) => kernel.weight_bytes(),
         }
     }
@@ -325,6 +383,7 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.backend {
             Backend::Candle(l) => l.forward(x),
+            Backend::Quantized(q) => q.forward(x),
             Backend::Cpu(kernel) => cpu_forward(kernel, x),
         }
     }

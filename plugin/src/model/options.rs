@@ -25,6 +25,11 @@ pub struct LoadOptions {
     /// Arithmetic of the linear layers on the CPU (f32 is exact; see `Precision`). Applied
     /// while loading: reduced-precision weights replace the f32 ones layer by layer.
     pub precision: Precision,
+    /// A llama.cpp GGUF file (`llama` architecture) to take the language model from instead of
+    /// the checkpoint: its block-quantized matrices are used as they are (`precision` then
+    /// applies to the vision side and to the GGUF's f32/f16 tensors only). The embedding comes
+    /// from the GGUF too, or from the checkpoint when the GGUF has none.
+    pub llm_gguf: Option<PathBuf>,
     /// Which language-model weights to load: all of them, or only the token embedding table
     /// when a server generates the captions (`LlamaVid::caption_remote`).
     pub language_model: LanguageModelWeights,
@@ -84,6 +89,7 @@ impl LoadOptions {
             dtype: DType::F32,
             weight_format: WeightFormat::Auto,
             precision: Precision::F32,
+            llm_gguf: None,
             language_model: LanguageModelWeights::All,
             threads: None,
             lower_thread_priority: true,
