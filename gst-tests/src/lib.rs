@@ -14,6 +14,8 @@
 //! - [`gst_tool`]: `gst-launch-1.0` and `gst-inspect-1.0` with this build of the plugin, killed
 //!   on timeout.
 //! - [`fake_llm_server`]: a test double of a vLLM (OpenAI-compatible) server, scripted.
+//! - [`hostile`]: hand-made hostile model files (pickles, zips); [`alloc_meter`]: an allocator
+//!   for test binaries that refuses huge allocations and measures what a call allocated.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -23,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use gst::prelude::*;
 
+pub mod alloc_meter;
 pub mod fake_llm_server;
+pub mod hostile;
 
 pub use gst;
 pub use gst_check;

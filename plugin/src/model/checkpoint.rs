@@ -157,6 +157,22 @@ impl Checkpoint {
         let mut files = Vec::with_capacity(shard_names.len());
         let mut file_of_shard = HashMap::new();
         for name in shard_names {
+            // The index names files beside it, nothing else: no folders, no `..`, no
+            // absolute paths (an index could otherwise point the loader anywhere).
+            let plain = Path::new(name)
+                .file_name()
+                .is_some_and(|f| f == name.as_str())
+                && name != ".."
+                && !name.contains('\\');
+            if !plain {
+                return Err(ModelError::bad_file(
+                    index_path,
+                    format!(
+                        "weight_map names the shard `{name}`, which is not a file beside the \
+                         index; refused"
+                    ),
+                ));
+            }
             file_of_shard.insert(name.clone(), files.len());
             files.push(OpenFile::open(&dir.join(name))?);
         }

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use super::checkpoint::{Checkpoint, WeightFormat};
 use super::config::{read_json, BertConfig, LlavaConfig, VisionOverrides};
 use super::eva::{EvaConfig, EvaVit};
-use super::files::ModelFiles;
+use super::files::{self, ModelFiles};
 use super::llama::{Llama, LogitsFor};
 use super::nn::{Precision, PrecisionScope};
 use super::preprocess::{ClipPreprocess, FrameView, ResizeTarget};
@@ -181,6 +181,7 @@ impl LlamaVid {
                     .into(),
             });
         }
+        files::check_model_dir(model_dir)?;
         let config_path = model_dir.join("config.json");
         if !config_path.is_file() {
             return Err(ModelError::MissingFile {

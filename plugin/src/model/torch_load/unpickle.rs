@@ -7,6 +7,9 @@ use candle_core::DType;
 
 /// Most dimensions a tensor may have (torch's own limit is 64; checkpoints use at most 5).
 const MAX_RANK: usize = 16;
+/// Most values a pickle may create (~15 per tensor of a state dict): bounds the arena at
+/// 64 MiB whatever the pickle holds.
+const MAX_VALUES: usize = 1 << 21;
 
 /// A tensor as the pickle describes it, before its storage is checked.
 #[derive(Debug, Clone)]
@@ -89,17 +92,17 @@ enum Node {
     Bool,
     Int(i64),
     Float,
-    Str(String),
-    Tuple(Vec<Id>),
+    Str(Box<str>),
+    Tuple(Box<[Id]>),
     List(Vec<Id>),
     Dict(Vec<(Id, Id)>),
     Global(Global),
     Storage {
         dtype: DType,
-        key: String,
+        key: Box<str>,
         numel: usize,
     },
-    Tensor(RawTensor),
+    Tensor(Box<RawTensor>),
 }
 
 impl Node {
@@ -216,9 +219,15 @@ impl<'a> Unpickler<'a> {
         }
     }
 
-    fn push(&mut self, node: Node) {
+    fn push(&mut self, node: Node) -> PResult<()> {
+        if self.nodes.len() >= MAX_VALUES {
+            return self.fail(format!(
+                "creates more than {MAX_VALUES} values: far more than a state dict needs"
+            ));
+        }
         self.nodes.push(node);
         self.stack.push((self.nodes.len() - 1) as Id);
+        Ok(())
     }
 
     fn pop(&mut self) -> PResult<Id> {
@@ -269,7 +278,7 @@ impl<'a> Unpickler<'a> {
     fn global(&mut self, module: &str, name: &str) -> PResult<()> {
         match allowed_global(module, name) {
             Some(global) => {
-                self.push(Node::Global(global));
+                self.push(Node::Global(global))?;
                 Ok(())
             }
             None => self.fail(format!(
@@ -312,19 +321,19 @@ impl<'a> Unpickler<'a> {
                     let top = self.top()?;
                     self.stack.push(top);
                 }
-                b'N' => self.push(Node::None),
-                0x88 | 0x89 => self.push(Node::Bool),
+                b'N' => self.push(Node::None)?,
+                0x88 | 0x89 => self.push(Node::Bool)?,
                 b'K' => {
                     let v = self.u8()?;
-                    self.push(Node::Int(v.into()))
+                    self.push(Node::Int(v.into()))?
                 }
                 b'M' => {
                     let v = u16::from_le_bytes(self.array()?);
-                    self.push(Node::Int(v.into()))
+                    self.push(Node::Int(v.into()))?
                 }
                 b'J' => {
                     let v = i32::from_le_bytes(self.array()?);
-                    self.push(Node::Int(v.into()))
+                    self.push(Node::Int(v.into()))?
                 }
                 0x8a => {
                     let n = self.u8()?;
@@ -340,31 +349,31 @@ impl<'a> Unpickler<'a> {
                     if (1..8).contains(&n) && bytes[n as usize - 1] & 0x80 != 0 {
                         v -= 1i64 << (8 * n);
                     }
-                    self.push(Node::Int(v))
+                    self.push(Node::Int(v))?
                 }
                 b'G' => {
                     self.bytes(8)?;
-                    self.push(Node::Float)
+                    self.push(Node::Float)?
                 }
                 b'X' => {
                     let len = self.u32()?;
                     let s = self.text(len.into())?;
-                    self.push(Node::Str(s))
+                    self.push(Node::Str(s.into()))?
                 }
                 0x8c => {
                     let len = self.u8()?;
                     let s = self.text(len.into())?;
-                    self.push(Node::Str(s))
+                    self.push(Node::Str(s.into()))?
                 }
                 0x8d => {
                     let len = u64::from_le_bytes(self.array()?);
                     let s = self.text(len)?;
-                    self.push(Node::Str(s))
+                    self.push(Node::Str(s.into()))?
                 }
-                b')' => self.push(Node::Tuple(Vec::new())),
+                b')' => self.push(Node::Tuple(Box::default()))?,
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.push(Node::Tuple(items))
+                    self.push(Node::Tuple(items.into()))?
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -372,12 +381,12 @@ impl<'a> Unpickler<'a> {
                         return self.fail("a TUPLE of more values than the stack holds");
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.push(Node::Tuple(items))
+                    self.push(Node::Tuple(items.into()))?
                 }
-                b']' => self.push(Node::List(Vec::new())),
+                b']' => self.push(Node::List(Vec::new()))?,
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.push(Node::List(items))
+                    self.push(Node::List(items))?
                 }
                 b'a' => {
                     let value = self.pop()?;
@@ -387,11 +396,11 @@ impl<'a> Unpickler<'a> {
                     let values = self.pop_mark()?;
                     self.extend_list(values)?;
                 }
-                b'}' => self.push(Node::Dict(Vec::new())),
+                b'}' => self.push(Node::Dict(Vec::new()))?,
                 b'd' => {
                     let items = self.pop_mark()?;
                     let pairs = self.pairs(items)?;
-                    self.push(Node::Dict(pairs))
+                    self.push(Node::Dict(pairs))?
                 }
                 b's' => {
                     let value = self.pop()?;
@@ -442,13 +451,13 @@ impl<'a> Unpickler<'a> {
                 b'Q' => {
                     let pid = self.pop()?;
                     let storage = self.storage(pid)?;
-                    self.push(storage)
+                    self.push(storage)?
                 }
                 b'R' => {
                     let args = self.pop()?;
                     let callable = self.pop()?;
                     let value = self.reduce(callable, args)?;
-                    self.push(value)
+                    self.push(value)?
                 }
                 b'b' => {
                     let state = self.pop()?;
@@ -533,7 +542,7 @@ impl<'a> Unpickler<'a> {
 
     fn tuple(&self, id: Id, what: &str, lens: &[usize]) -> PResult<Vec<Id>> {
         match self.node(id) {
-            Node::Tuple(items) if lens.contains(&items.len()) => Ok(items.clone()),
+            Node::Tuple(items) if lens.contains(&items.len()) => Ok(items.to_vec()),
             Node::Tuple(items) => self.fail(format!(
                 "{what} takes {lens:?} arguments, the pickle gives {}",
                 items.len()
@@ -549,7 +558,7 @@ impl<'a> Unpickler<'a> {
     fn storage(&self, pid: Id) -> PResult<Node> {
         let fields = self.tuple(pid, "a persistent id", &[5])?;
         let (tag, class, key, numel) = (fields[0], fields[1], fields[2], fields[4]);
-        if !matches!(self.node(tag), Node::Str(t) if t == "storage") {
+        if !matches!(self.node(tag), Node::Str(t) if &**t == "storage") {
             return self.fail("a persistent id that is not a storage");
         }
         let dtype = match self.node(class) {
@@ -632,14 +641,14 @@ impl<'a> Unpickler<'a> {
             Node::Storage { dtype, key, numel } => (*dtype, key.clone(), *numel),
             other => return self.fail(format!("a tensor whose storage is {}", other.kind())),
         };
-        Ok(Node::Tensor(RawTensor {
+        Ok(Node::Tensor(Box::new(RawTensor {
             dtype,
             offset: self.int(a[1], "a tensor's storage offset")?,
             shape: self.ints(a[2], "a tensor's size")?,
             stride: self.ints(a[3], "a tensor's stride")?,
-            storage: key,
+            storage: key.into(),
             storage_numel: numel,
-        }))
+        })))
     }
 
     /// The tensors of the top-level dict (other values, such as ints, are ignored).
@@ -656,7 +665,7 @@ impl<'a> Unpickler<'a> {
         let mut tensors = Vec::new();
         for &(key, value) in items {
             if let (Node::Str(name), Node::Tensor(t)) = (self.node(key), self.node(value)) {
-                tensors.push((name.clone(), t.clone()));
+                tensors.push((name.to_string(), (**t).clone()));
             }
         }
         Ok(tensors)
