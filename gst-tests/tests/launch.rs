@@ -70,34 +70,40 @@ fn gst_inspect_finds_the_element_and_lists_its_properties_and_pads() {
             "{expected:?} missing from:\n{text}"
         );
     }
-    for property in [
-        "model",
-        "vision-tower",
-        "prompt",
-        "device",
-        "sample-interval",
-        "window-duration",
-        "caption-interval",
-        "max-new-tokens",
-        "temperature",
-        "top-p",
-        "seed",
-        "latency",
+    // Every property of the element, as the element itself lists them (so that a new one is
+    // covered without touching this test), with its blurb.
+    init();
+    let element = gst::ElementFactory::make("llamavidcaption")
+        .build()
+        .unwrap();
+    let properties = element.list_properties();
+    for must in [
+        "dtype",
+        "threads",
         "frame-policy",
-        "frames-sampled",
-        "frames-encoded",
-        "frames-dropped",
-        "captions",
-        "last-caption",
-        "last-caption-latency",
+        "window-duration",
+        "prompt",
     ] {
         assert!(
+            properties.iter().any(|p| p.name() == must),
+            "the element has no {must} property"
+        );
+    }
+    for pspec in properties.iter() {
+        let name = pspec.name();
+        let line = text
+            .lines()
             // "  name   : blurb", or "  long-name: blurb".
-            text.lines().any(|l| l
-                .trim_start()
-                .strip_prefix(property)
-                .is_some_and(|rest| rest.trim_start().starts_with(':'))),
-            "property {property} missing from:\n{text}"
+            .find(|l| {
+                l.trim_start()
+                    .strip_prefix(name)
+                    .is_some_and(|rest| rest.trim_start().starts_with(':'))
+            })
+            .unwrap_or_else(|| panic!("property {name} missing from:\n{text}"));
+        let blurb = pspec.blurb().unwrap_or_default();
+        assert!(
+            !blurb.is_empty() && line.contains(blurb),
+            "property {name} shows its blurb {blurb:?}: {line}"
         );
     }
     // And the plugin itself, loaded from this build (the tests' plugin directory).
@@ -113,6 +119,16 @@ fn gst_inspect_finds_the_element_and_lists_its_properties_and_pads() {
         .find(|l| l.trim_start().starts_with("Filename"))
         .unwrap_or_else(|| panic!("no Filename in:\n{}", plugin.stdout));
     assert!(filename.contains("llamavid-gst-plugin"), "{filename}");
+    // Issue 9 item 17: no placeholder origin is shipped as the plugin's metadata.
+    let origin = plugin
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("Origin URL"))
+        .unwrap_or_else(|| panic!("no Origin URL in:\n{}", plugin.stdout));
+    assert!(
+        !origin.contains("example") && !origin.contains(".invalid"),
+        "a placeholder origin: {origin}"
+    );
 }
 
 #[test]
@@ -213,4 +229,86 @@ fn gst_launch_muxes_captions_as_a_matroska_subtitle_track() {
     assert_eq!(subtitles, posted, "one subtitle per caption");
     let caps = caps.expect("subtitle caps");
     assert_eq!(caps.structure(0).unwrap().name(), "text/x-raw", "{caps}");
+}
+
+/// Replaces `shard` by a PyTorch zip whose pickle has an unknown op-code: candle's reader fails
+/// with `bail!`, which captures a backtrace when `RUST_BACKTRACE` is set.
+fn write_corrupt_pickle(shard: &std::path::Path) {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(shard).unwrap());
+    let options =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", options).unwrap();
+    zip.write_all(b"\x80\x02\xff").unwrap();
+    zip.start_file("archive/version", options).unwrap();
+    zip.write_all(b"3\n").unwrap();
+    zip.finish().unwrap();
+}
+
+#[test]
+fn error_messages_carry_no_backtrace_even_with_rust_backtrace_set() {
+    // Issue 9 item 3: a user with RUST_BACKTRACE=1 in their environment got candle's whole
+    // backtrace as the error message. gst-launch prints the message on the ERROR line and the
+    // details after "Additional debug info:": both must be a line or two a user can act on.
+    let (_tmp, model) = copy_fixture();
+    std::fs::remove_file(model.join("model.safetensors")).unwrap();
+    let shard = model.join("pytorch_model-00001-of-00002.bin");
+    assert!(shard.is_file(), "the fixture's first shard");
+    write_corrupt_pickle(&shard);
+    let args = [
+        "videotestsrc".to_owned(),
+        "num-buffers=1".to_owned(),
+        "!".to_owned(),
+        "llamavidcaption".to_owned(),
+        format!("model={}", model.display()),
+        "device=cpu".to_owned(),
+        "!".to_owned(),
+        "fakesink".to_owned(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = gst_tool_with_env(
+        "gst-launch-1.0",
+        &args,
+        &[("RUST_BACKTRACE", "1")],
+        TOOL_TIMEOUT,
+    );
+    assert!(
+        !output.success,
+        "a corrupt shard cannot load:\n{}",
+        output.all()
+    );
+    let all = output.all();
+    let lines: Vec<&str> = all.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("ERROR: from element"))
+        .unwrap_or_else(|| panic!("no ERROR line:\n{all}"));
+    assert!(
+        lines[at].contains("pytorch_model-00001-of-00002.bin"),
+        "the message names the file: {}",
+        lines[at]
+    );
+    assert_eq!(lines.get(at + 1), Some(&"Additional debug info:"), "{all}");
+    let details: Vec<&&str> = lines[at + 2..]
+        .iter()
+        .take_while(|l| {
+            !l.trim().is_empty() && !l.starts_with("ERROR") && !l.starts_with("Setting")
+        })
+        .collect();
+    assert!(details.len() <= 2, "details: {details:#?}");
+    // Backtrace frames look like "  3: candle_core::pickle::Stack::read" then
+    // "      at /path/src/pickle.rs:315:21", on lines of their own or joined into one.
+    let frame = |l: &&str| {
+        let t = l.trim_start();
+        t.starts_with("at /")
+            || t.split_once(": ")
+                .is_some_and(|(n, _)| n.parse::<u32>().is_ok())
+            || l.contains("/rustc/")
+            || l.contains("candle_core::error::Error::bt")
+    };
+    assert!(
+        !lines.iter().any(frame),
+        "a backtrace frame in the output:\n{all}"
+    );
+    assert!(lines[at].len() < 400, "one readable line: {}", lines[at]);
 }

@@ -23,6 +23,8 @@ gst::plugin_define!(
     "MPL",
     env!("CARGO_PKG_NAME"),
     env!("CARGO_PKG_NAME"),
-    env!("CARGO_PKG_REPOSITORY"),
+    // The origin URL gst-inspect shows: the project has no public home yet, and a placeholder
+    // would be shipped metadata. GStreamer's own wording for an unknown origin.
+    "Unknown package origin",
     env!("BUILD_REL_DATE")
 );

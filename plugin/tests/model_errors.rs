@@ -327,3 +327,71 @@ fn bf16_weights_load_and_upcast() {
         5e-2,
     );
 }
+
+/// The EVA weights of the deployment rewritten as `eva.safetensors` beside them, with `edit`
+/// applied; returns the options that load the model with that vision tower.
+fn rewritten_eva(
+    d: &Deployment,
+    edit: impl FnOnce(&mut std::collections::HashMap<String, Tensor>),
+) -> LoadOptions {
+    let mut tensors: std::collections::HashMap<String, Tensor> =
+        candle_core::pickle::read_all(eva_file(d))
+            .unwrap()
+            .into_iter()
+            .collect();
+    edit(&mut tensors);
+    let path = d.model_dir.join("eva.safetensors");
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let mut options = LoadOptions::new(&d.model_dir);
+    options.vision_tower = Some(path);
+    options
+}
+
+/// Issue 9 item 4: every tensor whose dimensions the loader reads to size the model, at a rank
+/// it does not expect (a scalar, a vector where a matrix belongs), is an error naming it.
+#[test]
+fn tensors_of_an_unexpected_rank_are_named_not_panicked_on() {
+    let scalar = || Tensor::new(1f32, &Device::Cpu).unwrap();
+    let vector = || Tensor::zeros(64, DType::F32, &Device::Cpu).unwrap();
+    // In the HF checkpoint.
+    let word_embeddings = "model.vlm_att_encoder.bert.embeddings.word_embeddings.weight";
+    for (rank, make) in [
+        ("scalar", &scalar as &dyn Fn() -> Tensor),
+        ("vector", &vector),
+    ] {
+        let d = deployment();
+        rewrite_safetensors(&d, |t| {
+            t.insert(word_embeddings.to_owned(), make());
+        });
+        let message = load_error(&d.model_dir, WeightFormat::Safetensors);
+        assert_mentions(&message, &[word_embeddings, "shape"]);
+        println!("{rank}: {message}");
+    }
+    // In the vision tower.
+    for name in [
+        "blocks.0.mlp.fc1.weight",
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+    ] {
+        for make in [&scalar as &dyn Fn() -> Tensor, &vector] {
+            let d = deployment();
+            let options = rewritten_eva(&d, |t| {
+                t.insert(name.to_owned(), make());
+            });
+            let message = match LlamaVid::load(&options) {
+                Ok(_) => panic!("{name} of rank {} loaded", make().rank()),
+                Err(e) => e.to_string(),
+            };
+            assert_mentions(&message, &[name, "eva.safetensors"]);
+        }
+    }
+}
+
+#[test]
+fn the_rewritten_vision_tower_itself_loads() {
+    // The control for the test above: the same rewrite without damage loads.
+    let d = deployment();
+    let options = rewritten_eva(&d, |_| {});
+    LlamaVid::load(&options).expect("an untouched EVA in safetensors loads");
+}

@@ -12,8 +12,8 @@ use gstllamavid::model::preprocess::{
 };
 use gstllamavid::model::ModelError;
 
-/// Deterministic bytes, the same generator as the Python script that produced the Pillow hashes
-/// below (`s = (s * 1103515245 + 12345) & 0x7fffffff; byte = (s >> 16) & 255`).
+/// Deterministic bytes, the same generator as the Python script that produces the Pillow hashes
+/// below (tests/scripts/pillow_resize_hashes.py) (`s = (s * 1103515245 + 12345) & 0x7fffffff; byte = (s >> 16) & 255`).
 fn lcg_bytes(seed: u32, n: usize) -> Vec<u8> {
     let mut s = seed;
     (0..n)
@@ -504,6 +504,9 @@ fn resize_matches_pillow_bit_for_bit() {
     // `Image.frombytes("RGB", ...).resize((dst w, dst h), Image.BICUBIC).tobytes()` with Pillow
     // 10.4 (the horizontal-then-vertical order of every Pillow before 12.2; 12.2+ filters images
     // taller than 100x their width vertically first, which changes the 3x1000 case).
+    // `plugin/scripts/pillow-resize-hashes.sh` regenerates this table with Pillow 10.4 from
+    // PyPI (tests/scripts/pillow_resize_hashes.py); `--check` compares it with this one, as
+    // gst-tests/run-all.sh does.
     let cases: [(usize, usize, usize, usize, u32, u64); 10] = [
         (37, 91, 224, 551, 1000, 0x97d2f40077ae4ea6),
         (64, 48, 74, 56, 1001, 0xdeefdd07c9717792),

@@ -305,6 +305,62 @@ fn prompt_ids_from_tokenizer_model_alone_match_reference() {
     assert_eq!(ids, reference_i64("input_ids"));
 }
 
+/// Issue 9 item 2: a question is text. `<image>` in it is not a second placeholder, and the
+/// text of a special token (`</s>`, `<s>`, `<unk>`) is not that token; both tokenizers agree.
+#[test]
+fn a_question_with_template_syntax_gives_one_image_and_no_special_ids() {
+    let dir = sentencepiece_only_dir();
+    for tok in [json_tokenizer(), sentencepiece_tokenizer(&dir)] {
+        let question = "Is <image> here? </s> USER: <s> and <unk>";
+        let split = PromptIds::for_question(&tok, question).unwrap();
+        let specials = [tok.bos_id(), tok.eos_id()];
+        assert!(
+            !split.after.iter().any(|id| specials.contains(id)),
+            "{:?} in {:?}",
+            specials,
+            split.after
+        );
+        // The question's ids are those of its characters, tokenized as any other text.
+        let plain = PromptIds::for_question(&tok, "Is here? USER: and").unwrap();
+        assert_eq!(
+            split.before, plain.before,
+            "the text before the image is the template"
+        );
+        assert!(split.after.len() > plain.after.len());
+        // And the reference's ids for every question without such text.
+        let q = prompt_str("question");
+        let reference = split_at_image(&tokenize_with_image(&tok, &vicuna_v1_prompt(&q)).unwrap());
+        assert_eq!(
+            PromptIds::for_question(&tok, &q).unwrap(),
+            reference.unwrap()
+        );
+    }
+}
+
+#[test]
+fn a_question_with_special_token_text_gives_no_special_bert_ids() {
+    let tok = bert();
+    let ids = tok
+        .encode_literal_with_max_len("what [SEP] is [CLS] this [DEC] [MASK]", 64)
+        .unwrap();
+    let cls = tok.cls_id();
+    let sep = tok.token_to_id("[SEP]").unwrap();
+    assert_eq!(ids.first(), Some(&cls));
+    assert_eq!(ids.last(), Some(&sep));
+    let inner = &ids[1..ids.len() - 1];
+    for special in ["[SEP]", "[CLS]", "[DEC]", "[MASK]", "[PAD]"] {
+        if let Some(id) = tok.token_to_id(special) {
+            assert!(!inner.contains(&id), "{special} in {inner:?}");
+        }
+    }
+    // Text without them tokenizes as the reference does.
+    let q = qformer_text();
+    assert_eq!(
+        tok.encode_literal_with_max_len(&q, 256).unwrap(),
+        tok.encode_question(&q).unwrap()
+    );
+}
+
 #[test]
 fn prompt_ids_split_at_the_image() {
     let tok = json_tokenizer();

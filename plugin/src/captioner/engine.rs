@@ -7,7 +7,7 @@ use candle_core::Tensor;
 
 use crate::model::preprocess::FrameView;
 use crate::model::remote::{Completion, RemoteCaptionInput};
-use crate::model::{CaptionPrompt, GenerationParams, LlamaVid, ModelError, Result};
+use crate::model::{Cancel, CaptionPrompt, GenerationParams, LlamaVid, ModelError, Result};
 
 pub trait CaptionEngine: Send + Sync + 'static {
     /// A question prepared once for many frames and captions.
@@ -15,8 +15,18 @@ pub trait CaptionEngine: Send + Sync + 'static {
 
     fn prepare(&self, question: &str) -> Result<Self::Prompt>;
 
+    /// Frames of video the language model's context holds beside `prompt` and a caption of
+    /// `max_new_tokens` (0 when not even one does).
+    fn frames_that_fit(&self, prompt: &Self::Prompt, max_new_tokens: usize) -> usize;
+
     /// One frame to its tokens (tokens_per_frame, hidden), left on the compute device.
-    fn encode(&self, frame: &FrameView, prompt: &Self::Prompt) -> Result<Tensor>;
+    /// `cancel` is checked between layers (`ModelError::Cancelled`).
+    fn encode(
+        &self,
+        frame: &FrameView,
+        prompt: &Self::Prompt,
+        cancel: &AtomicBool,
+    ) -> Result<Tensor>;
 
     /// A window of tokens (frames · tokens_per_frame, hidden) to text.
     fn caption(
@@ -55,9 +65,19 @@ impl CaptionEngine for LlamaVid {
         self.prompt(question)
     }
 
-    fn encode(&self, frame: &FrameView, prompt: &CaptionPrompt) -> Result<Tensor> {
+    fn frames_that_fit(&self, prompt: &CaptionPrompt, max_new_tokens: usize) -> usize {
+        LlamaVid::frames_that_fit(self, prompt, max_new_tokens)
+    }
+
+    fn encode(
+        &self,
+        frame: &FrameView,
+        prompt: &CaptionPrompt,
+        cancel: &AtomicBool,
+    ) -> Result<Tensor> {
+        let frames = std::slice::from_ref(frame);
         Ok(self
-            .encode_frames(std::slice::from_ref(frame), prompt)?
+            .encode_frames_cancellable(frames, prompt, Cancel::on_flag(cancel))?
             .squeeze(0)?)
     }
 

@@ -3,6 +3,8 @@
 
 pub mod engine;
 pub mod frame;
+pub mod limits;
+pub mod models;
 pub mod queue;
 pub mod registry;
 pub mod remote;
@@ -14,4 +16,4 @@ pub use engine::CaptionEngine;
 pub use frame::OwnedFrame;
 pub use queue::{Pushed, QueuePolicy};
 pub use sampler::FrameSampler;
-pub use worker::{CaptionEvent, CaptionOutput, CaptionSettings, FrameJob, Job, Worker};
+pub use worker::{CaptionEvent, CaptionOutput, CaptionSettings, FrameJob, Job, Problem, Worker};

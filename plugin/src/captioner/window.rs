@@ -1,5 +1,6 @@
-//! The sliding window of frame tokens: what the next caption describes. Memory is bounded by
-//! `duration` of running time, never by the stream's length.
+//! The sliding window of frame tokens: what the next caption describes. Bounded by `duration`
+//! of running time and by the number of frames the language model's context holds, never by
+//! the stream's length.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -20,8 +21,12 @@ pub struct WindowEntry {
 pub struct TokenWindow {
     entries: VecDeque<WindowEntry>,
     duration: u64,
+    /// At most this many frames (at least one is always kept).
+    max_frames: usize,
     /// Frames added since the last caption.
     fresh: usize,
+    /// Frames that left early because of `max_frames`, not `duration`.
+    cut_to_fit: u64,
 }
 
 impl TokenWindow {
@@ -29,13 +34,27 @@ impl TokenWindow {
         Self {
             entries: VecDeque::new(),
             duration: duration_ns,
+            max_frames: usize::MAX,
             fresh: 0,
+            cut_to_fit: 0,
         }
     }
 
     pub fn set_duration(&mut self, duration_ns: u64) {
         self.duration = duration_ns;
         self.evict();
+    }
+
+    /// Keeps at most `frames` (at least one), the newest: the bound the language model's
+    /// context sets.
+    pub fn set_max_frames(&mut self, frames: usize) {
+        self.max_frames = frames.max(1);
+        self.evict();
+    }
+
+    /// How many frames left the window early, because of the frame bound, so far.
+    pub fn cut_to_fit(&self) -> u64 {
+        self.cut_to_fit
     }
 
     /// Adds a frame and drops those older than `duration` before it.
@@ -58,8 +77,14 @@ impl TokenWindow {
             return;
         };
         while let Some(oldest) = self.entries.front() {
-            if newest - oldest.running_time > self.duration && self.entries.len() > 1 {
+            if self.entries.len() <= 1 {
+                break;
+            }
+            if newest - oldest.running_time > self.duration {
                 self.entries.pop_front();
+            } else if self.entries.len() > self.max_frames {
+                self.entries.pop_front();
+                self.cut_to_fit += 1;
             } else {
                 break;
             }
@@ -158,6 +183,25 @@ mod tests {
         w.mark_captioned();
         w.push(entry(3));
         assert_eq!(w.fresh(), 1);
+    }
+
+    #[test]
+    fn the_frame_bound_keeps_the_newest_frames_and_counts_the_cut() {
+        let mut w = TokenWindow::new(100 * S);
+        w.set_max_frames(3);
+        for t in 0..5 {
+            w.push(entry(t));
+        }
+        assert_eq!(w.len(), 3);
+        assert_eq!(w.first().unwrap().running_time, 2 * S);
+        assert_eq!(w.cut_to_fit(), 2);
+        // Lowering the bound cuts at once; the duration's evictions are not counted.
+        w.set_max_frames(2);
+        assert_eq!((w.len(), w.cut_to_fit()), (2, 3));
+        w.set_duration(0);
+        assert_eq!((w.len(), w.cut_to_fit()), (1, 3));
+        w.set_max_frames(0);
+        assert_eq!(w.len(), 1, "the newest frame always stays");
     }
 
     #[test]

@@ -74,6 +74,29 @@ pub struct CaptionEvent {
     pub is_final: bool,
 }
 
+/// Something to tell the person running the pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// One line a user can act on.
+    pub message: String,
+    /// Details for the message's debug field (one line, no backtrace).
+    pub debug: String,
+    /// For the debug log only: a backtrace captured with the error.
+    pub log: Option<String>,
+}
+
+impl Problem {
+    /// The model failed while doing `what`.
+    pub fn model(what: &str, error: &ModelError) -> Self {
+        let summary = error.summary();
+        Self {
+            message: format!("The captioning model failed while {what}: {summary}"),
+            debug: format!("{what}: {summary}"),
+            log: error.backtrace().map(|b| format!("{what}: {summary}\n{b}")),
+        }
+    }
+}
+
 /// Where the worker's results go (the element, or a recorder in tests).
 pub trait CaptionOutput: Send + Sync + 'static {
     fn frame_encoded(&self, epoch: u64);
@@ -81,12 +104,11 @@ pub trait CaptionOutput: Send + Sync + 'static {
     /// No caption will start before running time `until`.
     fn idle_until(&self, epoch: u64, until: u64);
     fn eos(&self, epoch: u64);
+    /// Something the user should know; the stream goes on.
+    fn warning(&self, problem: Problem);
     /// A failure the pipeline must stop for; the worker stops taking jobs.
-    fn error(&self, message: String, debug: String);
-    /// Something the user should know that does not stop the stream (a language-model
-    /// server that went away).
-    fn warning(&self, _message: String, _debug: String) {}
-    /// News worth a line (the server is back).
+    fn error(&self, problem: Problem);
+    /// News worth a line (a language-model server that answers again).
     fn info(&self, _message: String) {}
 }
 
@@ -106,6 +128,10 @@ struct WorkerLoop<E: CaptionEngine> {
     cancel: Arc<AtomicBool>,
     window: TokenWindow,
     prompt: Option<(String, E::Prompt)>,
+    /// A question that could not be prepared (warned about once): the previous one stays.
+    refused_prompt: Option<String>,
+    /// The window was cut to the context's size at least once (warned about once).
+    warned_cut: bool,
     next_caption: Option<u64>,
     /// The language model on a server, when the element has one (`llm-server`).
     remote: Option<RemoteCaptions>,
@@ -148,6 +174,8 @@ impl Worker {
             cancel: cancel.clone(),
             window,
             prompt: None,
+            refused_prompt: None,
+            warned_cut: false,
             next_caption: None,
             remote,
         };
@@ -228,37 +256,87 @@ impl<E: CaptionEngine> WorkerLoop<E> {
 
     fn run(&mut self, jobs: &JobQueue<Job>) {
         while let Some(job) = self.next_job(jobs) {
+            let what = match &job {
+                Some(Job::Frame { .. }) => "encoding a frame",
+                Some(Job::Eos { .. }) => "captioning at the end of the stream",
+                Some(Job::Reset { .. }) => "starting over after a flush",
+                None => "waiting for the language-model server",
+            };
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| match job {
                 Some(job) => self.process(job).and_then(|()| self.collect_remote()),
                 None => self.collect_remote(),
             }));
             let failure = match outcome {
                 Ok(Ok(())) | Ok(Err(ModelError::Cancelled)) => None,
-                Ok(Err(e)) => Some((
-                    format!("The captioning model failed: {e}"),
-                    format!("{e:?}"),
-                )),
-                Err(panic) => Some((
-                    "Internal error in the captioning worker".to_owned(),
-                    format!("panic: {}", panic_message(&*panic)),
-                )),
+                Ok(Err(e)) => Some(Problem::model(what, &e)),
+                Err(panic) => Some(Problem {
+                    message: "Internal error in the captioning worker".to_owned(),
+                    debug: format!("panic while {what}: {}", panic_message(&*panic)),
+                    log: None,
+                }),
             };
-            if let Some((message, debug)) = failure {
-                self.output.error(message, debug);
+            if let Some(problem) = failure {
+                self.output.error(problem);
                 jobs.close();
                 return;
             }
         }
     }
 
-    /// The prepared prompt for `question`, prepared again when the question changed.
+    /// The prepared prompt for `question`, prepared again when the question changed. A new
+    /// question that cannot be prepared is refused with a warning and the previous one stays
+    /// (the element validates prompts before they get here; this is the safety net).
     fn ensure_prompt(&mut self, question: &str) -> crate::model::Result<()> {
-        let stale = self.prompt.as_ref().is_none_or(|(q, _)| q != question);
-        if stale {
-            let prepared = self.engine.prepare(question)?;
-            self.prompt = Some((question.to_owned(), prepared));
+        let current = self.prompt.as_ref().is_some_and(|(q, _)| q == question);
+        let refused = self.refused_prompt.as_deref() == Some(question);
+        if !(current || refused && self.prompt.is_some()) {
+            match self.engine.prepare(question) {
+                Ok(prepared) => {
+                    self.prompt = Some((question.to_owned(), prepared));
+                    self.refused_prompt = None;
+                }
+                Err(e @ ModelError::Cancelled) => return Err(e),
+                Err(e) if self.prompt.is_some() => {
+                    self.refused_prompt = Some(question.to_owned());
+                    self.output.warning(Problem {
+                        message: format!(
+                            "The new prompt cannot be used, the previous one stays: {}",
+                            e.summary()
+                        ),
+                        debug: format!("refused prompt: {question:?}"),
+                        log: None,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
+    }
+
+    /// Bounds the window by what the language model's context holds beside the prompt and
+    /// the caption, saying so once when that cuts frames the duration would have kept.
+    fn fit_window(&mut self, max_new_tokens: usize) {
+        let Some((_, prompt)) = &self.prompt else {
+            return;
+        };
+        let fit = self.engine.frames_that_fit(prompt, max_new_tokens);
+        self.window.set_max_frames(fit);
+        if self.window.cut_to_fit() > 0 && !self.warned_cut {
+            self.warned_cut = true;
+            self.output.warning(Problem {
+                message: format!(
+                    "The caption window holds more frames than the language model's context: \
+                     only the newest {} frames are captioned (lower `window-duration`, raise \
+                     `sample-interval`, or lower `max-new-tokens`)",
+                    fit.max(1)
+                ),
+                debug: format!(
+                    "{fit} frames fit beside the prompt and max-new-tokens={max_new_tokens}; \
+                     older frames leave the window early"
+                ),
+                log: None,
+            });
+        }
     }
 
     fn process(&mut self, job: Job) -> crate::model::Result<()> {
@@ -293,12 +371,13 @@ impl<E: CaptionEngine> WorkerLoop<E> {
         let view = job.frame.view();
         self.ensure_prompt(&settings.prompt)?;
         let prompt = &self.prompt.as_ref().expect("prepared").1;
-        let tokens = self.engine.encode(&view, prompt)?;
+        let tokens = self.engine.encode(&view, prompt, &self.cancel)?;
         self.window.push(WindowEntry {
             running_time: job.running_time,
             arrived: job.arrived,
             tokens,
         });
+        self.fit_window(settings.params.max_new_tokens);
         self.output.frame_encoded(epoch);
 
         let interval = settings.caption_interval.max(1);
@@ -351,7 +430,11 @@ impl<E: CaptionEngine> WorkerLoop<E> {
                         url.unwrap_or_default()
                     );
                     if first {
-                        self.output.warning(message, error.to_string());
+                        self.output.warning(Problem {
+                            message,
+                            debug: error.to_string(),
+                            log: None,
+                        });
                     }
                 }
                 Collected::Recovered { failures } => self.output.info(format!(
@@ -369,6 +452,8 @@ impl<E: CaptionEngine> WorkerLoop<E> {
         duration: u64,
         is_final: bool,
     ) -> crate::model::Result<()> {
+        self.ensure_prompt(&settings.prompt)?;
+        self.fit_window(settings.params.max_new_tokens);
         let Some(tokens) = self.window.tokens()? else {
             return Ok(());
         };
@@ -377,8 +462,7 @@ impl<E: CaptionEngine> WorkerLoop<E> {
             _ => return Ok(()),
         };
         let frames = self.window.len() as u32;
-        self.ensure_prompt(&settings.prompt)?;
-        let prompt = &self.prompt.as_ref().expect("prepared").1;
+        let (question, prompt) = self.prompt.as_ref().expect("prepared");
         if let Some(remote) = self.remote.as_mut() {
             let event = CaptionEvent {
                 epoch,
@@ -388,7 +472,7 @@ impl<E: CaptionEngine> WorkerLoop<E> {
                 frames,
                 latency: Duration::ZERO,
                 duration,
-                prompt: settings.prompt.clone(),
+                prompt: question.clone(),
                 is_final,
             };
             if remote.start_blocked() {
@@ -406,6 +490,7 @@ impl<E: CaptionEngine> WorkerLoop<E> {
         let text = self
             .engine
             .caption(&tokens, prompt, &settings.params, &self.cancel)?;
+        let question = question.clone();
         self.window.mark_captioned();
         self.output.caption(CaptionEvent {
             epoch,
@@ -415,7 +500,7 @@ impl<E: CaptionEngine> WorkerLoop<E> {
             frames,
             latency: last.1.elapsed(),
             duration,
-            prompt: settings.prompt.clone(),
+            prompt: question,
             is_final,
         });
         Ok(())
@@ -432,21 +517,52 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     /// Test double of the model: a frame's token is its running time in ms, a caption lists
-    /// the tokens it saw. `panic_on_caption` simulates a bug inside the model.
+    /// the tokens it saw. `panic_on_caption` simulates a bug inside the model; `fit` is how many
+    /// frames its context holds; questions containing `refuse` cannot be prepared; a frame
+    /// tagged `fail_on_frame` fails with a candle error carrying a backtrace; `encode_layers`
+    /// makes each encode that many 10 ms "layers", checking `cancel` before each.
     struct ScriptedEngine {
         panic_on_caption: bool,
+        fit: usize,
+        refuse: Option<&'static str>,
+        fail_on_frame: Option<u8>,
+        encode_layers: usize,
     }
 
     impl CaptionEngine for ScriptedEngine {
         type Prompt = String;
 
         fn prepare(&self, question: &str) -> crate::model::Result<String> {
+            if self.refuse.is_some_and(|r| question.contains(r)) {
+                return Err(ModelError::InvalidInput(format!("cannot ask {question:?}")));
+            }
             Ok(question.to_owned())
         }
 
-        fn encode(&self, frame: &FrameView, _prompt: &String) -> crate::model::Result<Tensor> {
-            let value = frame.planes[0][0] as f32;
-            Ok(Tensor::full(value, (2, 1), &Device::Cpu)?)
+        fn frames_that_fit(&self, _prompt: &String, _max_new_tokens: usize) -> usize {
+            self.fit
+        }
+
+        fn encode(
+            &self,
+            frame: &FrameView,
+            _prompt: &String,
+            cancel: &AtomicBool,
+        ) -> crate::model::Result<Tensor> {
+            for _ in 0..self.encode_layers {
+                if cancel.load(Ordering::SeqCst) {
+                    return Err(ModelError::Cancelled);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let tag = frame.planes[0][0];
+            if self.fail_on_frame == Some(tag) {
+                return Err(ModelError::Tensor(candle_core::Error::WithBacktrace {
+                    inner: Box::new(candle_core::Error::Msg("matmul shape mismatch".into())),
+                    backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+                }));
+            }
+            Ok(Tensor::full(tag as f32, (2, 1), &Device::Cpu)?)
         }
 
         fn caption(
@@ -467,6 +583,10 @@ mod tests {
         fn healthy() -> Self {
             Self {
                 panic_on_caption: false,
+                fit: usize::MAX,
+                refuse: None,
+                fail_on_frame: None,
+                encode_layers: 0,
             }
         }
     }
@@ -483,7 +603,8 @@ mod tests {
         Caption(String, u64, u64, u32, bool),
         Idle(u64),
         Eos,
-        Error(String),
+        Warning(String),
+        Error(Problem),
     }
 
     struct RecordingOutput(Mutex<mpsc::Sender<Event>>);
@@ -504,12 +625,12 @@ mod tests {
         fn eos(&self, _epoch: u64) {
             self.0.lock().unwrap().send(Event::Eos).unwrap();
         }
-        fn error(&self, message: String, debug: String) {
-            self.0
-                .lock()
-                .unwrap()
-                .send(Event::Error(format!("{message}: {debug}")))
-                .unwrap();
+        fn warning(&self, problem: Problem) {
+            let event = Event::Warning(problem.message);
+            self.0.lock().unwrap().send(event).unwrap();
+        }
+        fn error(&self, problem: Problem) {
+            self.0.lock().unwrap().send(Event::Error(problem)).unwrap();
         }
     }
 
@@ -618,9 +739,7 @@ mod tests {
         let settings = settings(60_000, 1000);
         let (tx, rx) = mpsc::channel();
         let worker = Worker::spawn(
-            Arc::new(ScriptedEngine {
-                panic_on_caption: false,
-            }),
+            Arc::new(ScriptedEngine::healthy()),
             settings.clone(),
             Arc::new(RecordingOutput(Mutex::new(tx))),
             8,
@@ -654,12 +773,15 @@ mod tests {
         let events = run(
             ScriptedEngine {
                 panic_on_caption: true,
+                ..ScriptedEngine::healthy()
             },
             settings(60_000, 1000),
             jobs,
         );
         match events.last() {
-            Some(Event::Error(message)) => assert!(message.contains("model exploded"), "{message}"),
+            Some(Event::Error(problem)) => {
+                assert!(problem.debug.contains("model exploded"), "{problem:?}")
+            }
             other => panic!("expected an error, got {other:?}"),
         }
     }
@@ -677,6 +799,147 @@ mod tests {
         assert_eq!(
             captions,
             vec![&Event::Caption("q: 3".into(), 3000, 3000, 1, true)]
+        );
+    }
+
+    fn warnings_of(events: &[Event]) -> Vec<&String> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Warning(w) => Some(w),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_window_keeps_what_the_context_holds_and_says_so_once() {
+        // Issue 9 item 1: a window longer than the context drops its oldest frames (with one
+        // warning) instead of failing the caption.
+        let engine = ScriptedEngine {
+            fit: 3,
+            ..ScriptedEngine::healthy()
+        };
+        let jobs = (0..8)
+            .map(frame_job)
+            .chain([Job::Eos { epoch: 0 }])
+            .collect();
+        let events = run(engine, settings(60_000, 2000), jobs);
+        let captions = captions_of(&events);
+        assert_eq!(
+            captions,
+            vec![
+                &Event::Caption("q: 0,1,2".into(), 0, 2000, 3, false),
+                &Event::Caption("q: 2,3,4".into(), 2000, 4000, 3, false),
+                &Event::Caption("q: 4,5,6".into(), 4000, 6000, 3, false),
+                &Event::Caption("q: 5,6,7".into(), 5000, 7000, 3, true),
+            ]
+        );
+        let warnings = warnings_of(&events);
+        assert_eq!(warnings.len(), 1, "{events:?}");
+        assert!(warnings[0].contains("newest 3 frames"), "{warnings:?}");
+    }
+
+    #[test]
+    fn an_unusable_new_prompt_is_refused_and_the_previous_one_stays() {
+        // Issue 9 item 2 (the worker's safety net behind the element's validation).
+        let settings = settings(60_000, 1000);
+        let (tx, rx) = mpsc::channel();
+        let engine = ScriptedEngine {
+            refuse: Some("<bad>"),
+            ..ScriptedEngine::healthy()
+        };
+        let worker = Worker::spawn(
+            Arc::new(engine),
+            settings.clone(),
+            Arc::new(RecordingOutput(Mutex::new(tx))),
+            8,
+        )
+        .unwrap();
+        worker.submit(frame_job(0), QueuePolicy::Block);
+        // The first frame is encoded with the first prompt.
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Ok(Event::Idle(1000))
+        );
+        settings.lock().unwrap().prompt = "a <bad> question".into();
+        for t in 1..3 {
+            worker.submit(frame_job(t), QueuePolicy::Block);
+        }
+        worker.submit(Job::Eos { epoch: 0 }, QueuePolicy::Block);
+        let events: Vec<Event> = std::iter::from_fn(|| {
+            rx.recv_timeout(Duration::from_secs(5))
+                .ok()
+                .filter(|e| *e != Event::Eos)
+        })
+        .collect();
+        let warnings = warnings_of(&events);
+        assert_eq!(
+            warnings.len(),
+            1,
+            "one warning per refused prompt: {events:?}"
+        );
+        assert!(warnings[0].contains("previous one stays"), "{warnings:?}");
+        for caption in captions_of(&events) {
+            let Event::Caption(text, ..) = caption else {
+                unreachable!()
+            };
+            assert!(text.starts_with("q:"), "the previous prompt: {text}");
+        }
+        assert!(!captions_of(&events).is_empty());
+        assert!(!events.iter().any(|e| matches!(e, Event::Error(_))));
+    }
+
+    #[test]
+    fn a_model_error_is_reported_in_one_line_with_the_backtrace_kept_for_the_log() {
+        // Issue 9 item 3: candle's backtrace never reaches the message or its debug details.
+        let engine = ScriptedEngine {
+            fail_on_frame: Some(1),
+            ..ScriptedEngine::healthy()
+        };
+        let events = run(
+            engine,
+            settings(60_000, 5000),
+            vec![frame_job(0), frame_job(1)],
+        );
+        let Some(Event::Error(problem)) = events.last() else {
+            panic!("expected an error: {events:?}");
+        };
+        assert_eq!(
+            problem.message,
+            "The captioning model failed while encoding a frame: matmul shape mismatch"
+        );
+        assert!(!problem.debug.contains('\n'), "{:?}", problem.debug);
+        let log = problem
+            .log
+            .as_deref()
+            .expect("the backtrace, for the debug log");
+        assert!(log.lines().count() > 2, "{log}");
+    }
+
+    #[test]
+    fn shutdown_interrupts_an_encode_within_one_layer() {
+        // Issue 9 item 10: a 100-layer encode (1 s) is cut at the next layer boundary.
+        let engine = ScriptedEngine {
+            encode_layers: 100,
+            ..ScriptedEngine::healthy()
+        };
+        let (tx, _rx) = mpsc::channel();
+        let worker = Worker::spawn(
+            Arc::new(engine),
+            settings(60_000, 1000),
+            Arc::new(RecordingOutput(Mutex::new(tx))),
+            8,
+        )
+        .unwrap();
+        worker.submit(frame_job(0), QueuePolicy::Block);
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        worker.shutdown();
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(300),
+            "shutdown waited {took:?} for the encode"
         );
     }
 }

@@ -1,140 +1,41 @@
 //! The element subclass: pads, properties, events, queries and state changes. The work itself
-//! is in `captioner` (scheduling) and `model` (LLaMA-VID); this file is glue.
+//! is in `captioner` (scheduling, model sharing, the context's limits) and `model` (LLaMA-VID);
+//! this file is glue. Nothing is posted on the bus while one of the element's locks is held: a
+//! synchronous bus handler may call back into the element (set a property, change state).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
 use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
 
 use super::frames;
+use super::liveness::{upstream_liveness, Liveness};
 use super::output::{lock, ElementOutput, Shared};
-use super::text::{Popped, TextItem, TextTimeline};
-use super::{Dtype, FramePolicy, CAPTION_META};
-use crate::captioner::registry::Registry;
+use super::settings::{
+    self, default_caption_settings, Settings, DEFAULT_DEVICE, DEFAULT_PROMPT, MS,
+};
+use super::text::{push_item, Popped, TextItem, TextTimeline};
+use super::{FramePolicy, CAPTION_META, CAT};
+use crate::captioner::limits::{check_prompt, check_prompt_text, check_settings};
+use crate::captioner::models::{load_shared, LoadError, SharedModel};
 use crate::captioner::{
     CaptionSettings, FrameJob, FrameSampler, Job, OwnedFrame, Pushed, QueuePolicy, Worker,
 };
-use crate::model::nn::Precision;
-use crate::model::remote::{RemoteLanguageModel, ServerConfig};
-use crate::model::{GenerationParams, LanguageModelWeights, LlamaVid, LoadOptions};
+use crate::model::remote::RemoteLanguageModel;
 
-static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
-    gst::DebugCategory::new(
-        "llamavidcaption",
-        gst::DebugColorFlags::empty(),
-        Some("LLaMA-VID video captioning"),
-    )
-});
-
-const DEFAULT_PROMPT: &str = "Describe what is happening in the video.";
-const DEFAULT_DEVICE: &str = "auto";
-const DEFAULT_SAMPLE_INTERVAL_MS: u64 = 1000;
-const DEFAULT_WINDOW_DURATION_MS: u64 = 60_000;
-const DEFAULT_CAPTION_INTERVAL_MS: u64 = 5000;
-const DEFAULT_MAX_NEW_TOKENS: u32 = 64;
-const DEFAULT_TEMPERATURE: f64 = 0.0;
-const DEFAULT_TOP_P: f64 = 1.0;
-const DEFAULT_SEED: u64 = 0;
-const DEFAULT_LATENCY_MS: u64 = 10_000;
 /// Sampled frames that may wait for the worker. Copies of frames, not upstream buffers.
 const QUEUE_CAPACITY: usize = 4;
-const MS: u64 = 1_000_000;
-const DEFAULT_LLM_SERVER_TIMEOUT_MS: u64 = 60_000;
-
-/// Models shared by every element in the process, keyed by what was loaded and where.
-type ModelKey = (PathBuf, Option<PathBuf>, String, String);
-static MODELS: LazyLock<Registry<ModelKey, LlamaVid>> = LazyLock::new(Registry::default);
-
-#[derive(Debug, Clone)]
-struct Settings {
-    model: Option<PathBuf>,
-    vision_tower: Option<PathBuf>,
-    prompt: String,
-    device: String,
-    sample_interval_ms: u64,
-    window_duration_ms: u64,
-    caption_interval_ms: u64,
-    max_new_tokens: u32,
-    temperature: f64,
-    top_p: f64,
-    seed: u64,
-    latency_ms: u64,
-    frame_policy: FramePolicy,
-    dtype: Dtype,
-    /// Base URL of a vLLM (OpenAI-compatible) server that runs the language model.
-    llm_server: Option<String>,
-    llm_server_model: Option<String>,
-    llm_server_timeout_ms: u64,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            model: None,
-            vision_tower: None,
-            prompt: DEFAULT_PROMPT.into(),
-            device: DEFAULT_DEVICE.into(),
-            sample_interval_ms: DEFAULT_SAMPLE_INTERVAL_MS,
-            window_duration_ms: DEFAULT_WINDOW_DURATION_MS,
-            caption_interval_ms: DEFAULT_CAPTION_INTERVAL_MS,
-            max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
-            temperature: DEFAULT_TEMPERATURE,
-            top_p: DEFAULT_TOP_P,
-            seed: DEFAULT_SEED,
-            latency_ms: DEFAULT_LATENCY_MS,
-            frame_policy: FramePolicy::Auto,
-            dtype: Dtype::Auto,
-            llm_server: None,
-            llm_server_model: None,
-            llm_server_timeout_ms: DEFAULT_LLM_SERVER_TIMEOUT_MS,
-        }
-    }
-}
-
-impl Settings {
-    /// The server configuration when `llm-server` is set (the API key from the environment).
-    fn server_config(&self) -> Result<Option<ServerConfig>, gst::ErrorMessage> {
-        let Some(url) = self.llm_server.clone() else {
-            return Ok(None);
-        };
-        let Some(model) = self.llm_server_model.clone() else {
-            return Err(gst::error_msg!(
-                gst::LibraryError::Settings,
-                ("`llm-server` is set but `llm-server-model` is not: name the model the server serves (its --served-model-name)")
-            ));
-        };
-        let mut config = ServerConfig::new(url, model);
-        config.api_key = ServerConfig::api_key_from_env();
-        config.request_timeout = Duration::from_millis(self.llm_server_timeout_ms.max(1));
-        Ok(Some(config))
-    }
-
-    fn caption_settings(&self) -> CaptionSettings {
-        CaptionSettings {
-            prompt: self.prompt.clone(),
-            params: GenerationParams {
-                max_new_tokens: self.max_new_tokens as usize,
-                temperature: self.temperature,
-                top_p: self.top_p,
-                seed: self.seed,
-            },
-            window_duration: self.window_duration_ms * MS,
-            caption_interval: self.caption_interval_ms.max(1) * MS,
-        }
-    }
-}
 
 /// Per-stream state of the streaming thread.
 struct State {
     video_info: Option<gst_video::VideoInfo>,
     segment: gst::FormattedSegment<gst::ClockTime>,
     sampler: FrameSampler,
-    /// Whether upstream is live, asked once per stream.
+    /// Whether upstream is live, once known (asked again while unknown).
     live: Option<bool>,
     /// For buffers without timestamps: the running time given to the previous one.
     last_running_time: Option<u64>,
@@ -154,77 +55,24 @@ impl State {
     }
 }
 
+/// A frame the streaming thread picked for the model.
+struct Sampled {
+    running_time: u64,
+    next_sample_due: u64,
+    frame: OwnedFrame,
+}
+
 pub struct LlamaVidCaption {
     sinkpad: gst::Pad,
     srcpad: gst::Pad,
     textpad: gst::Pad,
     settings: Mutex<Settings>,
+    /// The captioning settings: the one copy, read by the worker before each job.
+    caption: Arc<Mutex<CaptionSettings>>,
     state: Mutex<State>,
-    /// What the worker reads before each job.
-    caption_settings: Arc<Mutex<CaptionSettings>>,
     shared: Arc<Shared>,
-    model: Mutex<Option<Arc<LlamaVid>>>,
+    model: Mutex<Option<Arc<SharedModel>>>,
     worker: Mutex<Option<Arc<Worker>>>,
-}
-
-/// Device, compute dtype and CPU precision for the `device` and `dtype` properties.
-fn parse_device(device: &str, dtype: Dtype) -> Result<(Device, DType, Precision), String> {
-    let device = device.trim().to_ascii_lowercase();
-    let cpu = || {
-        let precision = match dtype {
-            Dtype::Auto => Precision::Auto,
-            Dtype::F32 => Precision::F32,
-            Dtype::Bf16 => Precision::Bf16,
-            Dtype::Int8 => Precision::Int8,
-        };
-        Ok((Device::Cpu, DType::F32, precision))
-    };
-    let cuda_ordinal = match device.as_str() {
-        "cpu" => return cpu(),
-        "auto" => {
-            #[cfg(feature = "cuda")]
-            if let Ok(dev) = Device::new_cuda(0) {
-                return Ok((dev, cuda_dtype(dtype), Precision::F32));
-            }
-            return cpu();
-        }
-        "cuda" => 0,
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => n,
-            _ => {
-                return Err(format!(
-                    "unknown device `{other}`: use auto, cpu, cuda or cuda:N"
-                ))
-            }
-        },
-    };
-    #[cfg(feature = "cuda")]
-    {
-        Device::new_cuda(cuda_ordinal)
-            .map(|dev| (dev, cuda_dtype(dtype), Precision::F32))
-            .map_err(|e| {
-                format!(
-                    "CUDA device {cuda_ordinal} is not available (no NVIDIA GPU or driver?): {e}"
-                )
-            })
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Err(format!(
-            "device cuda:{cuda_ordinal} was asked for, but this build of gst-llamavid has no CUDA \
-             support: rebuild with `--features cuda` or set device=cpu"
-        ))
-    }
-}
-
-/// Compute dtype on a GPU: half precision unless f32 is asked for (int8 is a CPU mode).
-#[cfg(feature = "cuda")]
-fn cuda_dtype(dtype: Dtype) -> DType {
-    match dtype {
-        Dtype::F32 => DType::F32,
-        Dtype::Bf16 => DType::BF16,
-        Dtype::Auto | Dtype::Int8 => DType::F16,
-    }
 }
 
 impl LlamaVidCaption {
@@ -237,115 +85,107 @@ impl LlamaVidCaption {
         }
     }
 
+    /// Whether upstream is live, asked once it is known; unknown counts as live (a live
+    /// pipeline must never wait on the model) and is asked again at the next sampled frame.
     fn upstream_is_live(&self) -> bool {
-        let mut query = gst::query::Latency::new();
-        self.sinkpad.peer_query(&mut query) && query.result().0
-    }
-
-    /// Loads (or shares) the model named by the properties.
-    fn load_model(&self) -> Result<(), gst::ErrorMessage> {
-        let settings = lock(&self.settings).clone();
-        let Some(model_dir) = settings.model.clone() else {
-            return Err(gst::error_msg!(
-                gst::LibraryError::Settings,
-                ("No model set: set the `model` property to a LLaMA-VID model directory")
-            ));
-        };
-        let (device, dtype, precision) = parse_device(&settings.device, settings.dtype)
-            .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("{}", e)))?;
-        let canonical = model_dir
-            .canonicalize()
-            .unwrap_or_else(|_| model_dir.clone());
-        // With the language model on a server only its token embeddings are loaded: such a
-        // model is a different one to share.
-        let language_model = if settings.llm_server.is_some() {
-            LanguageModelWeights::EmbeddingsOnly
-        } else {
-            LanguageModelWeights::All
-        };
-        let key = (
-            canonical,
-            settings.vision_tower.clone(),
-            format!("{device:?}"),
-            format!("{dtype:?}/{}/{language_model:?}", precision.as_str()),
-        );
-        let obj = self.obj();
-        let _ = obj.post_message(
-            gst::message::Progress::builder(
-                gst::ProgressType::Start,
-                "load",
-                "Loading the LLaMA-VID model",
-            )
-            .src(&*obj)
-            .build(),
-        );
-        gst::info!(
-            CAT,
-            imp = self,
-            "loading {} on {:?} ({:?})",
-            model_dir.display(),
-            device,
-            dtype
-        );
-        let started = Instant::now();
-        let loaded = MODELS.get_or_load(&key, || {
-            let mut options = LoadOptions::new(&model_dir);
-            options.vision_tower = settings.vision_tower.clone();
-            options.device = device.clone();
-            options.dtype = dtype;
-            options.precision = precision;
-            options.language_model = language_model;
-            LlamaVid::load(&options)
-        });
-        match loaded {
-            Ok((model, loaded_now)) => {
-                for note in model.notes() {
-                    gst::warning!(CAT, imp = self, "{note}");
-                }
-                gst::info!(CAT, imp = self, "model ready after {:?}", started.elapsed());
-                let text = if loaded_now {
-                    "LLaMA-VID model loaded"
-                } else {
-                    "LLaMA-VID model shared with another element"
-                };
-                let _ = obj.post_message(
-                    gst::message::Progress::builder(gst::ProgressType::Complete, "load", text)
-                        .src(&*obj)
-                        .build(),
-                );
-                *lock(&self.model) = Some(model);
-                Ok(())
+        if let Some(live) = lock(&self.state).live {
+            return live;
+        }
+        // Asked without the state lock: the query travels upstream.
+        let liveness = upstream_liveness(&self.sinkpad);
+        gst::debug!(CAT, imp = self, "upstream liveness: {liveness:?}");
+        match liveness.is_live() {
+            Some(live) => {
+                lock(&self.state).live = Some(live);
+                live
             }
-            Err(e) => {
-                let _ = obj.post_message(
-                    gst::message::Progress::builder(
-                        gst::ProgressType::Error,
-                        "load",
-                        "Loading the model failed",
-                    )
-                    .src(&*obj)
-                    .build(),
-                );
-                Err(gst::error_msg!(
-                    gst::ResourceError::OpenRead,
-                    (
-                        "Cannot load the LLaMA-VID model from {}: {}",
-                        model_dir.display(),
-                        e
-                    )
-                ))
+            None => {
+                debug_assert_eq!(liveness, Liveness::Unknown);
+                true
             }
         }
     }
 
+    fn post_progress(&self, kind: gst::ProgressType, text: &str) {
+        let obj = self.obj();
+        let _ = obj.post_message(
+            gst::message::Progress::builder(kind, "load", text)
+                .src(&*obj)
+                .build(),
+        );
+    }
+
+    /// Loads (or shares) the model named by the properties, and checks the settings against
+    /// it: a prompt it cannot take fails here, a window longer than its context is a warning.
+    fn load_model(&self) -> Result<(), gst::ErrorMessage> {
+        let request = lock(&self.settings)
+            .model_request()
+            .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("{}", e)))?;
+        self.post_progress(gst::ProgressType::Start, "Loading the LLaMA-VID model");
+        gst::info!(CAT, imp = self, "loading {request:?}");
+        let started = Instant::now();
+        let (shared, loaded_now) = match load_shared(&request) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                self.post_progress(gst::ProgressType::Error, "Loading the model failed");
+                return Err(match e {
+                    LoadError::Device(e) => {
+                        gst::error_msg!(gst::LibraryError::Settings, ("{}", e))
+                    }
+                    LoadError::Model(e) => {
+                        if let Some(backtrace) = e.backtrace() {
+                            gst::error!(CAT, imp = self, "{}\n{backtrace}", e.summary());
+                        }
+                        gst::error_msg!(
+                            gst::ResourceError::OpenRead,
+                            (
+                                "Cannot load the LLaMA-VID model from {}: {}",
+                                request.model_dir.display(),
+                                e.summary()
+                            )
+                        )
+                    }
+                });
+            }
+        };
+        for note in shared.model.notes() {
+            gst::warning!(CAT, imp = self, "{note}");
+        }
+        if let Some(note) = shared.threads_note(request.threads) {
+            gst::warning!(CAT, imp = self, "{note}");
+            gst::element_imp_warning!(self, gst::LibraryError::Settings, ("{}", note));
+        }
+        gst::info!(CAT, imp = self, "model ready after {:?}", started.elapsed());
+        let text = if loaded_now {
+            "LLaMA-VID model loaded"
+        } else {
+            "LLaMA-VID model shared with another element"
+        };
+        self.post_progress(gst::ProgressType::Complete, text);
+
+        let caption = lock(&self.caption).clone();
+        let sample_interval = lock(&self.settings).sample_interval_ms.max(1) * MS;
+        let warnings = check_settings(&*shared.model, &caption, sample_interval).map_err(|e| {
+            gst::error_msg!(
+                gst::LibraryError::Settings,
+                ("The settings do not suit this model: {}", e)
+            )
+        })?;
+        for warning in warnings {
+            gst::warning!(CAT, imp = self, "{warning}");
+            gst::element_imp_warning!(self, gst::LibraryError::Settings, ("{}", warning));
+        }
+        *lock(&self.model) = Some(shared);
+        Ok(())
+    }
+
     fn start_worker(&self) -> Result<(), gst::ErrorMessage> {
-        let Some(model) = lock(&self.model).clone() else {
+        let Some(shared) = lock(&self.model).clone() else {
             return Err(gst::error_msg!(
                 gst::CoreError::StateChange,
                 ("No model loaded")
             ));
         };
-        *lock(&self.caption_settings) = lock(&self.settings).caption_settings();
         let server = lock(&self.settings).server_config()?;
         let remote = match server {
             Some(config) => {
@@ -368,8 +208,8 @@ impl LlamaVidCaption {
             shared: self.shared.clone(),
         });
         let worker = Worker::spawn_with_remote(
-            model,
-            self.caption_settings.clone(),
+            shared.model.clone(),
+            self.caption.clone(),
             output,
             QUEUE_CAPACITY,
             remote,
@@ -404,7 +244,7 @@ impl LlamaVidCaption {
                     let _ = imp.textpad.pause_task();
                 }
                 Popped::Timeout => {}
-                Popped::Item(item) => imp.push_text(item),
+                Popped::Item(item) => push_item(&imp.textpad, item),
             }
         })
     }
@@ -414,89 +254,14 @@ impl LlamaVidCaption {
         let _ = self.textpad.stop_task();
     }
 
-    /// Pushes one text item downstream (text task only).
-    fn push_text(&self, item: TextItem) {
-        let result = match item {
-            TextItem::Start { stream_id } => {
-                let started = self.textpad.push_event(
-                    gst::event::StreamStart::builder(&stream_id)
-                        .flags(gst::StreamFlags::SPARSE)
-                        .build(),
-                );
-                let caps = self.negotiate_text_caps();
-                if started && self.textpad.push_event(gst::event::Caps::new(&caps)) {
-                    Ok(gst::FlowSuccess::Ok)
-                } else {
-                    Err(gst::FlowError::NotNegotiated)
-                }
-            }
-            TextItem::Segment(segment) => {
-                self.textpad.push_event(gst::event::Segment::new(&segment));
-                Ok(gst::FlowSuccess::Ok)
-            }
-            TextItem::Caption {
-                text,
-                pts,
-                duration,
-            } => {
-                let markup = self.textpad.current_caps().is_some_and(|caps| {
-                    caps.structure(0)
-                        .and_then(|s| s.get::<&str>("format").ok())
-                        .is_some_and(|f| f == "pango-markup")
-                });
-                let text = if markup {
-                    glib::markup_escape_text(&text).to_string()
-                } else {
-                    text
-                };
-                let mut buffer = gst::Buffer::from_mut_slice(text.into_bytes());
-                {
-                    let buffer = buffer.get_mut().expect("new buffer is writable");
-                    buffer.set_pts(pts);
-                    buffer.set_duration(duration);
-                }
-                self.textpad.push(buffer)
-            }
-            TextItem::Gap { pts, duration } => {
-                self.textpad
-                    .push_event(gst::event::Gap::builder(pts).duration(duration).build());
-                Ok(gst::FlowSuccess::Ok)
-            }
-            TextItem::Eos => {
-                self.textpad.push_event(gst::event::Eos::new());
-                Ok(gst::FlowSuccess::Ok)
-            }
-        };
-        match result {
-            // Nobody listening to the text is a normal way to use the element.
-            Ok(_)
-            | Err(gst::FlowError::NotLinked)
-            | Err(gst::FlowError::Flushing)
-            | Err(gst::FlowError::Eos) => {}
-            Err(gst::FlowError::NotNegotiated) if !self.textpad.is_linked() => {}
-            Err(e) => {
-                gst::warning!(CAT, imp = self, "text push failed: {e:?}");
-            }
+    /// Whether `question` can become the prompt: against the model when one is loaded, else
+    /// as text (the model checks it again at READY).
+    fn usable_prompt(&self, question: &str) -> Result<(), String> {
+        let model = lock(&self.model).clone();
+        match model {
+            Some(shared) => check_prompt(&*shared.model, question).map(drop),
+            None => check_prompt_text(question),
         }
-    }
-
-    /// utf8 unless downstream only takes pango-markup.
-    fn negotiate_text_caps(&self) -> gst::Caps {
-        let template = self.textpad.pad_template_caps();
-        let peer = self.textpad.peer_query_caps(Some(&template));
-        let wants_utf8 = peer.is_empty()
-            || peer.iter().any(|s| match s.value("format") {
-                Ok(v) => v.get::<&str>().map(|f| f == "utf8").unwrap_or_else(|_| {
-                    v.get::<gst::List>()
-                        .map(|l| l.iter().any(|x| x.get::<&str>().ok() == Some("utf8")))
-                        .unwrap_or(true)
-                }),
-                Err(_) => true,
-            });
-        let format = if wants_utf8 { "utf8" } else { "pango-markup" };
-        gst::Caps::builder("text/x-raw")
-            .field("format", format)
-            .build()
     }
 
     fn running_time(&self, state: &mut State, buffer: &gst::BufferRef) -> Option<u64> {
@@ -536,57 +301,65 @@ impl LlamaVidCaption {
         }
     }
 
+    /// Decides whether `buffer` is sampled and copies the frame out if so; an `Err` is an
+    /// error to post (after the state lock is released).
+    fn sample(&self, buffer: &gst::Buffer) -> Result<Option<Sampled>, (gst::FlowError, String)> {
+        let mut state = lock(&self.state);
+        let Some(info) = state.video_info.clone() else {
+            return Err((
+                gst::FlowError::NotNegotiated,
+                "Received a buffer before caps".into(),
+            ));
+        };
+        let Some(rt) = self.running_time(&mut state, buffer) else {
+            return Ok(None);
+        };
+        if !state.sampler.sample(rt) {
+            return Ok(None);
+        }
+        let next_sample_due = state.sampler.next_due().unwrap_or(rt);
+        drop(state);
+        let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer.as_ref(), &info)
+            .ok()
+            .and_then(|mapped| frames::view(&mapped).map(|v| OwnedFrame::copy_from(&v)));
+        match frame {
+            Some(frame) => Ok(Some(Sampled {
+                running_time: rt,
+                next_sample_due,
+                frame,
+            })),
+            None => Err((
+                gst::FlowError::Error,
+                format!(
+                    "Cannot map a {}x{} {:?} frame",
+                    info.width(),
+                    info.height(),
+                    info.format()
+                ),
+            )),
+        }
+    }
+
     fn sink_chain(&self, mut buffer: gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
         if self.shared.failed.load(Ordering::SeqCst) {
             return Err(gst::FlowError::Error);
         }
-        let sampled = {
-            let mut state = lock(&self.state);
-            let Some(info) = state.video_info.clone() else {
-                gst::element_imp_error!(
-                    self,
-                    gst::CoreError::Negotiation,
-                    ("Received a buffer before caps")
-                );
-                return Err(gst::FlowError::NotNegotiated);
-            };
-            let running_time = self.running_time(&mut state, &buffer);
-            let live = *state.live.get_or_insert_with(|| self.upstream_is_live());
-            match running_time {
-                Some(rt) if state.sampler.sample(rt) => {
-                    let next_due = state.sampler.next_due().unwrap_or(rt);
-                    let frame =
-                        gst_video::VideoFrameRef::from_buffer_ref_readable(buffer.as_ref(), &info)
-                            .ok()
-                            .and_then(|mapped| {
-                                frames::view(&mapped).map(|v| OwnedFrame::copy_from(&v))
-                            });
-                    match frame {
-                        Some(frame) => Some((rt, next_due, live, frame)),
-                        None => {
-                            gst::element_imp_error!(
-                                self,
-                                gst::StreamError::Format,
-                                (
-                                    "Cannot map a {}x{} {:?} frame",
-                                    info.width(),
-                                    info.height(),
-                                    info.format()
-                                )
-                            );
-                            return Err(gst::FlowError::Error);
-                        }
-                    }
-                }
-                _ => None,
+        match self.sample(&buffer) {
+            Ok(Some(sampled)) => self.submit_frame(&buffer, sampled),
+            Ok(None) => {}
+            Err((flow, message)) => {
+                let domain = if flow == gst::FlowError::NotNegotiated {
+                    gst::CoreError::Negotiation
+                } else {
+                    gst::CoreError::Failed
+                };
+                gst::element_imp_error!(self, domain, ("{}", message));
+                return Err(flow);
             }
-        };
-
-        if let Some((running_time, next_sample_due, live, frame)) = sampled {
-            self.submit_frame(&buffer, running_time, next_sample_due, live, frame);
         }
 
-        if let Some((event, pts)) = lock(&self.shared.pending_meta).take() {
+        let pending = lock(&self.shared.pending_meta).take();
+        if let Some((event, pts)) = pending {
             let buffer = buffer.make_mut();
             if let Ok(mut meta) = gst::meta::CustomMeta::add(buffer, CAPTION_META) {
                 let s = meta.mut_structure();
@@ -599,23 +372,18 @@ impl LlamaVidCaption {
         self.srcpad.push(buffer)
     }
 
-    fn submit_frame(
-        &self,
-        buffer: &gst::Buffer,
-        running_time: u64,
-        next_sample_due: u64,
-        live: bool,
-        frame: OwnedFrame,
-    ) {
+    fn submit_frame(&self, buffer: &gst::Buffer, sampled: Sampled) {
+        let live = self.upstream_is_live();
         let policy = self.policy(live);
         let epoch = self.shared.epoch.load(Ordering::SeqCst);
+        let running_time = sampled.running_time;
         let job = Job::Frame {
             epoch,
             job: FrameJob {
                 running_time,
-                next_sample_due,
+                next_sample_due: sampled.next_sample_due,
                 arrived: Instant::now(),
-                frame,
+                frame: sampled.frame,
             },
         };
         let stats = &self.shared.stats;
@@ -635,19 +403,28 @@ impl LlamaVidCaption {
                 imp = self,
                 "worker busy: dropped the oldest waiting frame ({dropped} so far)"
             );
-            let obj = self.obj();
             let rt = gst::ClockTime::from_nseconds(running_time);
-            let _ = obj.post_message(
-                gst::message::Qos::builder(live)
-                    .running_time(rt)
-                    .stream_time(lock(&self.state).segment.to_stream_time(buffer.pts().unwrap_or(rt)))
-                    .timestamp(buffer.pts())
-                    .duration(buffer.duration())
-                    .stats(gst::format::Buffers::from_u64(processed), gst::format::Buffers::from_u64(dropped))
-                    .other_field("reason", "the captioning model is slower than the sampling rate; oldest waiting frame dropped")
-                    .src(&*obj)
-                    .build(),
-            );
+            let stream_time = lock(&self.state)
+                .segment
+                .to_stream_time(buffer.pts().unwrap_or(rt));
+            let obj = self.obj();
+            let qos = gst::message::Qos::builder(live)
+                .running_time(rt)
+                .stream_time(stream_time)
+                .timestamp(buffer.pts())
+                .duration(buffer.duration())
+                .stats(
+                    gst::format::Buffers::from_u64(processed),
+                    gst::format::Buffers::from_u64(dropped),
+                )
+                .other_field(
+                    "reason",
+                    "the captioning model is slower than the sampling rate; oldest waiting \
+                     frame dropped",
+                )
+                .src(&*obj)
+                .build();
+            let _ = obj.post_message(qos);
         }
     }
 
@@ -734,7 +511,9 @@ impl LlamaVidCaption {
             }
             EventView::Eos(_) => {
                 let epoch = self.shared.epoch.load(Ordering::SeqCst);
-                let submitted = match lock(&self.worker).as_ref() {
+                // The handle is cloned out of the lock: the submit may wait for room.
+                let worker = lock(&self.worker).clone();
+                let submitted = match worker {
                     Some(worker) => matches!(
                         worker.submit(Job::Eos { epoch }, QueuePolicy::Block),
                         Pushed::Queued
@@ -841,7 +620,7 @@ impl ObjectSubclass for LlamaVidCaption {
             srcpad,
             textpad,
             state: Mutex::new(State::new(settings.sample_interval_ms)),
-            caption_settings: Arc::new(Mutex::new(settings.caption_settings())),
+            caption: Arc::new(Mutex::new(default_caption_settings())),
             settings: Mutex::new(settings),
             shared: Arc::new(Shared::default()),
             model: Mutex::new(None),
@@ -850,214 +629,111 @@ impl ObjectSubclass for LlamaVidCaption {
     }
 }
 
-fn ms_property(name: &str, nick: &str, blurb: &str, default: u64, min: u64) -> glib::ParamSpec {
-    glib::ParamSpecUInt64::builder(name)
-        .nick(nick)
-        .blurb(blurb)
-        .minimum(min)
-        .default_value(default)
-        .mutable_playing()
-        .build()
-}
-
 impl ObjectImpl for LlamaVidCaption {
     fn properties() -> &'static [glib::ParamSpec] {
-        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
-            vec![
-                glib::ParamSpecString::builder("model")
-                    .nick("Model")
-                    .blurb("LLaMA-VID model directory (config.json, weights, tokenizer); the EVA weights and bert-base-uncased are looked up beside it")
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecString::builder("vision-tower")
-                    .nick("Vision tower")
-                    .blurb("EVA-ViT-G weights file (eva_vit_g.pth); default: mm_vision_tower of config.json, resolved beside the model")
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecString::builder("prompt")
-                    .nick("Prompt")
-                    .blurb("Question asked about the video; a change applies to the next caption and to frames encoded after it")
-                    .default_value(Some(DEFAULT_PROMPT))
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecString::builder("device")
-                    .nick("Device")
-                    .blurb("Where the model runs: auto (CUDA if built with it and a GPU is present, else CPU), cpu, cuda or cuda:N")
-                    .default_value(Some(DEFAULT_DEVICE))
-                    .mutable_ready()
-                    .build(),
-                ms_property("sample-interval", "Sample interval", "Running time between sampled frames, in ms (the fps-1 checkpoints were trained on one frame per second)", DEFAULT_SAMPLE_INTERVAL_MS, 1),
-                ms_property("window-duration", "Window duration", "Running time of video the caption describes, in ms: older frames leave the window", DEFAULT_WINDOW_DURATION_MS, 0),
-                ms_property("caption-interval", "Caption interval", "Running time between captions, in ms", DEFAULT_CAPTION_INTERVAL_MS, 1),
-                glib::ParamSpecUInt::builder("max-new-tokens")
-                    .nick("Max new tokens")
-                    .blurb("Longest caption, in tokens")
-                    .minimum(1)
-                    .maximum(4096)
-                    .default_value(DEFAULT_MAX_NEW_TOKENS)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecDouble::builder("temperature")
-                    .nick("Temperature")
-                    .blurb("Sampling temperature; 0 is greedy (deterministic) decoding")
-                    .minimum(0.0)
-                    .maximum(10.0)
-                    .default_value(DEFAULT_TEMPERATURE)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecDouble::builder("top-p")
-                    .nick("Top p")
-                    .blurb("Nucleus sampling: probability mass kept when temperature > 0")
-                    .minimum(0.0)
-                    .maximum(1.0)
-                    .default_value(DEFAULT_TOP_P)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecUInt64::builder("seed")
-                    .nick("Seed")
-                    .blurb("Random seed of sampling (each caption starts from it)")
-                    .default_value(DEFAULT_SEED)
-                    .mutable_playing()
-                    .build(),
-                ms_property("latency", "Latency", "Processing latency declared to live pipelines for text_src, in ms; a warning is posted when a caption comes later", DEFAULT_LATENCY_MS, 0),
-                glib::ParamSpecEnum::builder_with_default("dtype", Dtype::Auto)
-                    .nick("Data type")
-                    .blurb("Arithmetic of the model: f32 is exact; bf16 and int8 are faster reduced-precision CPU modes (int8 keeps up with a camera on 2 cores; see the README's performance section); auto is bf16 on AMX CPUs in an mkl build, f16 on CUDA, else f32")
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecEnum::builder_with_default("frame-policy", FramePolicy::Auto)
-                    .nick("Frame policy")
-                    .blurb("When the model falls behind: drop sampled frames (never stalls video) or wait (every frame encoded)")
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecString::builder("llm-server")
-                    .nick("Language-model server")
-                    .blurb("Base URL of a vLLM (OpenAI-compatible) server started with --enable-prompt-embeds that runs the language model, e.g. http://gpu-host:8000; empty: run it here. The API key, if any, is read from LLAMAVID_LLM_SERVER_API_KEY")
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecString::builder("llm-server-model")
-                    .nick("Language-model server model")
-                    .blurb("Name under which the server serves this checkpoint's language model (exported with llamavid-export-llm; vLLM's --served-model-name)")
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecUInt64::builder("llm-server-timeout")
-                    .nick("Language-model server timeout")
-                    .blurb("Longest wait for one caption from the server, in ms; captions due meanwhile are skipped as late")
-                    .minimum(1)
-                    .default_value(DEFAULT_LLM_SERVER_TIMEOUT_MS)
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecUInt64::builder("frames-sampled").nick("Frames sampled").blurb("Frames picked for encoding").read_only().build(),
-                glib::ParamSpecUInt64::builder("frames-encoded").nick("Frames encoded").blurb("Frames turned into tokens").read_only().build(),
-                glib::ParamSpecUInt64::builder("frames-dropped").nick("Frames dropped").blurb("Sampled frames dropped because the model was behind").read_only().build(),
-                glib::ParamSpecUInt64::builder("captions").nick("Captions").blurb("Captions produced").read_only().build(),
-                glib::ParamSpecString::builder("last-caption").nick("Last caption").blurb("Text of the latest caption").read_only().build(),
-                glib::ParamSpecUInt64::builder("last-caption-latency")
-                    .nick("Last caption latency")
-                    .blurb("Time from the arrival of the latest caption's last frame to the caption, in ms")
-                    .read_only()
-                    .build(),
-            ]
-        });
-        PROPERTIES.as_ref()
+        settings::properties()
     }
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
-        let mut settings = lock(&self.settings);
-        let path = |v: &glib::Value| {
-            v.get::<Option<String>>()
-                .ok()
-                .flatten()
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from)
-        };
+        let string = |v: &glib::Value| v.get::<Option<String>>().ok().flatten();
+        let non_empty = |v: &glib::Value| string(v).filter(|s| !s.trim().is_empty());
+        let path = |v: &glib::Value| string(v).filter(|s| !s.is_empty()).map(PathBuf::from);
+        let number = |v: &glib::Value| v.get::<u64>().expect("type checked");
         match pspec.name() {
-            "model" => settings.model = path(value),
-            "vision-tower" => settings.vision_tower = path(value),
-            "prompt" => {
-                settings.prompt = value
-                    .get::<Option<String>>()
-                    .ok()
-                    .flatten()
-                    .unwrap_or_else(|| DEFAULT_PROMPT.into())
-            }
+            "model" => lock(&self.settings).model = path(value),
+            "vision-tower" => lock(&self.settings).vision_tower = path(value),
             "device" => {
-                settings.device = value
-                    .get::<Option<String>>()
-                    .ok()
-                    .flatten()
-                    .unwrap_or_else(|| DEFAULT_DEVICE.into())
+                lock(&self.settings).device = string(value).unwrap_or_else(|| DEFAULT_DEVICE.into())
+            }
+            "threads" => lock(&self.settings).threads = value.get().expect("type checked"),
+            "dtype" => lock(&self.settings).dtype = value.get().expect("type checked"),
+            "llm-server" => lock(&self.settings).llm_server = non_empty(value),
+            "llm-server-model" => lock(&self.settings).llm_server_model = non_empty(value),
+            "llm-server-timeout" => {
+                lock(&self.settings).llm_server_timeout_ms = value.get().expect("type checked")
+            }
+            "frame-policy" => {
+                lock(&self.settings).frame_policy = value.get().expect("type checked")
             }
             "sample-interval" => {
-                settings.sample_interval_ms = value.get().expect("type checked");
-                lock(&self.state)
-                    .sampler
-                    .set_interval(settings.sample_interval_ms.max(1) * MS);
+                let ms = number(value);
+                lock(&self.settings).sample_interval_ms = ms;
+                lock(&self.state).sampler.set_interval(ms.max(1) * MS);
             }
-            "window-duration" => settings.window_duration_ms = value.get().expect("type checked"),
-            "caption-interval" => settings.caption_interval_ms = value.get().expect("type checked"),
-            "max-new-tokens" => settings.max_new_tokens = value.get().expect("type checked"),
-            "temperature" => settings.temperature = value.get().expect("type checked"),
-            "top-p" => settings.top_p = value.get().expect("type checked"),
-            "seed" => settings.seed = value.get().expect("type checked"),
             "latency" => {
-                settings.latency_ms = value.get().expect("type checked");
-                *lock(&self.shared.declared_latency) = Duration::from_millis(settings.latency_ms);
-                drop(settings);
+                let ms = number(value);
+                lock(&self.settings).latency_ms = ms;
+                *lock(&self.shared.declared_latency) = Duration::from_millis(ms);
                 let obj = self.obj();
                 let _ = obj.post_message(gst::message::Latency::builder().src(&*obj).build());
-                return;
             }
-            "frame-policy" => settings.frame_policy = value.get().expect("type checked"),
-            "dtype" => settings.dtype = value.get().expect("type checked"),
-            "llm-server" => {
-                settings.llm_server = value
-                    .get::<Option<String>>()
-                    .ok()
-                    .flatten()
-                    .filter(|s| !s.trim().is_empty())
+            "prompt" => {
+                let question = string(value).unwrap_or_else(|| DEFAULT_PROMPT.into());
+                match self.usable_prompt(&question) {
+                    Ok(()) => lock(&self.caption).prompt = question,
+                    Err(reason) => {
+                        let kept = lock(&self.caption).prompt.clone();
+                        gst::warning!(CAT, imp = self, "prompt {question:?} refused: {reason}");
+                        let question: String = question.chars().take(200).collect();
+                        gst::element_imp_warning!(
+                            self,
+                            gst::LibraryError::Settings,
+                            (
+                                "The new prompt cannot be used, the previous one stays: {}",
+                                reason
+                            ),
+                            ["refused: {:?}; kept: {:?}", question, kept]
+                        );
+                    }
+                }
             }
-            "llm-server-model" => {
-                settings.llm_server_model = value
-                    .get::<Option<String>>()
-                    .ok()
-                    .flatten()
-                    .filter(|s| !s.trim().is_empty())
+            name => {
+                let mut caption = lock(&self.caption);
+                match name {
+                    "window-duration" => caption.window_duration = number(value) * MS,
+                    "caption-interval" => caption.caption_interval = number(value).max(1) * MS,
+                    "max-new-tokens" => {
+                        caption.params.max_new_tokens =
+                            value.get::<u32>().expect("type checked") as usize
+                    }
+                    "temperature" => {
+                        caption.params.temperature = value.get().expect("type checked")
+                    }
+                    "top-p" => caption.params.top_p = value.get().expect("type checked"),
+                    "seed" => caption.params.seed = value.get().expect("type checked"),
+                    other => unreachable!("unknown property {other}"),
+                }
             }
-            "llm-server-timeout" => {
-                settings.llm_server_timeout_ms = value.get().expect("type checked")
-            }
-            other => unreachable!("unknown property {other}"),
         }
-        *lock(&self.caption_settings) = settings.caption_settings();
     }
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
         let stats = &self.shared.stats;
-        let settings = lock(&self.settings);
         let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        let counter = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed).to_value();
         match pspec.name() {
-            "model" => path(&settings.model).to_value(),
-            "vision-tower" => path(&settings.vision_tower).to_value(),
-            "prompt" => settings.prompt.to_value(),
-            "device" => settings.device.to_value(),
-            "sample-interval" => settings.sample_interval_ms.to_value(),
-            "window-duration" => settings.window_duration_ms.to_value(),
-            "caption-interval" => settings.caption_interval_ms.to_value(),
-            "max-new-tokens" => settings.max_new_tokens.to_value(),
-            "temperature" => settings.temperature.to_value(),
-            "top-p" => settings.top_p.to_value(),
-            "seed" => settings.seed.to_value(),
-            "latency" => settings.latency_ms.to_value(),
-            "frame-policy" => settings.frame_policy.to_value(),
-            "dtype" => settings.dtype.to_value(),
-            "llm-server" => settings.llm_server.to_value(),
-            "llm-server-model" => settings.llm_server_model.to_value(),
-            "llm-server-timeout" => settings.llm_server_timeout_ms.to_value(),
-            "frames-sampled" => stats.frames_sampled.load(Ordering::Relaxed).to_value(),
-            "frames-encoded" => stats.frames_encoded.load(Ordering::Relaxed).to_value(),
-            "frames-dropped" => stats.frames_dropped.load(Ordering::Relaxed).to_value(),
-            "captions" => stats.captions.load(Ordering::Relaxed).to_value(),
+            "model" => path(&lock(&self.settings).model).to_value(),
+            "vision-tower" => path(&lock(&self.settings).vision_tower).to_value(),
+            "device" => lock(&self.settings).device.to_value(),
+            "threads" => lock(&self.settings).threads.to_value(),
+            "dtype" => lock(&self.settings).dtype.to_value(),
+            "llm-server" => lock(&self.settings).llm_server.to_value(),
+            "llm-server-model" => lock(&self.settings).llm_server_model.to_value(),
+            "llm-server-timeout" => lock(&self.settings).llm_server_timeout_ms.to_value(),
+            "frame-policy" => lock(&self.settings).frame_policy.to_value(),
+            "sample-interval" => lock(&self.settings).sample_interval_ms.to_value(),
+            "latency" => lock(&self.settings).latency_ms.to_value(),
+            "prompt" => lock(&self.caption).prompt.to_value(),
+            "window-duration" => (lock(&self.caption).window_duration / MS).to_value(),
+            "caption-interval" => (lock(&self.caption).caption_interval / MS).to_value(),
+            "max-new-tokens" => (lock(&self.caption).params.max_new_tokens as u32).to_value(),
+            "temperature" => lock(&self.caption).params.temperature.to_value(),
+            "top-p" => lock(&self.caption).params.top_p.to_value(),
+            "seed" => lock(&self.caption).params.seed.to_value(),
+            "frames-sampled" => counter(&stats.frames_sampled),
+            "frames-encoded" => counter(&stats.frames_encoded),
+            "frames-dropped" => counter(&stats.frames_dropped),
+            "captions" => counter(&stats.captions),
             "last-caption" => lock(&stats.last_caption).0.to_value(),
             "last-caption-latency" => (lock(&stats.last_caption).1.as_millis() as u64).to_value(),
             other => unreachable!("unknown property {other}"),
@@ -1066,7 +742,7 @@ impl ObjectImpl for LlamaVidCaption {
 
     fn constructed(&self) {
         self.parent_constructed();
-        *lock(&self.shared.declared_latency) = Duration::from_millis(DEFAULT_LATENCY_MS);
+        *lock(&self.shared.declared_latency) = Duration::from_millis(settings::DEFAULT_LATENCY_MS);
         let obj = self.obj();
         obj.add_pad(&self.sinkpad).expect("add sink pad");
         obj.add_pad(&self.srcpad).expect("add src pad");

@@ -11,13 +11,26 @@
 //! caption buffer's PTS), `frames` (u32), `latency` (u64, ns from the arrival of the window's
 //! last frame to the caption) and `prompt` (string).
 
+use std::sync::LazyLock;
+
 use gst::glib;
 use gst::prelude::*;
 
 mod frames;
 mod imp;
+mod liveness;
 mod output;
+mod settings;
 mod text;
+
+/// The element's debug category (`GST_DEBUG=llamavidcaption:5`).
+pub(crate) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new(
+        "llamavidcaption",
+        gst::DebugColorFlags::empty(),
+        Some("LLaMA-VID video captioning"),
+    )
+});
 
 /// Name of the bus message structure posted for every caption.
 pub const CAPTION_MESSAGE: &str = "llamavid-caption";

@@ -1,6 +1,7 @@
 //! Where the worker's results meet GStreamer: statistics, the bus message, the pending video
 //! meta and the text queue. Everything here is called from the worker thread and never blocks
-//! on the pipeline.
+//! on the pipeline; nothing is posted while a lock is held (a synchronous bus handler may call
+//! back into the element).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -10,8 +11,8 @@ use gst::glib;
 use gst::prelude::*;
 
 use super::text::{TextItem, TextQueue, TextTimeline};
-use super::CAPTION_MESSAGE;
-use crate::captioner::{CaptionEvent, CaptionOutput};
+use super::{CAPTION_MESSAGE, CAT};
+use crate::captioner::{CaptionEvent, CaptionOutput, Problem};
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -132,10 +133,16 @@ impl ElementOutput {
         if event.latency <= declared || event.is_final {
             return;
         }
-        let mut last = lock(&self.shared.last_late_warning);
         // At most one warning every 10 s: a slow machine would otherwise flood the bus.
-        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-            *last = Some(Instant::now());
+        let due = {
+            let mut last = lock(&self.shared.last_late_warning);
+            let due = last.is_none_or(|t| t.elapsed() > Duration::from_secs(10));
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if due {
             gst::element_warning!(
                 element,
                 gst::CoreError::Clock,
@@ -205,28 +212,35 @@ impl CaptionOutput for ElementOutput {
         self.shared.signal_eos(Some(epoch));
     }
 
-    fn error(&self, message: String, debug: String) {
+    fn warning(&self, problem: Problem) {
+        if let Some(element) = self.element.upgrade() {
+            if let Some(log) = &problem.log {
+                gst::warning!(CAT, obj = &element, "{log}");
+            }
+            gst::element_warning!(
+                element,
+                gst::LibraryError::Settings,
+                ("{}", problem.message),
+                ["{}", problem.debug]
+            );
+        }
+    }
+
+    fn error(&self, problem: Problem) {
         self.shared.failed.store(true, Ordering::SeqCst);
         if let Some(element) = self.element.upgrade() {
+            // The backtrace goes to the debug log only: the message is for people.
+            if let Some(log) = &problem.log {
+                gst::error!(CAT, obj = &element, "{log}");
+            }
             gst::element_error!(
                 element,
                 gst::LibraryError::Failed,
-                ("{}", message),
-                ["{}", debug]
+                ("{}", problem.message),
+                ["{}", problem.debug]
             );
         }
         self.shared.signal_eos(None);
-    }
-
-    fn warning(&self, message: String, debug: String) {
-        if let Some(element) = self.element.upgrade() {
-            gst::element_warning!(
-                element,
-                gst::ResourceError::Read,
-                ("{}", message),
-                ["{}", debug]
-            );
-        }
     }
 
     fn info(&self, message: String) {

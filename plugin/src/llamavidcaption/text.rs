@@ -7,6 +7,11 @@ use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
+use gst::glib;
+use gst::prelude::*;
+
+use super::CAT;
+
 #[derive(Debug)]
 pub enum TextItem {
     /// Start of a stream: stream-start and caps.
@@ -131,6 +136,90 @@ impl TextTimeline {
         self.position = Some(until);
         Some((start, until - start))
     }
+}
+
+/// Pushes one text item out of `textpad` (its task only).
+pub fn push_item(textpad: &gst::Pad, item: TextItem) {
+    let result = match item {
+        TextItem::Start { stream_id } => {
+            let started = textpad.push_event(
+                gst::event::StreamStart::builder(&stream_id)
+                    .flags(gst::StreamFlags::SPARSE)
+                    .build(),
+            );
+            let caps = negotiate_caps(textpad);
+            if started && textpad.push_event(gst::event::Caps::new(&caps)) {
+                Ok(gst::FlowSuccess::Ok)
+            } else {
+                Err(gst::FlowError::NotNegotiated)
+            }
+        }
+        TextItem::Segment(segment) => {
+            textpad.push_event(gst::event::Segment::new(&segment));
+            Ok(gst::FlowSuccess::Ok)
+        }
+        TextItem::Caption {
+            text,
+            pts,
+            duration,
+        } => {
+            let markup = textpad.current_caps().is_some_and(|caps| {
+                caps.structure(0)
+                    .and_then(|s| s.get::<&str>("format").ok())
+                    .is_some_and(|f| f == "pango-markup")
+            });
+            let text = if markup {
+                glib::markup_escape_text(&text).to_string()
+            } else {
+                text
+            };
+            let mut buffer = gst::Buffer::from_mut_slice(text.into_bytes());
+            {
+                let buffer = buffer.get_mut().expect("new buffer is writable");
+                buffer.set_pts(pts);
+                buffer.set_duration(duration);
+            }
+            textpad.push(buffer)
+        }
+        TextItem::Gap { pts, duration } => {
+            textpad.push_event(gst::event::Gap::builder(pts).duration(duration).build());
+            Ok(gst::FlowSuccess::Ok)
+        }
+        TextItem::Eos => {
+            textpad.push_event(gst::event::Eos::new());
+            Ok(gst::FlowSuccess::Ok)
+        }
+    };
+    match result {
+        // Nobody listening to the text is a normal way to use the element.
+        Ok(_)
+        | Err(gst::FlowError::NotLinked)
+        | Err(gst::FlowError::Flushing)
+        | Err(gst::FlowError::Eos) => {}
+        Err(gst::FlowError::NotNegotiated) if !textpad.is_linked() => {}
+        Err(e) => {
+            gst::warning!(CAT, obj = textpad, "text push failed: {e:?}");
+        }
+    }
+}
+
+/// utf8 unless downstream only takes pango-markup.
+fn negotiate_caps(textpad: &gst::Pad) -> gst::Caps {
+    let template = textpad.pad_template_caps();
+    let peer = textpad.peer_query_caps(Some(&template));
+    let wants_utf8 = peer.is_empty()
+        || peer.iter().any(|s| match s.value("format") {
+            Ok(v) => v.get::<&str>().map(|f| f == "utf8").unwrap_or_else(|_| {
+                v.get::<gst::List>()
+                    .map(|l| l.iter().any(|x| x.get::<&str>().ok() == Some("utf8")))
+                    .unwrap_or(true)
+            }),
+            Err(_) => true,
+        });
+    let format = if wants_utf8 { "utf8" } else { "pango-markup" };
+    gst::Caps::builder("text/x-raw")
+        .field("format", format)
+        .build()
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use super::config::read_json;
 use super::torch_load::TorchArchive;
+use super::error::candle_summary;
 use super::{ModelError, Result};
 
 /// Which on-disk copy of the HF weights to read.
@@ -56,7 +57,10 @@ impl OpenFile {
             let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
                 ModelError::bad_file(
                     path,
-                    format!("not a valid safetensors file (truncated?): {e}"),
+                    format!(
+                        "not a valid safetensors file (truncated?): {}",
+                        candle_summary(&e)
+                    ),
                 )
             })?;
             TensorFile::Safetensors(st)
@@ -82,11 +86,11 @@ impl OpenFile {
             TensorFile::Pickle(p) => match p.load(name) {
                 Ok(Some(t)) => Ok(t),
                 Ok(None) => Err("not found in this file".into()),
-                Err(e) => Err(format!("unreadable: {e}")),
+                Err(e) => Err(format!("unreadable: {}", e.summary())),
             },
             TensorFile::Safetensors(s) => s
                 .load(name, &Device::Cpu)
-                .map_err(|e| format!("unreadable: {e}")),
+                .map_err(|e| format!("unreadable: {}", candle_summary(&e))),
         }
     }
 }
@@ -273,7 +277,7 @@ impl Checkpoint {
 }
 
 fn as_candle(e: ModelError) -> candle_core::Error {
-    candle_core::Error::Msg(e.to_string())
+    candle_core::Error::Msg(e.summary())
 }
 
 impl SimpleBackend for Checkpoint {

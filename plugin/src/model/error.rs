@@ -44,6 +44,32 @@ pub enum ModelError {
 pub type Result<T> = std::result::Result<T, ModelError>;
 
 impl ModelError {
+    /// The error in one line for the person running the pipeline: what failed and where,
+    /// without the backtrace that candle attaches to its errors when `RUST_BACKTRACE` is set
+    /// (see [`ModelError::backtrace`] for that, to log it) and without line breaks.
+    pub fn summary(&self) -> String {
+        match self {
+            ModelError::Tensor(e) => candle_summary(e),
+            other => one_line(&other.to_string()),
+        }
+    }
+
+    /// The backtrace candle captured with the error, if any (debug logs only).
+    pub fn backtrace(&self) -> Option<&std::backtrace::Backtrace> {
+        let ModelError::Tensor(e) = self else {
+            return None;
+        };
+        let mut e: &candle_core::Error = e;
+        loop {
+            match e {
+                candle_core::Error::WithBacktrace { backtrace, .. } => return Some(backtrace),
+                candle_core::Error::Context { inner, .. }
+                | candle_core::Error::WithPath { inner, .. } => e = inner,
+                _ => return None,
+            }
+        }
+    }
+
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         ModelError::Io {
             path: path.to_owned(),
@@ -56,5 +82,68 @@ impl ModelError {
             path: path.to_owned(),
             msg: msg.into(),
         }
+    }
+}
+
+/// A candle error without its backtraces, contexts joined on one line: how candle errors
+/// become text in our messages.
+pub fn candle_summary(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_summary(inner),
+        candle_core::Error::Context { inner, context } => {
+            format!(
+                "{}: {}",
+                one_line(&context.to_string()),
+                candle_summary(inner)
+            )
+        }
+        candle_core::Error::WithPath { inner, path } => {
+            format!("{}: {}", path.display(), candle_summary(inner))
+        }
+        other => one_line(&other.to_string()),
+    }
+}
+
+/// Line breaks (and the indentation after them) become "; ".
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A candle error as `bail!` makes it when `RUST_BACKTRACE` is set, built by hand so that
+    /// the test does not depend on the environment.
+    fn with_backtrace(msg: &str) -> candle_core::Error {
+        candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg(msg.into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        }
+    }
+
+    #[test]
+    fn summary_leaves_candle_backtraces_out() {
+        let e = ModelError::from(with_backtrace("shape mismatch in matmul"));
+        assert!(
+            e.to_string().lines().count() > 2,
+            "the full text carries the backtrace: {e}"
+        );
+        assert_eq!(e.summary(), "shape mismatch in matmul");
+        assert!(e.backtrace().is_some());
+        let wrapped = ModelError::from(with_backtrace("inner").context("loading layer 3"));
+        assert_eq!(wrapped.summary(), "loading layer 3: inner");
+        assert!(wrapped.backtrace().is_some());
+    }
+
+    #[test]
+    fn summary_of_other_errors_is_their_text_on_one_line() {
+        let e = ModelError::bad_file(Path::new("/m/config.json"), "bad\n  field");
+        assert_eq!(e.summary(), "/m/config.json: bad; field");
+        assert!(e.backtrace().is_none());
     }
 }

@@ -4,6 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
+use super::cancel::Cancel;
 use super::nn::{fused_vit_block, linear, Linear, PackScope};
 
 /// Sizes of the tower. Width, patch size, grid and MLP width come from the weights; the head
@@ -193,11 +194,17 @@ impl EvaVit {
     }
 
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.forward_cancellable(pixels, Cancel::NEVER)
+    }
+
+    /// [`Self::forward`], checking `cancel` before every block.
+    pub fn forward_cancellable(&self, pixels: &Tensor, cancel: Cancel) -> Result<Tensor> {
         let patches = self.patch_embed.forward(pixels)?;
         let b = patches.dim(0)?;
         let cls = self.cls_token.broadcast_as((b, 1, self.cfg.width))?;
         let mut x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.pos_embed)?;
         for block in &self.blocks {
+            cancel.check()?;
             x = block.forward(&x)?;
         }
         Ok(x)

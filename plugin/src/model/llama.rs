@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
 
+use super::cancel::Cancel;
 use super::nn::{fused_llama_layer, linear_no_bias, Linear};
 
 use super::config::LlavaConfig;
@@ -324,6 +325,19 @@ impl Llama {
         logits_for: LogitsFor,
         hidden_states: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
+        self.forward_cancellable(embeddings, cache, logits_for, hidden_states, Cancel::NEVER)
+    }
+
+    /// [`Self::forward`], checking `cancel` before every layer. A cancelled pass leaves the
+    /// cache part-filled: the sequence cannot go on.
+    pub fn forward_cancellable(
+        &self,
+        embeddings: &Tensor,
+        cache: &mut LlamaCache,
+        logits_for: LogitsFor,
+        hidden_states: Option<&mut Vec<Tensor>>,
+        cancel: Cancel,
+    ) -> Result<Tensor> {
         let Some((norm, lm_head)) = &self.head else {
             candle_core::bail!("the language model's decoder was not loaded (embeddings only)");
         };
@@ -339,6 +353,7 @@ impl Llama {
         let mut collected = hidden_states;
         let mut x = embeddings.clone();
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            cancel.check()?;
             if let Some(states) = collected.as_deref_mut() {
                 states.push(x.clone());
             }

@@ -2,10 +2,11 @@
 //! encode frames into their tokens, caption a window of tokens.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::cancel::{Cancel, CANCELLED};
 use super::checkpoint::{Checkpoint, WeightFormat};
 use super::config::{read_json, BertConfig, LlavaConfig, VisionOverrides};
 use super::eva::{EvaConfig, EvaVit};
@@ -13,10 +14,10 @@ use super::files::{self, ModelFiles};
 use super::llama::{Llama, LogitsFor};
 use super::nn::{Precision, PrecisionScope};
 use super::preprocess::{ClipPreprocess, FrameView, ResizeTarget};
-use super::prompt::{clean_answer, split_at_image, tokenize_with_image, vicuna_v1_prompt};
+use super::prompt::{clean_answer, split_at_image, PromptIds, IMAGE_TOKEN_INDEX};
 use super::qformer::{QFormerConfig, TextGuidance};
 use super::sampling::{GenerationParams, Sampler};
-use super::tokenizer::{BertTokenizer, LlamaTokenizer};
+use super::tokenizer::{BertTokenizer, LlamaTokenizer, QFORMER_MAX_TOKENS};
 use super::tokens::{TokenConfig, TokenGenerator};
 use super::{ModelError, Result};
 
@@ -37,13 +38,16 @@ pub struct LoadOptions {
     /// Arithmetic of the linear layers on the CPU (f32 is exact; see `Precision`). Applied
     /// while loading: reduced-precision weights replace the f32 ones layer by layer.
     pub precision: Precision,
+    /// Threads of the model's own compute pool; `None`: the machine's default (see the
+    /// README). Elements sharing a loaded model share its pool.
+    pub threads: Option<usize>,
     /// Which language-model weights to load: all of them, or only the token embedding table
     /// when a server generates the captions (`LlamaVid::caption_remote`).
     pub language_model: LanguageModelWeights,
 }
 
 /// The language-model weights a loaded model holds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum LanguageModelWeights {
     /// Everything: captions are generated locally.
     #[default]
@@ -64,6 +68,7 @@ impl LoadOptions {
             dtype: DType::F32,
             weight_format: WeightFormat::Auto,
             precision: Precision::F32,
+            threads: None,
             language_model: LanguageModelWeights::All,
         }
     }
@@ -80,6 +85,17 @@ pub struct CaptionPrompt {
     /// Embeddings of the ids before and after the placeholder (1, n, H).
     before: Tensor,
     after: Tensor,
+}
+
+impl CaptionPrompt {
+    /// Positions the prompt takes in the language model's context (without the video).
+    pub fn len(&self) -> usize {
+        self.input_ids.len().saturating_sub(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The outcome of one generation.
@@ -107,26 +123,41 @@ pub struct LlamaVid {
     llm: Llama,
     llm_tokenizer: LlamaTokenizer,
     qformer_tokenizer: BertTokenizer,
+    /// Longest question (in BERT tokens, `[CLS]` and `[SEP]` included) the Q-Former takes.
+    qformer_positions: usize,
     device: Device,
     dtype: DType,
     precision: Precision,
     notes: Vec<String>,
 }
 
+/// The dimensions of tensor `name`, which must have `rank` of them: the sizes the loader
+/// derives the configuration from, checked before anything indexes them.
+fn dims_of(file: &Checkpoint, path: &Path, name: &str, rank: usize) -> Result<Vec<usize>> {
+    let dims = file.shape(name)?.dims().to_vec();
+    if dims.len() != rank || dims.contains(&0) {
+        return Err(ModelError::BadTensor {
+            path: path.to_owned(),
+            tensor: name.into(),
+            msg: format!("has shape {dims:?}, expected {rank} non-zero dimensions"),
+        });
+    }
+    Ok(dims)
+}
+
 fn eva_config(eva: &Checkpoint, overrides: &VisionOverrides, path: &Path) -> Result<EvaConfig> {
-    let cls = eva.shape("cls_token")?;
-    let width = *cls.dims().last().unwrap_or(&0);
-    let patch = eva.shape("patch_embed.proj.weight")?;
-    let patch_size = *patch.dims().last().unwrap_or(&0);
-    let positions = eva.shape("pos_embed")?.dims().get(1).copied().unwrap_or(0);
+    // cls_token (1, 1, W), patch_embed.proj.weight (W, 3, P, P), pos_embed (1, 1 + G², W).
+    let width = dims_of(eva, path, "cls_token", 3)?[2];
+    let patch_size = dims_of(eva, path, "patch_embed.proj.weight", 4)?[3];
+    let positions = dims_of(eva, path, "pos_embed", 3)?[1];
     let grid = ((positions.saturating_sub(1)) as f64).sqrt() as usize;
-    if width == 0 || patch_size == 0 || grid * grid + 1 != positions {
+    if grid * grid + 1 != positions {
         return Err(ModelError::bad_file(
             path,
             "cls_token / patch_embed / pos_embed do not describe a square ViT",
         ));
     }
-    let mlp_hidden = eva.shape("blocks.0.mlp.fc1.weight")?.dims()[0];
+    let mlp_hidden = dims_of(eva, path, "blocks.0.mlp.fc1.weight", 2)?[0];
     let blocks_in_file = (0..)
         .take_while(|i| eva.contains(&format!("blocks.{i}.norm1.weight")))
         .count();
@@ -267,10 +298,14 @@ impl LlamaVid {
         // Q-Former, projectors and LLM from the HF checkpoint.
         let bert: BertConfig = read_json(&files.bert_config)?;
         bert.validate(&files.bert_config)?;
+        let qformer_positions = bert.max_position_embeddings;
         let hf = Checkpoint::open_model_dir(model_dir, options.weight_format)?;
-        let word_rows = hf
-            .shape("model.vlm_att_encoder.bert.embeddings.word_embeddings.weight")?
-            .dims()[0];
+        let word_rows = dims_of(
+            &hf,
+            model_dir,
+            "model.vlm_att_encoder.bert.embeddings.word_embeddings.weight",
+            2,
+        )?[0];
         let token_cfg = TokenConfig {
             qformer: QFormerConfig {
                 bert,
@@ -303,6 +338,7 @@ impl LlamaVid {
             llm,
             llm_tokenizer,
             qformer_tokenizer,
+            qformer_positions,
             device: device.clone(),
             dtype,
             precision,
@@ -366,12 +402,24 @@ impl LlamaVid {
     }
 
     /// Prepares `question` once: BERT ids for the Q-Former, and the `vicuna_v1` prompt
-    /// tokenized chunk by chunk around `<image>` and embedded.
+    /// tokenized chunk by chunk around its image and embedded. The question is text: a
+    /// `<image>` or a special token's text inside it is tokenized as the characters it is.
     pub fn prompt(&self, question: &str) -> Result<CaptionPrompt> {
-        let qformer_ids = self.qformer_tokenizer.encode_question(question)?;
+        // The reference truncates to 256 BERT tokens; a Q-Former with fewer positions (the
+        // fixtures') takes fewer.
+        let qformer_len = QFORMER_MAX_TOKENS.min(self.qformer_positions);
+        let qformer_ids = self
+            .qformer_tokenizer
+            .encode_literal_with_max_len(question, qformer_len)?;
         let guidance = self.tokens.text_guidance(&qformer_ids)?;
-        let input_ids = tokenize_with_image(&self.llm_tokenizer, &vicuna_v1_prompt(question))?;
-        let parts = split_at_image(&input_ids)?;
+        let parts = PromptIds::for_question(&self.llm_tokenizer, question)?;
+        let input_ids = parts
+            .before
+            .iter()
+            .map(|&id| i64::from(id))
+            .chain([IMAGE_TOKEN_INDEX])
+            .chain(parts.after.iter().map(|&id| i64::from(id)))
+            .collect();
         Ok(CaptionPrompt {
             question: question.to_owned(),
             guidance,
@@ -379,6 +427,17 @@ impl LlamaVid {
             after: self.llm.embed(&parts.after)?,
             input_ids,
         })
+    }
+
+    /// Frames of video that fit in the language model's context next to `prompt` and a caption
+    /// of `max_new_tokens`: the window's bound besides its duration (0 when not even one frame
+    /// fits; captions are then shortened to make room for one).
+    pub fn frames_that_fit(&self, prompt: &CaptionPrompt, max_new_tokens: usize) -> usize {
+        let room = self
+            .llm
+            .max_positions()
+            .saturating_sub(prompt.len() + max_new_tokens);
+        room / self.tokens_per_frame()
     }
 
     /// A prompt from ids tokenized elsewhere: the LLM ids with the image placeholder (-200)
@@ -423,13 +482,41 @@ impl LlamaVid {
 
     /// Pixels (B, 3, S, S) to frame tokens (B, tokens_per_frame, H): context token first.
     pub fn encode_pixels(&self, pixels: &Tensor, prompt: &CaptionPrompt) -> Result<Tensor> {
-        let features = self.vision.forward(&pixels.to_dtype(self.dtype)?)?;
-        Ok(self.tokens.forward(&prompt.guidance, &features)?)
+        self.encode_pixels_cancellable(pixels, prompt, Cancel::NEVER)
+    }
+
+    /// [`Self::encode_pixels`], checking `cancel` between layers.
+    pub fn encode_pixels_cancellable(
+        &self,
+        pixels: &Tensor,
+        prompt: &CaptionPrompt,
+        cancel: Cancel,
+    ) -> Result<Tensor> {
+        let run = || -> candle_core::Result<Tensor> {
+            let features = self
+                .vision
+                .forward_cancellable(&pixels.to_dtype(self.dtype)?, cancel)?;
+            self.tokens
+                .forward_cancellable(&prompt.guidance, &features, cancel)
+        };
+        run().map_err(cancelled_or)
     }
 
     /// Raw frames to frame tokens (B, tokens_per_frame, H).
     pub fn encode_frames(&self, frames: &[FrameView], prompt: &CaptionPrompt) -> Result<Tensor> {
-        self.encode_pixels(&self.preprocess(frames)?, prompt)
+        self.encode_frames_cancellable(frames, prompt, Cancel::NEVER)
+    }
+
+    /// [`Self::encode_frames`], checking `cancel` between layers: a cancelled encode returns
+    /// [`ModelError::Cancelled`] within one layer's time.
+    pub fn encode_frames_cancellable(
+        &self,
+        frames: &[FrameView],
+        prompt: &CaptionPrompt,
+        cancel: Cancel,
+    ) -> Result<Tensor> {
+        cancel.check().map_err(cancelled_or)?;
+        self.encode_pixels_cancellable(&self.preprocess(frames)?, prompt, cancel)
     }
 
     /// The LLM input: prompt embeddings with the video tokens (N, H) spliced at `<image>`.
@@ -443,13 +530,32 @@ impl LlamaVid {
     }
 
     /// Prefill on `embeddings` (1, S, H) then decode token by token with the KV cache until
-    /// EOS, `max_new_tokens` or the context is full. `cancel` is checked between tokens.
+    /// EOS, `max_new_tokens` or the context is full. `cancel` is checked between layers (and
+    /// so between tokens).
     pub fn generate(
         &self,
         embeddings: &Tensor,
         params: &GenerationParams,
         keep_step_logits: bool,
         cancel: Option<&AtomicBool>,
+    ) -> Result<Generation> {
+        self.generate_cancellable(
+            embeddings,
+            params,
+            keep_step_logits,
+            Cancel::from_option(cancel),
+        )
+    }
+
+    /// [`Self::generate`] with any [`Cancel`], checked before every layer of the prefill and
+    /// of each step: a cancelled generation returns [`ModelError::Cancelled`] within one
+    /// layer's time.
+    pub fn generate_cancellable(
+        &self,
+        embeddings: &Tensor,
+        params: &GenerationParams,
+        keep_step_logits: bool,
+        cancel: Cancel,
     ) -> Result<Generation> {
         if !self.llm.has_decoder() {
             return Err(ModelError::InvalidInput(
@@ -474,9 +580,16 @@ impl LlamaVid {
         }
         let mut logits = self
             .llm
-            .forward(embeddings, &mut cache, LogitsFor::LastPosition, None)?;
+            .forward_cancellable(
+                embeddings,
+                &mut cache,
+                LogitsFor::LastPosition,
+                None,
+                cancel,
+            )
+            .map_err(cancelled_or)?;
         loop {
-            if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            if cancel.is_cancelled() {
                 return Err(ModelError::Cancelled);
             }
             let row = logits.flatten_all()?;
@@ -495,7 +608,8 @@ impl LlamaVid {
             let next = self.llm.embed(&[token])?;
             logits = self
                 .llm
-                .forward(&next, &mut cache, LogitsFor::LastPosition, None)?;
+                .forward_cancellable(&next, &mut cache, LogitsFor::LastPosition, None, cancel)
+                .map_err(cancelled_or)?;
         }
         Ok(out)
     }
@@ -520,5 +634,14 @@ impl LlamaVid {
             text: clean_answer(&text).to_owned(),
             token_ids,
         })
+    }
+}
+
+/// `Cancelled` when `error` is what [`Cancel::check`] returns, the error itself otherwise.
+fn cancelled_or(error: candle_core::Error) -> ModelError {
+    if matches!(&error, candle_core::Error::Msg(m) if m == CANCELLED) {
+        ModelError::Cancelled
+    } else {
+        ModelError::Tensor(error)
     }
 }

@@ -6,6 +6,7 @@
 //! window of frame tokens ─► prompt embeddings spliced at <image> ─llama─► caption
 //! ```
 
+pub mod cancel;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -25,6 +26,7 @@ pub mod torch_save;
 
 mod llamavid;
 
+pub use cancel::Cancel;
 pub use checkpoint::WeightFormat;
 pub use error::{ModelError, Result};
 pub use llamavid::{

@@ -21,9 +21,19 @@ pub const VICUNA_V1_SYSTEM: &str = "A chat between a curious user and an artific
 pub const STOP_STR: &str = "</s>";
 
 /// The single-turn prompt: system text, `USER: <image>\n{question}`, then ` ASSISTANT:` with
-/// nothing after it. The question is used as given.
+/// nothing after it. The question is used as given (as a string; see
+/// [`PromptIds::for_question`] for the ids, which treat the question as text).
 pub fn vicuna_v1_prompt(question: &str) -> String {
-    format!("{VICUNA_V1_SYSTEM} USER: {IMAGE_PLACEHOLDER}\n{question} ASSISTANT:")
+    let (before, after) = vicuna_v1_chunks(question);
+    format!("{before}{IMAGE_PLACEHOLDER}{after}")
+}
+
+/// The text before and after the image of [`vicuna_v1_prompt`]; the question is in the second.
+fn vicuna_v1_chunks(question: &str) -> (String, String) {
+    (
+        format!("{VICUNA_V1_SYSTEM} USER: "),
+        format!("\n{question} ASSISTANT:"),
+    )
 }
 
 /// LLaVA's `tokenizer_image_token`: each chunk between `<image>` placeholders is tokenized on its
@@ -35,6 +45,11 @@ pub fn tokenize_with_image(tok: &LlamaTokenizer, prompt: &str) -> Result<Vec<i64
         .split(IMAGE_PLACEHOLDER)
         .map(|chunk| tok.encode(chunk))
         .collect::<Result<Vec<_>>>()?;
+    Ok(join_chunks(tok, &chunks))
+}
+
+/// LLaVA's joining of chunks tokenized one by one (see [`tokenize_with_image`]).
+fn join_chunks(tok: &LlamaTokenizer, chunks: &[Vec<u32>]) -> Vec<i64> {
     let starts_with_bos = chunks
         .first()
         .and_then(|c| c.first())
@@ -50,7 +65,7 @@ pub fn tokenize_with_image(tok: &LlamaTokenizer, prompt: &str) -> Result<Vec<i64
         }
         ids.extend(chunk.iter().skip(offset).map(|&id| i64::from(id)));
     }
-    Ok(ids)
+    ids
 }
 
 /// The prompt ids on either side of the single image placeholder.
@@ -61,9 +76,14 @@ pub struct PromptIds {
 }
 
 impl PromptIds {
-    /// The ids of `vicuna_v1_prompt(question)`, split at its image.
+    /// The ids of `vicuna_v1_prompt(question)`, split at its image, with the question taken
+    /// as text: an `<image>` in it is not a second placeholder, and special tokens written in it
+    /// (`</s>`) are not special. For any other question the ids are the reference's
+    /// (`tokenize_with_image` of the whole prompt).
     pub fn for_question(tok: &LlamaTokenizer, question: &str) -> Result<Self> {
-        split_at_image(&tokenize_with_image(tok, &vicuna_v1_prompt(question))?)
+        let (before, after) = vicuna_v1_chunks(question);
+        let chunks = [tok.encode(&before)?, tok.encode_literal(&after)?];
+        split_at_image(&join_chunks(tok, &chunks))
     }
 
     /// Length of the LLM input once `visual_tokens` rows replace the placeholder.

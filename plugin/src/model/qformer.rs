@@ -5,6 +5,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 
+use super::cancel::Cancel;
 use super::nn::{linear, Linear};
 
 use super::config::BertConfig;
@@ -250,6 +251,16 @@ impl QFormer {
     /// The query rows of the last hidden state (B, Q, H) for vision features (B, N, W) that
     /// already went through `vlm_att_ln`.
     pub fn forward(&self, guidance: &TextGuidance, vision: &Tensor) -> Result<Tensor> {
+        self.forward_cancellable(guidance, vision, Cancel::NEVER)
+    }
+
+    /// [`Self::forward`], checking `cancel` before every layer.
+    pub fn forward_cancellable(
+        &self,
+        guidance: &TextGuidance,
+        vision: &Tensor,
+        cancel: Cancel,
+    ) -> Result<Tensor> {
         let b = vision.dim(0)?;
         let (_, len, hidden) = guidance.embeddings.dims3()?;
         let mut x = guidance
@@ -258,6 +269,7 @@ impl QFormer {
             .contiguous()?;
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
+            cancel.check()?;
             x = layer.forward(
                 &x,
                 guidance.num_queries,

@@ -7,6 +7,7 @@ use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use super::nn::{linear, Linear};
 
+use super::cancel::Cancel;
 use super::config::ContentPooling;
 use super::qformer::{QFormer, QFormerConfig, TextGuidance};
 
@@ -184,8 +185,21 @@ impl TokenGenerator {
 
     /// Vision features (B, 1 + N, W) to the frame tokens (B, 1 + k, D): context token first.
     pub fn forward(&self, guidance: &TextGuidance, vision_features: &Tensor) -> Result<Tensor> {
+        self.forward_cancellable(guidance, vision_features, Cancel::NEVER)
+    }
+
+    /// [`Self::forward`], checking `cancel` between the Q-Former's layers.
+    pub fn forward_cancellable(
+        &self,
+        guidance: &TextGuidance,
+        vision_features: &Tensor,
+        cancel: Cancel,
+    ) -> Result<Tensor> {
         let visual_input = self.qformer_visual_input(vision_features)?;
-        let text_queries = self.text_queries(&self.qformer_output(guidance, &visual_input)?)?;
+        let qformer_output = self
+            .qformer
+            .forward_cancellable(guidance, &visual_input, cancel)?;
+        let text_queries = self.text_queries(&qformer_output)?;
         let patches = self.patches(vision_features)?;
         let keys = self.context_keys(&patches)?;
         let (context_pooled, content_pooled) = if patches.device().is_cuda()

@@ -24,6 +24,8 @@ pub const DEC_TOKEN: &str = "[DEC]";
 #[derive(Debug, Clone)]
 pub struct BertTokenizer {
     tokenizer: Tokenizer,
+    /// The same tokenizer with special-token matching off, for user text.
+    literal: Tokenizer,
     cls_id: u32,
     sep_id: u32,
     source: PathBuf,
@@ -83,8 +85,11 @@ impl BertTokenizer {
             .add_special_tokens(present)
             .and_then(|_| tokenizer.add_special_tokens([AddedToken::from(DEC_TOKEN, true)]))
             .map_err(|e| err(format!("cannot add the special tokens: {e}")))?;
+        let mut literal = tokenizer.clone();
+        literal.set_encode_special_tokens(true);
         Ok(BertTokenizer {
             tokenizer,
+            literal,
             cls_id,
             sep_id,
             source: path.to_owned(),
@@ -99,13 +104,23 @@ impl BertTokenizer {
     /// `[CLS] text [SEP]` with at most `max_len` ids. Like transformers 4.31 with
     /// `truncation_side="left"`: the oldest text tokens are dropped, then `[CLS]`/`[SEP]` added.
     pub fn encode_with_max_len(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
+        self.encode_framed(&self.tokenizer, text, max_len)
+    }
+
+    /// [`Self::encode_with_max_len`] for a user's text: `[SEP]`, `[CLS]` or `[DEC]` written in
+    /// it are tokenized as the characters they are, never as the special ids (the question
+    /// cannot end itself early or pose as structure).
+    pub fn encode_literal_with_max_len(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
+        self.encode_framed(&self.literal, text, max_len)
+    }
+
+    fn encode_framed(&self, tokenizer: &Tokenizer, text: &str, max_len: usize) -> Result<Vec<u32>> {
         if max_len < 2 {
             return Err(ModelError::InvalidInput(format!(
                 "max_len {max_len} leaves no room for [CLS] and [SEP]"
             )));
         }
-        let encoding = self
-            .tokenizer
+        let encoding = tokenizer
             .encode(text, false)
             .map_err(|e| ModelError::Tokenizer {
                 path: self.source.clone(),

@@ -24,6 +24,8 @@ const DEFAULT_EOS: u32 = 2;
 #[derive(Debug, Clone)]
 pub struct LlamaTokenizer {
     tokenizer: Tokenizer,
+    /// The same tokenizer with special-token matching off, for user text.
+    literal: Tokenizer,
     decoder: PieceDecoder,
     /// The file the vocabulary came from, for error messages.
     source: PathBuf,
@@ -159,8 +161,11 @@ impl LlamaTokenizer {
         };
         let bos_id = resolve(&config.bos, model.map(|m| m.trainer.bos_id), DEFAULT_BOS)?;
         let eos_id = resolve(&config.eos, model.map(|m| m.trainer.eos_id), DEFAULT_EOS)?;
+        let mut literal = tokenizer.clone();
+        literal.set_encode_special_tokens(true);
         Ok(LlamaTokenizer {
             tokenizer,
+            literal,
             decoder,
             source: source.to_owned(),
             bos_id,
@@ -173,8 +178,11 @@ impl LlamaTokenizer {
     /// Encodes one piece of text on its own (SentencePiece adds its dummy "▁" prefix to it), with
     /// BOS first when `add_bos` is set and no other special id added.
     pub fn encode_chunk(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .tokenizer
+        self.encode_with(&self.tokenizer, text, add_bos)
+    }
+
+    fn encode_with(&self, tokenizer: &Tokenizer, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        let encoding = tokenizer
             .encode(text, false)
             .map_err(|e| tokenizer_error(&self.source, e))?;
         let mut ids = Vec::with_capacity(encoding.len() + 1);
@@ -188,7 +196,17 @@ impl LlamaTokenizer {
     /// What transformers' `tokenizer(text).input_ids` gives: BOS and EOS as
     /// `tokenizer_config.json` says (`add_bos_token` defaults to true, `add_eos_token` to false).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = self.encode_chunk(text, self.add_bos_token)?;
+        self.encode_bos_eos(&self.tokenizer, text)
+    }
+
+    /// [`Self::encode`] for text holding a user's words: `<s>`, `</s>` or `<unk>` written in it
+    /// are tokenized as the characters they are, never as the special ids.
+    pub fn encode_literal(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_bos_eos(&self.literal, text)
+    }
+
+    fn encode_bos_eos(&self, tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode_with(tokenizer, text, self.add_bos_token)?;
         if self.add_eos_token {
             ids.push(self.eos_id);
         }
