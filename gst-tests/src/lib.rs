@@ -15,7 +15,9 @@
 //!   on timeout;
 //! - [`fake_llm_server`]: a test double of a vLLM (OpenAI-compatible) server, scripted;
 //! - [`hub_mirror`]: `HubMirrorDouble`, a test double of the Hugging Face hub on 127.0.0.1, and
-//!   `FixtureHub`, the fixture served through it.
+//!   `FixtureHub`, the fixture served through it;
+//! - [`hostile`]: hand-made hostile model files (pickles, zips); [`alloc_meter`]: an allocator
+//!   for test binaries that refuses huge allocations and measures what a call allocated.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -25,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use gst::prelude::*;
 
+pub mod alloc_meter;
 pub mod fake_llm_server;
+pub mod hostile;
 pub mod hub_mirror;
 
 pub use gst;

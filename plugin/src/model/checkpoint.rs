@@ -1,5 +1,5 @@
 //! Weight files as released: sharded PyTorch pickles with their index, safetensors, and the flat
-//! EVA state dict. Pickles are parsed (candle reads the opcodes), never executed.
+//! EVA state dict. Pickles are parsed by our weights-only reader (`torch_load`), never executed.
 //!
 //! Every tensor is read on demand through a `VarBuilder` backend that names the file and the
 //! tensor in its errors, so a truncated shard or a renamed key is reported as such.
@@ -7,7 +7,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::pickle::PthTensors;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -15,6 +14,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::config::read_json;
+use super::torch_load::TorchArchive;
 use super::error::candle_summary;
 use super::{ModelError, Result};
 
@@ -31,7 +31,7 @@ pub enum WeightFormat {
 }
 
 enum TensorFile {
-    Pickle(PthTensors),
+    Pickle(TorchArchive),
     Safetensors(MmapedSafetensors),
 }
 
@@ -65,22 +65,7 @@ impl OpenFile {
             })?;
             TensorFile::Safetensors(st)
         } else {
-            let pth = PthTensors::new(path, None).map_err(|e| {
-                ModelError::bad_file(
-                    path,
-                    format!(
-                        "not a readable PyTorch checkpoint (zip archive), it may be truncated: {}",
-                        candle_summary(&e)
-                    ),
-                )
-            })?;
-            if pth.tensor_infos().is_empty() {
-                return Err(ModelError::bad_file(
-                    path,
-                    "holds no tensors: it is not a plain PyTorch state dict (pickles that would \
-                     run code are refused, never executed)",
-                ));
-            }
+            let pth = TorchArchive::open(path)?;
             TensorFile::Pickle(pth)
         };
         Ok(Self {
@@ -91,20 +76,17 @@ impl OpenFile {
 
     fn names(&self) -> Vec<String> {
         match &self.tensors {
-            TensorFile::Pickle(p) => p.tensor_infos().keys().cloned().collect(),
+            TensorFile::Pickle(p) => p.tensors().keys().cloned().collect(),
             TensorFile::Safetensors(s) => s.tensors().into_iter().map(|(name, _)| name).collect(),
         }
     }
 
     fn read(&self, name: &str) -> std::result::Result<Tensor, String> {
         match &self.tensors {
-            TensorFile::Pickle(p) => match p.get(name) {
+            TensorFile::Pickle(p) => match p.load(name) {
                 Ok(Some(t)) => Ok(t),
                 Ok(None) => Err("not found in this file".into()),
-                Err(e) => Err(format!(
-                    "unreadable (truncated or corrupt file?): {}",
-                    candle_summary(&e)
-                )),
+                Err(e) => Err(format!("unreadable: {}", e.summary())),
             },
             TensorFile::Safetensors(s) => s
                 .load(name, &Device::Cpu)
@@ -179,6 +161,22 @@ impl Checkpoint {
         let mut files = Vec::with_capacity(shard_names.len());
         let mut file_of_shard = HashMap::new();
         for name in shard_names {
+            // The index names files beside it, nothing else: no folders, no `..`, no
+            // absolute paths (an index could otherwise point the loader anywhere).
+            let plain = Path::new(name)
+                .file_name()
+                .is_some_and(|f| f == name.as_str())
+                && name != ".."
+                && !name.contains('\\');
+            if !plain {
+                return Err(ModelError::bad_file(
+                    index_path,
+                    format!(
+                        "weight_map names the shard `{name}`, which is not a file beside the \
+                         index; refused"
+                    ),
+                ));
+            }
             file_of_shard.insert(name.clone(), files.len());
             files.push(OpenFile::open(&dir.join(name))?);
         }
@@ -236,7 +234,7 @@ impl Checkpoint {
     pub fn shape(&self, name: &str) -> Result<Shape> {
         let file = self.file_of(name)?;
         let shape = match &file.tensors {
-            TensorFile::Pickle(p) => p.tensor_infos().get(name).map(|i| i.layout.shape().clone()),
+            TensorFile::Pickle(p) => p.tensors().get(name).map(|t| Shape::from(t.shape.clone())),
             TensorFile::Safetensors(s) => s.get(name).ok().map(|v| Shape::from(v.shape().to_vec())),
         };
         shape.ok_or_else(|| self.missing(name, file))

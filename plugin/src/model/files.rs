@@ -131,3 +131,66 @@ impl ModelFiles {
         })
     }
 }
+
+/// Refuses a model directory holding an entry that could make loading read what the model's
+/// author did not ship, or hang: a symbolic link leading out of the directory, or anything
+/// that is not a regular file or folder (a FIFO, a socket, a device such as `/dev/zero`).
+///
+/// A link inside the directory is fine, and so is the layout of a Hugging Face hub cache
+/// (`snapshots/{commit}/{file}` linking into the repository's `blobs/`). A whole model
+/// directory that is itself a link is fine too: it is resolved first.
+pub fn check_model_dir(model_dir: &Path) -> Result<()> {
+    let root = model_dir
+        .canonicalize()
+        .map_err(|e| ModelError::io(model_dir, e))?;
+    let blobs = hub_blobs_of(&root);
+    let entries = std::fs::read_dir(&root).map_err(|e| ModelError::io(model_dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| ModelError::io(model_dir, e))?;
+        let path = entry.path();
+        let link = entry
+            .file_type()
+            .map_err(|e| ModelError::io(&path, e))?
+            .is_symlink();
+        if link {
+            // A dangling link is left to the reader that needs the file, if any does.
+            let Ok(target) = path.canonicalize() else {
+                continue;
+            };
+            let inside =
+                target.starts_with(&root) || blobs.as_ref().is_some_and(|b| target.starts_with(b));
+            if !inside {
+                return Err(ModelError::bad_file(
+                    &path,
+                    format!(
+                        "is a symbolic link to {}, outside the model directory; refused (copy \
+                         the file into the directory, or link the whole directory instead)",
+                        target.display()
+                    ),
+                ));
+            }
+        }
+        let meta = std::fs::metadata(&path).map_err(|e| ModelError::io(&path, e))?;
+        if !meta.is_file() && !meta.is_dir() {
+            return Err(ModelError::bad_file(
+                &path,
+                "is neither a regular file nor a folder (a FIFO, socket or device); refused",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `…/models--org--name/blobs` when `dir` is `…/models--org--name/snapshots/{commit}[/sub…]`.
+fn hub_blobs_of(dir: &Path) -> Option<PathBuf> {
+    let mut at = dir;
+    while let Some(parent) = at.parent() {
+        if parent.file_name().is_some_and(|n| n == "snapshots") {
+            let repo = parent.parent()?;
+            let blobs = repo.join("blobs");
+            return blobs.is_dir().then_some(blobs);
+        }
+        at = parent;
+    }
+    None
+}

@@ -13,7 +13,7 @@ use super::cancel::{cancelled_or, Cancel};
 use super::checkpoint::Checkpoint;
 use super::config::{read_json, BertConfig, LlavaConfig, VisionOverrides};
 use super::eva::{EvaConfig, EvaVit};
-use super::files::ModelFiles;
+use super::files::{self, ModelFiles};
 use super::gguf::GgufLlama;
 use super::llama::{CheckpointWeights, Llama};
 use super::nn::{LoadContext, Precision};
@@ -314,6 +314,7 @@ impl LlamaVid {
                     .into(),
             });
         }
+        files::check_model_dir(model_dir)?;
         let config_path = model_dir.join("config.json");
         if !config_path.is_file() {
             return Err(ModelError::MissingFile {

@@ -25,6 +25,7 @@ pub mod remote;
 pub mod sampling;
 pub mod tokenizer;
 pub mod tokens;
+pub mod torch_load;
 pub mod torch_save;
 
 mod llamavid;
