@@ -67,7 +67,10 @@ fn host_effects_happen_only_when_the_load_options_ask() {
 #[test]
 fn no_environment_variable_changes_how_the_model_computes() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let allowed = ["plugin/src/model/remote/client.rs", "plugin/src/hub/config.rs"];
+    let allowed = [
+        "plugin/src/model/remote/client.rs",
+        "plugin/src/hub/config.rs",
+    ];
     let mut offenders = Vec::new();
     let mut stack = vec![root.join("plugin/src"), root.join("kernels/src")];
     while let Some(dir) = stack.pop() {

@@ -14,8 +14,8 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::config::read_json;
-use super::torch_load::TorchArchive;
 use super::error::candle_summary;
+use super::torch_load::TorchArchive;
 use super::{ModelError, Result};
 
 /// Which on-disk copy of the HF weights to read.
