@@ -98,6 +98,8 @@ struct Script {
     requests: Vec<RecordedRequest>,
     in_flight: usize,
     max_in_flight: usize,
+    /// How long `/v1/models` takes to answer.
+    models_delay: Duration,
 }
 
 struct Shared {
@@ -200,6 +202,11 @@ impl FakeLlmServer {
     pub fn push_replies(&self, replies: impl IntoIterator<Item = Reply>) {
         let mut script = self.shared.script.lock().unwrap();
         script.replies.extend(replies);
+    }
+
+    /// Makes `/v1/models` (the element's start-up probe) answer only after `delay`.
+    pub fn set_models_delay(&self, delay: Duration) {
+        self.shared.script.lock().unwrap().models_delay = delay;
     }
 
     /// The reply once the queue is empty (by default a completion of `[5, 6, 7]`).
@@ -337,11 +344,11 @@ fn handle(mut stream: TcpStream, shared: &Shared, stop: &AtomicBool) {
     };
     let path = request.path.clone();
     let is_completion = path == "/v1/completions";
-    let reply = {
+    let (reply, models_delay) = {
         let mut script = shared.script.lock().unwrap();
         script.requests.push(request);
         shared.changed.notify_all();
-        if is_completion {
+        let reply = if is_completion {
             script.in_flight += 1;
             script.max_in_flight = script.max_in_flight.max(script.in_flight);
             Some(script.replies.pop_front().unwrap_or_else(|| {
@@ -352,19 +359,23 @@ fn handle(mut stream: TcpStream, shared: &Shared, stop: &AtomicBool) {
             }))
         } else {
             None
-        }
+        };
+        (reply, script.models_delay)
     };
     match (path.as_str(), reply) {
         ("/health", _) => write_reply(&mut stream, 200, ""),
-        ("/v1/models", _) => write_reply(
-            &mut stream,
-            200,
-            &format!(
-                r#"{{"object":"list","data":[{{"id":"{}","object":"model","max_model_len":{}}}]}}"#,
-                serde_json_escape(&shared.model),
-                shared.max_model_len
-            ),
-        ),
+        ("/v1/models", _) => {
+            std::thread::sleep(models_delay);
+            write_reply(
+                &mut stream,
+                200,
+                &format!(
+                    r#"{{"object":"list","data":[{{"id":"{}","object":"model","max_model_len":{}}}]}}"#,
+                    serde_json_escape(&shared.model),
+                    shared.max_model_len
+                ),
+            )
+        }
         (_, Some(mut reply)) => {
             loop {
                 match reply {

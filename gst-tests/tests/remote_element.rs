@@ -199,3 +199,34 @@ fn a_slow_server_makes_captions_late_with_one_request_in_flight() {
     let latency: u64 = run.element.property("last-caption-latency");
     assert!(latency >= 1000, "latency {latency} ms");
 }
+
+/// The start-up probe (`/v1/models`) is not a caption: one that falls due while the probe is
+/// still on its way waits for it and then goes to the server, instead of being skipped.
+#[test]
+fn a_caption_due_during_the_start_up_probe_is_sent_after_it() {
+    let server = FakeLlmServer::start(SERVED);
+    server.set_models_delay(Duration::from_millis(1500));
+    server.set_default(Reply::Completion {
+        token_ids: vec![100, 101, 102],
+        finish_reason: "stop",
+    });
+    let element = remote_element(&server.url());
+    element.set_property("caption-interval", 400u64);
+    let mut run = run_on(element);
+    // Frames up to the first due caption, then nothing more: only that caption can come.
+    for pts in (0..=400).step_by(100) {
+        run.push_frame(pts);
+    }
+    run.text
+        .wait_for("the caption due during the probe", |items| {
+            !text_captions(items).is_empty()
+        });
+    let items = run.finish();
+    assert_eq!(text_captions(&items)[0].2, text_of(&[100, 101, 102]));
+    assert_eq!(
+        server.completions().len(),
+        1,
+        "one request, after the probe"
+    );
+    assert!(run.bus.errors().is_empty(), "{:?}", run.bus.errors());
+}

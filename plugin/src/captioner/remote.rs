@@ -2,6 +2,7 @@
 //! owns: a due caption starts a request (the window's input embeddings) and the scheduler goes
 //! back to encoding frames (the window keeps sliding); the reply is collected when it comes.
 //! At most one request is in flight per stream: a caption that falls due meanwhile is skipped.
+//! The start-up probe is not a caption: one falling due while it runs waits for it, then goes.
 //! A server that is away or failing (retryable errors) gets the next attempt after a backoff
 //! that doubles up to [`MAX_BACKOFF`], with a warning when the outage starts and a message
 //! when it ends; a refusal (4xx: wrong model name, prompt embeds not enabled, too long) fails
@@ -15,7 +16,7 @@ use candle_core::Tensor;
 use super::backend::{CaptionBackend, CaptionId, Finished, Outcome, Report};
 use super::engine::CaptionEngine;
 use super::stream::Problem;
-use crate::model::remote::{RemoteLanguageModel, PROBE};
+use crate::model::remote::{RemoteCaptionInput, RemoteLanguageModel, PROBE};
 use crate::model::{Cancel, GenerationParams, ModelError, Result};
 
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -30,6 +31,10 @@ pub struct RemoteCaptions<E: CaptionEngine> {
     model: RemoteLanguageModel,
     /// The caption whose request is in flight (`None` for the start-up probe).
     pending: Option<CaptionId>,
+    /// Whether the start-up probe is still in flight.
+    probing: bool,
+    /// A caption that fell due while the probe ran: sent when the probe has answered.
+    after_probe: Option<(CaptionId, RemoteCaptionInput)>,
     retry_at: Option<Instant>,
     failures: u32,
 }
@@ -43,6 +48,8 @@ impl<E: CaptionEngine> RemoteCaptions<E> {
             engine,
             model,
             pending: None,
+            probing: true,
+            after_probe: None,
             retry_at: None,
             failures: 0,
         })
@@ -59,7 +66,8 @@ impl<E: CaptionEngine> RemoteCaptions<E> {
 
 impl<E: CaptionEngine> CaptionBackend<E::Prompt> for RemoteCaptions<E> {
     fn accepts(&mut self) -> bool {
-        !self.model.busy() && !self.backing_off()
+        let probe_only = self.probing && self.after_probe.is_none();
+        (probe_only || !self.model.busy()) && !self.backing_off()
     }
 
     fn stream_waits(&self) -> bool {
@@ -74,6 +82,10 @@ impl<E: CaptionEngine> CaptionBackend<E::Prompt> for RemoteCaptions<E> {
         params: &GenerationParams,
     ) -> Result<()> {
         let input = self.engine.remote_input(tokens, prompt, params)?;
+        if self.probing {
+            self.after_probe = Some((id, input));
+            return Ok(());
+        }
         self.model.start(input)?;
         self.pending = Some(id);
         Ok(())
@@ -82,6 +94,13 @@ impl<E: CaptionEngine> CaptionBackend<E::Prompt> for RemoteCaptions<E> {
     /// The reply of the request in flight will be dropped (a flush): it still runs to its end
     /// on the server, and no new request starts before it has.
     fn abandon(&mut self, id: CaptionId) {
+        if self
+            .after_probe
+            .as_ref()
+            .is_some_and(|(queued, _)| *queued == id)
+        {
+            self.after_probe = None;
+        }
         if self.pending == Some(id) {
             self.pending = None;
             self.model.abandon();
@@ -89,7 +108,10 @@ impl<E: CaptionEngine> CaptionBackend<E::Prompt> for RemoteCaptions<E> {
     }
 
     fn captions(&self) -> Vec<CaptionId> {
-        self.pending.into_iter().collect()
+        self.pending
+            .into_iter()
+            .chain(self.after_probe.as_ref().map(|(id, _)| *id))
+            .collect()
     }
 
     fn ready(&self) -> bool {
@@ -105,6 +127,11 @@ impl<E: CaptionEngine> CaptionBackend<E::Prompt> for RemoteCaptions<E> {
             return Vec::new();
         };
         let pending = self.pending.take();
+        let after_probe = if std::mem::take(&mut self.probing) {
+            self.after_probe.take()
+        } else {
+            None
+        };
         let mut reports = Vec::new();
         match reply {
             Ok(completion) => {
@@ -132,6 +159,15 @@ impl<E: CaptionEngine> CaptionBackend<E::Prompt> for RemoteCaptions<E> {
                         }));
                     }
                 }
+                if let Some((id, input)) = after_probe {
+                    match self.model.start(input) {
+                        Ok(()) => self.pending = Some(id),
+                        Err(e) => reports.push(Report::Failed(Problem::model(
+                            "captioning through the language-model server",
+                            &e,
+                        ))),
+                    }
+                }
             }
             Err(ModelError::Remote(e)) if e.is_retryable() => {
                 self.failures += 1;
@@ -150,7 +186,7 @@ impl<E: CaptionEngine> CaptionBackend<E::Prompt> for RemoteCaptions<E> {
                         log: None,
                     }));
                 }
-                if let Some(id) = pending {
+                for id in pending.into_iter().chain(after_probe.map(|(id, _)| id)) {
                     reports.push(Report::Finished(Finished {
                         id,
                         outcome: Outcome::Lost,
