@@ -4,7 +4,8 @@
 //! - [`model`]: the LLaMA-VID network, its files and tokenizers (no GStreamer).
 //! - [`hub`]: models from the Hugging Face hub and URLs, fetched into the standard cache (no
 //!   GStreamer).
-//! - [`captioner`]: sampling, the worker, the token window and scheduling (no pads).
+//! - [`captioner`]: sampling, the token window, the shared scheduler and where captions are
+//!   generated (no pads).
 //! - [`llamavidcaption`]: the element, thin glue between pads and the captioner.
 
 use gst::glib;
@@ -13,6 +14,7 @@ pub mod captioner;
 pub mod hub;
 pub mod llamavidcaption;
 pub mod model;
+mod sync;
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     llamavidcaption::register(plugin)

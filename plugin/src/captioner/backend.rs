@@ -18,7 +18,7 @@ use candle_core::Tensor;
 
 use super::engine::CaptionEngine;
 use super::stream::Problem;
-use super::worker::panic_problem;
+
 use crate::model::{Cancel, GenerationParams, ModelError, Result};
 
 /// Names one caption between the scheduler and a backend.
@@ -192,7 +192,7 @@ impl<E: CaptionEngine> CaptionBackend<E::Prompt> for LocalCaptions<E> {
                 return self.fail_running(|| Outcome::Failed(problem.clone()), batch);
             }
             Err(panic) => {
-                let problem = panic_problem("captioning", &*panic);
+                let problem = Problem::panic("captioning", &*panic);
                 return self.fail_running(|| Outcome::Failed(problem.clone()), batch);
             }
         };

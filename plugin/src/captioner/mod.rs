@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod engine;
 pub mod frame;
+pub mod job;
 pub mod limits;
 pub mod models;
 pub mod queue;
@@ -22,8 +23,9 @@ mod test_engine;
 
 pub use engine::CaptionEngine;
 pub use frame::OwnedFrame;
+pub use job::{FrameJob, Job};
 pub use queue::{Pushed, QueuePolicy};
 pub use sampler::FrameSampler;
 pub use scheduler::{BatchLimits, Scheduler, StreamHandle};
 pub use stream::{CaptionEvent, CaptionOutput, CaptionSettings, Problem};
-pub use worker::{FrameJob, Job, Worker};
+pub use worker::Worker;

@@ -10,6 +10,7 @@ use candle_core::{DType, Device};
 use super::registry::Registry;
 use super::scheduler::{BatchLimits, Scheduler};
 use crate::model::{IsaLimit, LanguageModelWeights, LlamaVid, LoadOptions, ModelError, Precision};
+use crate::sync::lock;
 
 /// Where the `device` property asks the model to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,7 +200,7 @@ impl<D: Clone> DeviceTable<D> {
         ordinal: usize,
         create: impl FnOnce(usize) -> Result<D, String>,
     ) -> Result<D, String> {
-        let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        let mut devices = lock(&self.devices);
         if let Some(device) = devices.get(&ordinal) {
             return Ok(device.clone());
         }

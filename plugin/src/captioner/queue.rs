@@ -4,6 +4,7 @@
 //! frame makes room for the newest. Files (non-live) are never dropped from: the streaming
 //! thread waits for room instead, which is the backpressure that makes every frame count.
 
+use crate::sync::lock;
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 
@@ -57,7 +58,7 @@ impl<T: Droppable> JobQueue<T> {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
         // A panic while holding this lock cannot leave the deque inconsistent.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     pub fn push(&self, item: T, policy: QueuePolicy) -> Pushed<T> {

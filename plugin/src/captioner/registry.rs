@@ -1,6 +1,7 @@
 //! One loaded model per (files, device, dtype) per process, shared by every element naming it,
 //! freed when the last user lets go.
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, Weak};
@@ -28,14 +29,14 @@ impl<K: Eq + Hash + Clone, M> Registry<K, M> {
         load: impl FnOnce() -> Result<M, E>,
     ) -> Result<(Arc<M>, bool), E> {
         let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slots = lock(&self.slots);
             slots.retain(|_, slot| {
                 Arc::strong_count(slot) > 1
                     || slot.lock().map(|w| w.strong_count() > 0).unwrap_or(false)
             });
             slots.entry(key.clone()).or_default().clone()
         };
-        let mut weak = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let mut weak = lock(&slot);
         if let Some(model) = weak.upgrade() {
             return Ok((model, false));
         }
@@ -46,7 +47,7 @@ impl<K: Eq + Hash + Clone, M> Registry<K, M> {
 
     /// Models currently alive (for tests and statistics).
     pub fn live(&self) -> usize {
-        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slots = lock(&self.slots);
         slots
             .values()
             .filter(|s| s.lock().map(|w| w.strong_count() > 0).unwrap_or(false))

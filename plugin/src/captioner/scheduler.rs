@@ -27,12 +27,13 @@ use std::time::{Duration, Instant};
 
 use super::backend::{CaptionBackend, CaptionId, Finished, LocalCaptions, Outcome, Report};
 use super::engine::CaptionEngine;
+use super::job::{FrameJob, Job};
 use super::queue::{JobQueue, Pushed, QueuePolicy};
 use super::stream::{
     CaptionOutput, CaptionRequest, CaptionSettings, Encoded, Problem, StreamLogic,
 };
-use super::worker::{lock, panic_problem, FrameJob, Job};
 use crate::model::{Cancel, ModelError};
+use crate::sync::lock;
 
 /// How much the scheduler puts in one call of the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -627,7 +628,7 @@ impl<E: CaptionEngine> Core<E> {
                 return;
             }
             Err(panic) => {
-                let problem = panic_problem("encoding a frame", &*panic);
+                let problem = Problem::panic("encoding a frame", &*panic);
                 for t in &taken {
                     self.fail_with(&t.stream, backend, round, problem.clone());
                 }
@@ -711,7 +712,7 @@ impl<E: CaptionEngine> Core<E> {
             }
             Ok(Err(e)) => self.fail(stream, lane, backend, round, "starting a caption", e),
             Err(panic) => {
-                let problem = panic_problem("starting a caption", &*panic);
+                let problem = Problem::panic("starting a caption", &*panic);
                 close_with(stream, lane, backend, round, problem);
             }
         }

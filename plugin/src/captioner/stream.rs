@@ -70,6 +70,21 @@ impl Problem {
             log: error.backtrace().map(|b| format!("{what}: {summary}\n{b}")),
         }
     }
+
+    /// A panic caught while doing `what` (the scheduling code's own defect, reported as an
+    /// element error instead of crossing the FFI boundary).
+    pub fn panic(what: &str, payload: &(dyn std::any::Any + Send)) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Self {
+            message: "Internal error in the captioning model's scheduling".to_owned(),
+            debug: format!("panic while {what}: {message}"),
+            log: None,
+        }
+    }
 }
 
 /// Where a stream's results go (its element, or a recorder in tests). Called from the thread

@@ -9,8 +9,8 @@ use candle_core::{Device, Tensor};
 
 use super::engine::CaptionEngine;
 use super::frame::OwnedFrame;
+use super::job::{FrameJob, Job};
 use super::stream::{CaptionEvent, CaptionOutput, Problem};
-use super::worker::{FrameJob, Job};
 use crate::model::preprocess::{FrameView, PixelFormat, YuvToRgb};
 use crate::model::{Cancel, GenerationParams, ModelError, Result};
 

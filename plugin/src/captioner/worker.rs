@@ -6,70 +6,15 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use super::engine::CaptionEngine;
-use super::frame::OwnedFrame;
-use super::queue::{Droppable, JobQueue, Pushed, QueuePolicy};
+use super::job::Job;
+use super::queue::{JobQueue, Pushed, QueuePolicy};
 use super::stream::{
-    CaptionOutput, CaptionRequest, CaptionSettings, Encoded, FrameTiming, Problem, StreamLogic,
+    CaptionOutput, CaptionRequest, CaptionSettings, Encoded, Problem, StreamLogic,
 };
 use crate::model::{Cancel, ModelError};
-
-#[derive(Debug)]
-pub struct FrameJob {
-    pub running_time: u64,
-    /// The running time before which no other frame will be sampled: the text stream may
-    /// advance to it when this frame brings no caption.
-    pub next_sample_due: u64,
-    pub arrived: Instant,
-    pub frame: OwnedFrame,
-}
-
-impl FrameJob {
-    pub fn timing(&self) -> FrameTiming {
-        FrameTiming {
-            running_time: self.running_time,
-            next_sample_due: self.next_sample_due,
-            arrived: self.arrived,
-        }
-    }
-}
-
-/// Work for a stream, tagged with the element's flush epoch so that results of work started
-/// before a flush are recognised and discarded.
-#[derive(Debug)]
-pub enum Job {
-    Frame {
-        epoch: u64,
-        job: FrameJob,
-    },
-    /// Caption what is new, then report EOS.
-    Eos {
-        epoch: u64,
-    },
-    /// Forget the window and the caption schedule (after a flush).
-    Reset {
-        epoch: u64,
-    },
-}
-
-impl Job {
-    /// What the model was doing when this job failed, for error messages.
-    pub fn what(&self) -> &'static str {
-        match self {
-            Job::Frame { .. } => "encoding a frame",
-            Job::Eos { .. } => "captioning at the end of the stream",
-            Job::Reset { .. } => "starting over after a flush",
-        }
-    }
-}
-
-impl Droppable for Job {
-    fn droppable(&self) -> bool {
-        matches!(self, Job::Frame { .. })
-    }
-}
+use crate::sync::lock;
 
 /// Handle on the worker thread. Shared (`Arc`) between the threads that feed it: every method
 /// takes `&self`, so a streaming thread blocked in `submit` never holds a lock that a flush or
@@ -156,27 +101,6 @@ impl Drop for Worker {
     }
 }
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
-}
-
-/// A caught panic as a problem to report.
-pub(crate) fn panic_problem(what: &str, payload: &(dyn std::any::Any + Send)) -> Problem {
-    Problem {
-        message: "Internal error in the captioning model's scheduling".to_owned(),
-        debug: format!("panic while {what}: {}", panic_message(payload)),
-        log: None,
-    }
-}
-
 impl<E: CaptionEngine> WorkerLoop<E> {
     fn run(&mut self, jobs: &JobQueue<Job>) {
         while let Some(job) = jobs.pop() {
@@ -185,7 +109,7 @@ impl<E: CaptionEngine> WorkerLoop<E> {
             let failure = match outcome {
                 Ok(Ok(())) | Ok(Err(ModelError::Cancelled)) => None,
                 Ok(Err(e)) => Some(Problem::model(what, &e)),
-                Err(panic) => Some(panic_problem(what, &*panic)),
+                Err(panic) => Some(Problem::panic(what, &*panic)),
             };
             if let Some(problem) = failure {
                 self.output.error(problem);
@@ -268,7 +192,7 @@ mod tests {
     use crate::captioner::test_engine::*;
     use crate::model::GenerationParams;
     use std::sync::mpsc;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     fn settings(window_ms: u64, caption_ms: u64) -> Arc<Mutex<CaptionSettings>> {
         Arc::new(Mutex::new(CaptionSettings {

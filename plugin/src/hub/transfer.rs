@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::records::hash_into;
 use super::FetchError;
+use crate::sync::lock;
 
 /// One file to download.
 pub(crate) struct Transfer<'a> {
@@ -303,7 +304,7 @@ impl FileLock {
         let (busy, freed) = &*IN_PROCESS;
         let mut told = false;
         {
-            let mut busy = busy.lock().unwrap_or_else(|e| e.into_inner());
+            let mut busy = lock(busy);
             while busy.contains(key) {
                 if !told {
                     note(&format!(
@@ -317,7 +318,7 @@ impl FileLock {
         }
         // From here on the key is ours; release it on every exit.
         let release = || {
-            let mut busy = busy.lock().unwrap_or_else(|e| e.into_inner());
+            let mut busy = lock(busy);
             busy.remove(key);
             freed.notify_all();
         };
@@ -338,7 +339,7 @@ impl FileLock {
 impl Drop for FileLock {
     fn drop(&mut self) {
         let (busy, freed) = &*IN_PROCESS;
-        let mut busy = busy.lock().unwrap_or_else(|e| e.into_inner());
+        let mut busy = lock(busy);
         busy.remove(&self.key);
         freed.notify_all();
     }

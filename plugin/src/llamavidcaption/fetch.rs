@@ -15,6 +15,7 @@ use gst::prelude::*;
 use crate::hub::{
     human_bytes, FetchError, FetchEvent, FetchObserver, FetchedModel, Hub, ModelRequest,
 };
+use crate::sync::lock;
 
 /// Progress messages at most this often (and on every whole percent).
 const MIN_INTERVAL: Duration = Duration::from_millis(500);
@@ -66,7 +67,7 @@ impl FetchObserver for BusProgress {
                 };
                 let overall = percent(overall_done, overall_total);
                 {
-                    let mut posted = self.posted.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut posted = lock(&self.posted);
                     let due = posted
                         .as_ref()
                         .is_none_or(|p| p.percent != overall || p.at.elapsed() >= MIN_INTERVAL);

@@ -14,7 +14,7 @@ use gst::subclass::prelude::*;
 
 use super::frames;
 use super::liveness::{upstream_liveness, Liveness};
-use super::output::{lock, ElementOutput, Shared};
+use super::output::{ElementOutput, Shared};
 use super::settings::{
     self, default_caption_settings, Settings, DEFAULT_DEVICE, DEFAULT_PROMPT, MS,
 };
@@ -29,6 +29,7 @@ use crate::captioner::{
 };
 use crate::model::remote::RemoteLanguageModel;
 use crate::model::LlamaVid;
+use crate::sync::lock;
 
 /// Sampled frames that may wait for the model. Copies of frames, not upstream buffers.
 const QUEUE_CAPACITY: usize = 4;

@@ -13,10 +13,7 @@ use gst::prelude::*;
 use super::text::{TextItem, TextQueue, TextTimeline};
 use super::{CAPTION_MESSAGE, CAT};
 use crate::captioner::{CaptionEvent, CaptionOutput, Problem};
-
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::sync::lock;
 
 /// Counters behind the read-only statistics properties.
 #[derive(Default)]

@@ -11,6 +11,7 @@ use gst::glib;
 use gst::prelude::*;
 
 use super::CAT;
+use crate::sync::lock;
 
 #[derive(Debug)]
 pub enum TextItem {
@@ -62,7 +63,7 @@ impl Default for TextQueue {
 
 impl TextQueue {
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     /// Queues an item; dropped while flushing.

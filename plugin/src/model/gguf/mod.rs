@@ -31,6 +31,7 @@ use llamavid_kernels::cpu::{CpuKernels, Isa, IsaLimit};
 use super::llama::{Llama, LlamaConfig, LlamaParam, LlamaWeights, TokenEmbedding};
 use super::nn::{Linear, LoadContext, Precision};
 use super::{ModelError, Result};
+use crate::sync::lock;
 
 /// The ggml types this loader reads (the ones candle reads and multiplies).
 pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, \
@@ -383,7 +384,7 @@ impl GgufLlama {
         let name = param.gguf_name();
         let info = self.info(&name)?;
         let read = || -> candle_core::Result<QTensor> {
-            let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+            let mut file = lock(&self.file);
             let heads = match param {
                 LlamaParam::Q(_) => self.config.num_attention_heads,
                 LlamaParam::K(_) => self.config.num_kv_heads,

@@ -30,6 +30,7 @@ pub use error::RemoteError;
 pub use payload::Sampling;
 
 use super::{Caption, CaptionPrompt, GenerationParams, LlamaVid, ModelError, Result};
+use crate::sync::lock;
 
 type Work =
     Box<dyn FnOnce(&CompletionsClient) -> std::result::Result<Completion, RemoteError> + Send>;
@@ -261,10 +262,6 @@ impl RemoteLanguageModel {
             client.complete(&embeddings, &sampling)
         })
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl LlamaVid {

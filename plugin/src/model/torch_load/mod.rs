@@ -31,6 +31,7 @@ mod unpickle;
 
 use self::unpickle::{RawTensor, Unpickler};
 use super::{ModelError, Result};
+use crate::sync::lock;
 
 /// Largest `data.pkl` accepted (uncompressed). A state dict's pickle takes ~150 bytes per
 /// tensor: this is room for ~100,000 tensors, and bounds the unpickler's memory (~16 bytes of
@@ -181,7 +182,7 @@ impl<R: Read + Seek> TorchArchive<R> {
     }
 
     fn read_at(&self, start: u64, len: usize) -> Result<Vec<u8>> {
-        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        let mut reader = lock(&self.reader);
         let mut bytes = vec![0u8; len];
         reader
             .seek(SeekFrom::Start(start))
