@@ -88,12 +88,9 @@ fn parse_args() -> Result<Args> {
             "--llm-server-model" => llm_server_model = Some(value()?),
             "--llm-server-timeout" => llm_server_timeout = Some(value()?.parse::<f64>()?),
             "--weights" => {
-                weights = match value()?.as_str() {
-                    "auto" => WeightFormat::Auto,
-                    "bin" => WeightFormat::Pickle,
-                    "safetensors" => WeightFormat::Safetensors,
-                    other => bail!("unknown --weights {other}\n{USAGE}"),
-                }
+                weights = value()?
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--weights: {e}\n{USAGE}"))?
             }
             "-h" | "--help" => {
                 println!("{USAGE}");

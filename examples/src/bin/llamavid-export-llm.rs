@@ -44,12 +44,9 @@ fn parse_args() -> Result<ExportOptions> {
                 }
             }
             "--weights" => {
-                weights = match value()?.as_str() {
-                    "auto" => WeightFormat::Auto,
-                    "bin" => WeightFormat::Pickle,
-                    "safetensors" => WeightFormat::Safetensors,
-                    other => bail!("unknown --weights {other}\n{USAGE}"),
-                }
+                weights = value()?
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--weights: {e}\n{USAGE}"))?
             }
             "--shard-gb" => shard_gb = value()?.parse()?,
             "-h" | "--help" => {

@@ -60,12 +60,9 @@ fn run() -> Result<()> {
         match arg.as_str() {
             "--vision-tower" => vision_tower = Some(value()?),
             "--weights" => {
-                weights = match value()?.as_str() {
-                    "auto" => WeightFormat::Auto,
-                    "bin" => WeightFormat::Pickle,
-                    "safetensors" => WeightFormat::Safetensors,
-                    other => bail!("unknown --weights {other}\n{USAGE}"),
-                }
+                weights = value()?
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--weights: {e}\n{USAGE}"))?
             }
             "-h" | "--help" => {
                 println!("{USAGE}");

@@ -30,6 +30,22 @@ pub enum WeightFormat {
     Safetensors,
 }
 
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+
+    /// The spellings the command-line tools take: `auto`, `bin`, `safetensors`.
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "bin" => Ok(Self::Pickle),
+            "safetensors" => Ok(Self::Safetensors),
+            other => Err(format!(
+                "unknown weight format {other:?} (auto, bin or safetensors)"
+            )),
+        }
+    }
+}
+
 enum TensorFile {
     Pickle(TorchArchive),
     Safetensors(MmapedSafetensors),
