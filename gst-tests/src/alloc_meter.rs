@@ -1,13 +1,15 @@
 //! A global allocator for test binaries that proves "no unbounded allocation": it refuses (the
 //! process aborts with "memory allocation of N bytes failed") any single allocation above
 //! [`CEILING`], and measures, per thread, the largest single allocation and the bytes
-//! allocated while a closure runs ([`measure`]).
+//! allocated while a closure runs ([`measure`]), and the Rust heap in use ([`live_bytes`]; what
+//! GLib and GStreamer allocate in C is not seen: watch the RSS for that).
 //!
 //! A test binary opts in with
 //! `#[global_allocator] static ALLOC: MeteredAllocator = MeteredAllocator;`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// No input in these tests may make the process ask for more than this in one allocation.
 /// The fixture model's largest tensor is far below; a file claiming 2^40 bytes is far above.
@@ -20,7 +22,16 @@ thread_local! {
 
 pub struct MeteredAllocator;
 
+/// Bytes allocated and not yet freed, process-wide: the heap a soak watches for growth.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// The heap in use now (allocations not yet freed), when [`MeteredAllocator`] is installed.
+pub fn live_bytes() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
 fn note(size: usize) {
+    LIVE.fetch_add(size, Ordering::Relaxed);
     // `try_with`: the thread-local may be gone while a thread ends.
     let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
     let _ = TOTAL.try_with(|t| t.set(t.get().saturating_add(size)));
@@ -31,19 +42,26 @@ unsafe impl GlobalAlloc for MeteredAllocator {
         if layout.size() > CEILING {
             return std::ptr::null_mut();
         }
-        note(layout.size());
-        unsafe { System.alloc(layout) }
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            note(layout.size());
+        }
+        ptr
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if layout.size() > CEILING {
             return std::ptr::null_mut();
         }
-        note(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
+        let ptr = unsafe { System.alloc_zeroed(layout) };
+        if !ptr.is_null() {
+            note(layout.size());
+        }
+        ptr
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
         unsafe { System.dealloc(ptr, layout) }
     }
 
@@ -51,8 +69,13 @@ unsafe impl GlobalAlloc for MeteredAllocator {
         if new_size > CEILING {
             return std::ptr::null_mut();
         }
-        note(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
+        let moved = unsafe { System.realloc(ptr, layout, new_size) };
+        if !moved.is_null() {
+            // The old block is gone; `note` counts the new one.
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+            note(new_size);
+        }
+        moved
     }
 }
 

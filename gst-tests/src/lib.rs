@@ -29,6 +29,7 @@ use gst::prelude::*;
 
 pub mod alloc_meter;
 pub mod fake_llm_server;
+pub mod fuzz;
 pub mod hostile;
 pub mod hub_mirror;
 

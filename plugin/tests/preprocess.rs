@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use gstllamavid::model::preprocess::{
-    resize_bicubic, AxisTaps, ClipPreprocess, FrameView, Normalize, PixelFormat, ResizeTarget,
-    RgbImage, YuvCoefficients, YuvMatrix, YuvRange, YuvToRgb, CLIP_MEAN, CLIP_STD, PRECISION_BITS,
+    resize_bicubic, resize_bicubic_window, AxisTaps, ClipPreprocess, FrameView, Normalize,
+    PixelFormat, ResizeTarget, RgbImage, YuvCoefficients, YuvMatrix, YuvRange, YuvToRgb, CLIP_MEAN,
+    CLIP_STD, PRECISION_BITS,
 };
 use gstllamavid::model::ModelError;
 
@@ -547,6 +548,46 @@ fn resize_keeps_constant_images_constant() {
                 out,
                 RgbImage::filled(ow, oh, colour),
                 "{w}x{h} -> {ow}x{oh}"
+            );
+        }
+    }
+}
+
+/// The region `cols` x `rows` cut out of a full image.
+fn cut(img: &RgbImage, cols: std::ops::Range<usize>, rows: std::ops::Range<usize>) -> RgbImage {
+    let mut data = Vec::new();
+    for y in rows.clone() {
+        data.extend_from_slice(&img.data[(y * img.width + cols.start) * 3..][..cols.len() * 3]);
+    }
+    RgbImage {
+        width: cols.len(),
+        height: rows.len(),
+        data,
+    }
+}
+
+#[test]
+fn a_resized_window_equals_the_same_region_of_the_full_resize() {
+    // Up, down, one axis unchanged, windows at the edges and in the middle.
+    for (w, h, ow, oh) in [
+        (37, 91, 224, 551),
+        (91, 37, 20, 9),
+        (64, 48, 64, 96),
+        (5, 300, 224, 224),
+    ] {
+        let img = lcg_image(21, w, h);
+        let full = resize_bicubic(&img, ow, oh);
+        for (cols, rows) in [
+            (0..ow, 0..oh),
+            (0..ow.min(3), oh / 2..oh),
+            (ow / 3..ow / 3 + ow.min(7), 1..oh.min(2)),
+            (ow - 1..ow, oh - 1..oh),
+        ] {
+            let window = resize_bicubic_window(&img, ow, oh, cols.clone(), rows.clone());
+            assert_eq!(
+                window,
+                cut(&full, cols.clone(), rows.clone()),
+                "{w}x{h} -> {ow}x{oh}, columns {cols:?}, rows {rows:?}"
             );
         }
     }

@@ -5,6 +5,8 @@
 //! double-precision coefficients, 22-bit fixed-point weights, integer accumulation, a uint8
 //! intermediate between the horizontal and the vertical pass.
 
+use std::ops::Range;
+
 use candle_core::{bail, Result};
 
 /// Fraction bits of the fixed-point weights: 32 bits minus 8 for the sample, minus 2 for the
@@ -44,6 +46,15 @@ impl AxisTaps {
     /// Bicubic weights mapping `in_size` source pixels onto `out_size` (Pillow's
     /// `precompute_coeffs` over the full box, then `normalize_coeffs_8bpc`).
     pub fn bicubic(in_size: usize, out_size: usize) -> Self {
+        Self::bicubic_window(in_size, out_size, 0..out_size)
+    }
+
+    /// [`Self::bicubic`] for the outputs in `window` only (entry 0 is output `window.start`):
+    /// what a crop of the resized image needs, whatever the full size (a 2048x1 frame resized
+    /// to a 224 shortest edge is 458752 pixels wide; its centre crop needs 224 of them).
+    pub fn bicubic_window(in_size: usize, out_size: usize, window: Range<usize>) -> Self {
+        let window = window.start.min(out_size)..window.end.min(out_size);
+        let first_out = window.start;
         // Pillow stores the box as floats and subtracts in float before widening.
         let scale = f64::from(in_size as f32) / out_size as f64;
         let filterscale = scale.max(1.0);
@@ -51,11 +62,12 @@ impl AxisTaps {
         let ksize = support.ceil() as usize * 2 + 1;
         let inv = 1.0 / filterscale;
 
-        let mut starts = Vec::with_capacity(out_size);
-        let mut counts = Vec::with_capacity(out_size);
-        let mut weights = vec![0i32; out_size * ksize];
+        let mut starts = Vec::with_capacity(window.len());
+        let mut counts = Vec::with_capacity(window.len());
+        let mut weights = vec![0i32; window.len() * ksize];
         let mut k = vec![0f64; ksize];
-        for (xx, row) in weights.chunks_exact_mut(ksize).enumerate() {
+        for (i, row) in weights.chunks_exact_mut(ksize).enumerate() {
+            let xx = first_out + i;
             let center = (xx as f64 + 0.5) * scale;
             // C's (int) cast truncates toward zero; negative starts clamp to 0 either way.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;

@@ -5,6 +5,7 @@
 //! lay out channel-first. Every step reproduces the reference's arithmetic, so the output matches
 //! the recorded `pixel_values` to float rounding.
 
+use std::ops::Range;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -12,7 +13,7 @@ use llamavid_kernels::preprocess::{centre_crop_offset, Normalization};
 use serde_json::Value;
 
 use super::color::{FrameView, RgbImage};
-use super::resize::resize_bicubic;
+use super::resize::resize_bicubic_window;
 use crate::model::error::{ModelError, Result};
 
 /// CLIP's image mean (OpenAI), per RGB channel.
@@ -163,15 +164,17 @@ impl ClipPreprocess {
     /// [`Self::pixels`] for an already packed RGB image.
     pub fn pixels_from_rgb(&self, rgb: &RgbImage) -> Vec<f32> {
         let (h, w) = self.resized_size(rgb.width, rgb.height);
+        let (out_h, out_w) = self.crop.unwrap_or((h, w));
+        let window = CropWindow::centred(w, h, out_w, out_h);
+        // Only the part of the resized image that the crop keeps is computed.
+        let (cols, rows) = window.covered(out_w, out_h);
         let resized;
-        let image = if (h, w) == (rgb.height, rgb.width) {
-            rgb
+        let (image, origin) = if (h, w) == (rgb.height, rgb.width) {
+            (rgb, (0, 0))
         } else {
-            resized = resize_bicubic(rgb, w, h);
-            &resized
+            resized = resize_bicubic_window(rgb, w, h, cols.clone(), rows.clone());
+            (&resized, (cols.start, rows.start))
         };
-        let (out_h, out_w) = self.crop.unwrap_or((image.height, image.width));
-        let window = CropWindow::centred(image.width, image.height, out_w, out_h);
 
         let table = self.normalization().value_table();
         let plane = out_h * out_w;
@@ -180,7 +183,7 @@ impl ClipPreprocess {
             for x in 0..out_w {
                 let px = window
                     .source(x, y)
-                    .map_or([0; 3], |(sx, sy)| image.pixel(sx, sy));
+                    .map_or([0; 3], |(sx, sy)| image.pixel(sx - origin.0, sy - origin.1));
                 for c in 0..3 {
                     out[c * plane + y * out_w + x] = table[c][usize::from(px[c])];
                 }
@@ -254,6 +257,19 @@ impl CropWindow {
             width,
             height,
         }
+    }
+
+    /// The source columns and rows an `out_w` x `out_h` crop reads.
+    fn covered(&self, out_w: usize, out_h: usize) -> (Range<usize>, Range<usize>) {
+        let span = |start: i64, len: usize, size: usize| {
+            let first = start.clamp(0, size as i64) as usize;
+            let end = (start + len as i64).clamp(0, size as i64) as usize;
+            first..end.max(first)
+        };
+        (
+            span(self.left, out_w, self.width),
+            span(self.top, out_h, self.height),
+        )
     }
 
     /// The source pixel under output pixel (x, y), or `None` in the zero padding.

@@ -9,4 +9,4 @@ pub mod resize;
 pub use clip::{ClipPreprocess, Normalize, ResizeTarget, CLIP_MEAN, CLIP_STD};
 pub use color::{FrameView, PixelFormat, RgbImage, YuvCoefficients, YuvMatrix, YuvRange, YuvToRgb};
 pub use llamavid_kernels::preprocess::{AxisTaps, PRECISION_BITS};
-pub use resize::resize_bicubic;
+pub use resize::{resize_bicubic, resize_bicubic_window};

@@ -10,6 +10,8 @@
 //! then vertical. Pillow 12.2 started filtering images taller than 100× their width vertically
 //! first, and Pillow 13 picks the order by size; on those shapes a few bytes differ by 1–25.
 
+use std::ops::Range;
+
 use llamavid_kernels::preprocess::{clip8, AxisTaps, HALF};
 
 use super::color::RgbImage;
@@ -18,40 +20,66 @@ use super::color::RgbImage;
 /// Image.BICUBIC)` on an RGB image. An axis whose size does not change is not filtered, as in
 /// Pillow, so resizing to the same size is the identity. A zero target size gives an empty image.
 pub fn resize_bicubic(src: &RgbImage, width: usize, height: usize) -> RgbImage {
-    if width == 0 || height == 0 || src.width == 0 || src.height == 0 {
+    resize_bicubic_window(src, width, height, 0..width, 0..height)
+}
+
+/// The `cols` × `rows` region of [`resize_bicubic`]`(src, width, height)`, computed alone:
+/// every output pixel depends only on its own taps, so the region is bit for bit the same as
+/// cutting it out of the full resize, at the cost of the region (plus the source rows it reads).
+/// This is what keeps a frame of extreme aspect ratio (2048×1 resized to a 224 shortest edge
+/// is 458752 pixels wide) from allocating the whole resized image for a 224×224 crop.
+pub fn resize_bicubic_window(
+    src: &RgbImage,
+    width: usize,
+    height: usize,
+    cols: Range<usize>,
+    rows: Range<usize>,
+) -> RgbImage {
+    let cols = cols.start.min(width)..cols.end.min(width);
+    let rows = rows.start.min(height)..rows.end.min(height);
+    if cols.is_empty() || rows.is_empty() || src.width == 0 || src.height == 0 {
         return RgbImage {
-            width,
-            height,
-            data: vec![0; width * height * 3],
+            width: cols.len(),
+            height: rows.len(),
+            data: vec![0; cols.len() * rows.len() * 3],
         };
     }
-    let vertical = AxisTaps::bicubic(src.height, height);
-    let need_horizontal = width != src.width;
-    let need_vertical = height != src.height;
-
-    if !need_horizontal && !need_vertical {
-        return src.clone();
-    }
-    if !need_horizontal {
-        return vertical_pass(&src.data, src.width, 0, &vertical);
-    }
-    // Horizontal pass over the source rows the vertical pass will read (Pillow's ybox), then
-    // the vertical pass over that uint8 intermediate with shifted row bounds.
-    let horizontal = AxisTaps::bicubic(src.width, width);
-    let (first, last) = if need_vertical {
-        let n = vertical.starts.len();
-        (
-            vertical.starts[0],
-            vertical.starts[n - 1] + vertical.counts[n - 1],
-        )
-    } else {
-        (0, src.height)
+    let vertical =
+        (height != src.height).then(|| AxisTaps::bicubic_window(src.height, height, rows.clone()));
+    // The source rows the wanted output rows read (Pillow's ybox).
+    let (first, last) = match &vertical {
+        Some(v) => {
+            let n = v.starts.len();
+            (v.starts[0], v.starts[n - 1] + v.counts[n - 1])
+        }
+        None => (rows.start, rows.end),
     };
-    let temp = horizontal_pass(src, first, last, &horizontal);
-    if !need_vertical {
-        return temp;
+    // Horizontal pass over those rows, then the vertical pass over that uint8 intermediate
+    // with shifted row bounds.
+    let temp = if width != src.width {
+        let horizontal = AxisTaps::bicubic_window(src.width, width, cols);
+        horizontal_pass(src, first, last, &horizontal)
+    } else {
+        copy_region(src, first..last, cols)
+    };
+    match &vertical {
+        Some(v) => vertical_pass(&temp.data, temp.width, first, v),
+        None => temp,
     }
-    vertical_pass(&temp.data, temp.width, first, &vertical)
+}
+
+/// Rows and columns of `src`, unfiltered.
+fn copy_region(src: &RgbImage, rows: Range<usize>, cols: Range<usize>) -> RgbImage {
+    let mut data = Vec::with_capacity(rows.len() * cols.len() * 3);
+    for y in rows.clone() {
+        let row = &src.data[y * src.width * 3..][..src.width * 3];
+        data.extend_from_slice(&row[cols.start * 3..cols.end * 3]);
+    }
+    RgbImage {
+        width: cols.len(),
+        height: rows.len(),
+        data,
+    }
 }
 
 /// Filters rows `first..last` of `src` along x.

@@ -66,7 +66,20 @@ impl LlamaTokenizer {
 
     /// Loads a transformers `tokenizer.json`; special-token settings come from its directory.
     pub fn from_tokenizer_json(path: &Path) -> Result<Self> {
-        let mut tokenizer = Tokenizer::from_file(path).map_err(|e| tokenizer_error(path, e))?;
+        // The tokenizers crate panics on some malformed files (an `unwrap` in its decoder's
+        // deserializer, found by the fuzz suite): a bad file must be an error, not a panic.
+        let read = std::panic::catch_unwind(|| Tokenizer::from_file(path)).map_err(|payload| {
+            let what = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("the tokenizers crate panicked");
+            ModelError::Tokenizer {
+                path: path.to_owned(),
+                msg: format!("unreadable tokenizer.json ({what})"),
+            }
+        })?;
+        let mut tokenizer = read.map_err(|e| tokenizer_error(path, e))?;
         // Only this type decides how ids are assembled.
         tokenizer.with_padding(None);
         tokenizer
