@@ -22,6 +22,8 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use gstllamavid::model::error::panic_message;
+
 use crate::alloc_meter::measure;
 
 /// An execution slower than this is reported (a loop that a size field controls, say).
@@ -299,14 +301,7 @@ impl Fuzzer {
             match &result {
                 Ok(Outcome::Accepted(_)) => report.accepted += 1,
                 Ok(Outcome::Refused(_)) => report.refused += 1,
-                Err(panic) => {
-                    let msg = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    finding = Some(format!("panic: {msg}"));
-                }
+                Err(panic) => finding = Some(format!("panic: {}", panic_message(&**panic))),
             }
             let budget = target.allocation_budget(input.len());
             if allocated.largest > budget {

@@ -10,6 +10,7 @@ use candle_core::Tensor;
 
 use super::engine::CaptionEngine;
 use super::window::{TokenWindow, WindowEntry};
+use crate::model::error::panic_message;
 use crate::model::{GenerationParams, ModelError, Result};
 
 /// What a stream's model work reads before each job, so property changes apply while running.
@@ -74,11 +75,7 @@ impl Problem {
     /// A panic caught while doing `what` (the scheduling code's own defect, reported as an
     /// element error instead of crossing the FFI boundary).
     pub fn panic(what: &str, payload: &(dyn std::any::Any + Send)) -> Self {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
+        let message = panic_message(payload);
         Self {
             message: "Internal error in the captioning model's scheduling".to_owned(),
             debug: format!("panic while {what}: {message}"),

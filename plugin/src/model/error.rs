@@ -85,6 +85,16 @@ impl ModelError {
     }
 }
 
+/// The text of a caught panic's payload (`panic!` with a literal gives a `&str`, with
+/// arguments a `String`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("unknown panic")
+}
+
 /// A candle error without its backtraces, contexts joined on one line: how candle errors
 /// become text in our messages.
 pub fn candle_summary(e: &candle_core::Error) -> String {

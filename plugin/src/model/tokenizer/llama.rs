@@ -15,7 +15,7 @@ use super::hf_config::{NamedToken, SpecialTokenConfig};
 use super::piece_decoder::{LeadingSpace, PieceDecoder, Surface};
 use super::sentencepiece_model::{PieceType, SentencePieceModel};
 use super::spm_to_bpe::{build_tokenizer, SPACE_MARK};
-use crate::model::error::{ModelError, Result};
+use crate::model::error::{panic_message, ModelError, Result};
 
 /// BOS and EOS when no file names them (LLaMA's values).
 const DEFAULT_BOS: u32 = 1;
@@ -69,14 +69,9 @@ impl LlamaTokenizer {
         // The tokenizers crate panics on some malformed files (an `unwrap` in its decoder's
         // deserializer, found by the fuzz suite): a bad file must be an error, not a panic.
         let read = std::panic::catch_unwind(|| Tokenizer::from_file(path)).map_err(|payload| {
-            let what = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("the tokenizers crate panicked");
             ModelError::Tokenizer {
                 path: path.to_owned(),
-                msg: format!("unreadable tokenizer.json ({what})"),
+                msg: format!("unreadable tokenizer.json ({})", panic_message(&*payload)),
             }
         })?;
         let mut tokenizer = read.map_err(|e| tokenizer_error(path, e))?;
