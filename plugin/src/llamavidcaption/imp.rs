@@ -339,6 +339,7 @@ impl LlamaVidCaption {
         let Some(rt) = self.running_time(&mut state, buffer) else {
             return Ok(None);
         };
+        self.shared.preroll_text(rt);
         if !state.sampler.sample(rt) {
             return Ok(None);
         }
@@ -857,6 +858,9 @@ impl ElementImpl for LlamaVidCaption {
                 self.shared.failed.store(false, Ordering::SeqCst);
                 self.shared.flushing.store(false, Ordering::SeqCst);
                 *lock(&self.shared.timeline) = TextTimeline::default();
+                self.shared
+                    .text_needs_preroll
+                    .store(false, Ordering::SeqCst);
                 *lock(&self.state) = State::new(lock(&self.settings).sample_interval_ms);
                 // Text queued while the pads activate (stream-start, segment) must not be lost.
                 self.shared.text.set_flushing(false);
@@ -864,6 +868,12 @@ impl ElementImpl for LlamaVidCaption {
                     self.post_error_message(e);
                     return Err(gst::StateChangeError);
                 }
+            }
+            // The text sink loses its preroll; the next frame lets it preroll again. (At the
+            // start and after a flush the sampler takes the first frame, whose encode advances
+            // the text stream.)
+            gst::StateChange::PlayingToPaused => {
+                self.shared.text_needs_preroll.store(true, Ordering::SeqCst);
             }
             gst::StateChange::PausedToReady => {
                 self.shared.flushing.store(true, Ordering::SeqCst);

@@ -61,16 +61,49 @@ pub struct Shared {
     pub eos_signal: Condvar,
     /// Declared processing latency, to warn when a caption comes later.
     pub declared_latency: Mutex<Duration>,
+    /// PLAYING went to PAUSED, so the text sink has to preroll again: the next frame sends a GAP.
+    pub text_needs_preroll: AtomicBool,
     last_late_warning: Mutex<Option<Instant>>,
 }
 
 impl Shared {
-    /// Running time to a timestamp in the current segment.
-    fn to_pts(&self, running_time: u64) -> gst::ClockTime {
-        let running_time = gst::ClockTime::from_nseconds(running_time);
-        lock(&self.segment)
-            .position_from_running_time(running_time)
-            .unwrap_or(running_time)
+    /// The timestamp in the current segment of an item that starts at `running_time` and
+    /// lasts `duration`. In reverse playback a buffer's running time starts at its end (PTS +
+    /// duration), so there the PTS is where the item's running time ends.
+    fn to_pts(&self, running_time: u64, duration: u64) -> gst::ClockTime {
+        let segment = lock(&self.segment);
+        let at = if segment.rate() < 0.0 {
+            running_time + duration
+        } else {
+            running_time
+        };
+        let at = gst::ClockTime::from_nseconds(at);
+        // Past the segment (the final caption at EOS may last beyond its end): its edge, where
+        // a sink clips it.
+        segment
+            .position_from_running_time(at)
+            .or(if segment.rate() < 0.0 {
+                segment.start()
+            } else {
+                segment.stop()
+            })
+            .unwrap_or(at)
+    }
+
+    /// Lets a text sink that lost its preroll complete it, without waiting for the model: a GAP
+    /// up to the frame at `running_time`, or an empty one where the text stream stands when it
+    /// is ahead already. Without it a live pipeline that goes PLAYING → PAUSED → PLAYING can
+    /// wait forever: the video sink holds the streaming thread until every sink prerolled, and
+    /// the text sink waits for text that needs the frames held there.
+    pub fn preroll_text(&self, running_time: u64) {
+        if !self.text_needs_preroll.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let (start, duration) = lock(&self.timeline).preroll_gap(running_time);
+        self.text.push(TextItem::Gap {
+            pts: self.to_pts(start, duration),
+            duration: gst::ClockTime::from_nseconds(duration),
+        });
     }
 
     pub fn current(&self, epoch: u64) -> bool {
@@ -176,7 +209,7 @@ impl CaptionOutput for ElementOutput {
         // characters are noise in subtitles. Every output gets the same cleaned text.
         event.text = printable(&event.text);
         let (start, duration) = lock(&self.shared.timeline).caption(event.end, event.duration);
-        let pts = self.shared.to_pts(start);
+        let pts = self.shared.to_pts(start, duration);
         let stats = &self.shared.stats;
         stats.captions.fetch_add(1, Ordering::Relaxed);
         *lock(&stats.last_caption) = (event.text.clone(), event.latency);
@@ -200,7 +233,7 @@ impl CaptionOutput for ElementOutput {
         }
         if let Some((start, duration)) = lock(&self.shared.timeline).gap(until) {
             self.shared.text.push(TextItem::Gap {
-                pts: self.shared.to_pts(start),
+                pts: self.shared.to_pts(start, duration),
                 duration: gst::ClockTime::from_nseconds(duration),
             });
         }

@@ -128,6 +128,13 @@ impl TextTimeline {
         (start, duration)
     }
 
+    /// The GAP (start, duration) that lets a sink preroll at `until`: up to it if the stream is
+    /// behind, else an empty one where the stream stands.
+    pub fn preroll_gap(&mut self, until: u64) -> (u64, u64) {
+        self.gap(until)
+            .unwrap_or_else(|| (self.position.unwrap_or(until), 0))
+    }
+
     /// The GAP (start, duration) that advances the stream to `until`, if it is behind.
     pub fn gap(&mut self, until: u64) -> Option<(u64, u64)> {
         let start = self.position.unwrap_or(0);
@@ -226,6 +233,19 @@ fn negotiate_caps(textpad: &gst::Pad) -> gst::Caps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_preroll_gap_never_goes_backwards() {
+        let mut t = TextTimeline::default();
+        assert_eq!(t.preroll_gap(500), (0, 500));
+        t.caption(600, 1000);
+        assert_eq!(
+            t.preroll_gap(1200),
+            (1600, 0),
+            "the caption already covers 1200"
+        );
+        assert_eq!(t.preroll_gap(2000), (1600, 400));
+    }
 
     #[test]
     fn captions_and_gaps_never_go_backwards() {
