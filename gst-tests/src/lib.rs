@@ -17,7 +17,8 @@
 //! - [`hub_mirror`]: `HubMirrorDouble`, a test double of the Hugging Face hub on 127.0.0.1, and
 //!   `FixtureHub`, the fixture served through it;
 //! - [`hostile`]: hand-made hostile model files (pickles, zips); [`alloc_meter`]: an allocator
-//!   for test binaries that refuses huge allocations and measures what a call allocated.
+//!   for test binaries that refuses huge allocations and measures what a call allocated;
+//!   [`process`]: the process's resident memory and threads.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ pub mod fake_llm_server;
 pub mod fuzz;
 pub mod hostile;
 pub mod hub_mirror;
+pub mod process;
 
 pub use gst;
 pub use gst_check;

@@ -47,6 +47,39 @@ fn timed_push(run: &mut CaptionRun, buffer: gst::Buffer) -> Duration {
 }
 
 #[test]
+fn caps_that_change_every_three_frames_keep_the_captions_coming() {
+    let layouts = [
+        video_info(VideoFormat::Rgbx, 64, 48),
+        video_info(VideoFormat::I420, 33, 17),
+        video_info(VideoFormat::Nv12, 2, 2),
+        video_info(VideoFormat::Bgra, 1, 1),
+        video_info(VideoFormat::Rgb, 97, 13),
+        padded_info(&video_info(VideoFormat::I420, 50, 30), 7, 13),
+    ];
+    let mut run = CaptionRun::new(caption_element(), layouts[0].clone());
+    let mut pushed = 0;
+    for (i, pts) in (0..=3000).step_by(100).enumerate() {
+        if i > 0 && i % 3 == 0 {
+            let info = layouts[(i / 3) % layouts.len()].clone();
+            run.harness().set_src_caps(info.to_caps().unwrap());
+            run.info = info;
+        }
+        run.push_frame(pts);
+        pushed += 1;
+    }
+    let items = run.finish();
+
+    assert!(run.bus.errors().is_empty(), "{:?}", run.bus.errors());
+    let captions = run.bus.captions();
+    // No final caption at EOS: the last frame (3000 ms) falls due itself, and nothing was
+    // sampled after it.
+    assert_eq!(captions.len(), 6, "a caption each 500 ms: {captions:?}");
+    assert_eq!(captions.last().unwrap().end, 3000 * MS);
+    assert_text_monotonic(&items);
+    assert_eq!(run.pull_all().len(), pushed, "every frame passed");
+}
+
+#[test]
 fn one_pixel_8k_and_extreme_aspect_frames_are_captioned() {
     for info in [
         video_info(VideoFormat::Rgbx, 1, 1),
@@ -160,10 +193,59 @@ fn run_in_segment(
 }
 
 #[test]
+fn a_segment_at_double_rate_samples_by_running_time() {
+    init();
+    let mut segment = gst::FormattedSegment::<gst::ClockTime>::new();
+    segment.set_rate(2.0);
+    // 4 s of stream at rate 2 is 2 s of running time: captions at 0.5, 1, 1.5 and 2 s.
+    let (captions, items, _) = run_in_segment(segment, (100..=4000).step_by(100));
+    let ends: Vec<u64> = captions.iter().map(|c| c.end / MS).collect();
+    assert!(
+        ends.windows(2).all(|w| w[1] > w[0]) && *ends.last().unwrap() <= 2000,
+        "caption ends are running times: {ends:?}"
+    );
+    assert!(ends.len() >= 3, "{ends:?}");
+    assert_text_monotonic(&items);
+}
+
+#[test]
+fn a_reverse_segment_keeps_the_stream_going() {
+    init();
+    let mut segment = gst::FormattedSegment::<gst::ClockTime>::new();
+    segment.set_rate(-1.0);
+    segment.set_start(gst::ClockTime::ZERO);
+    segment.set_stop(gst::ClockTime::from_seconds(3));
+    // Reverse playback: stream time runs down, running time up.
+    let (captions, items, _) = run_in_segment(segment.clone(), (0..=2900).rev().step_by(100));
+    assert!(captions.len() >= 3, "{captions:?}");
+    // The text's running time goes up as GStreamer reckons it in reverse (from each buffer's
+    // end, PTS + duration): each caption starts where the previous one ended or later. The
+    // final caption at EOS lasts past the segment's end and is stamped at its edge (start).
+    let mut captions = text_captions(&items);
+    let last = captions.pop().expect("captions on text_src");
+    let running: Vec<(u64, u64)> = captions
+        .iter()
+        .map(|&(pts, duration, _)| {
+            let start = segment
+                .to_running_time(pts + duration)
+                .expect("inside the segment");
+            (ms(start), ms(duration))
+        })
+        .collect();
+    assert!(
+        running.windows(2).all(|w| w[1].0 >= w[0].0 + w[0].1),
+        "running time went backwards: {running:?}"
+    );
+    assert!(
+        last.0 == gst::ClockTime::ZERO || segment.to_running_time(last.0 + last.1).is_some(),
+        "the last caption lies outside the segment: {last:?}"
+    );
+}
+
+#[test]
 fn buffers_before_the_segment_start_are_passed_but_not_sampled() {
     // "Negative" running time: buffers before the segment's start (a decoder's preroll after
     // a seek) have none; they pass on and are not captioned.
-    init();
     let mut segment = gst::FormattedSegment::<gst::ClockTime>::new();
     segment.set_start(gst::ClockTime::from_seconds(10));
     segment.set_time(gst::ClockTime::from_seconds(10));
@@ -251,6 +333,35 @@ fn harness_with_text_consumer(
 }
 
 #[test]
+fn a_text_consumer_that_fails_every_caption_does_not_stop_the_video() {
+    for answer in [
+        Err(gst::FlowError::Error),
+        Err(gst::FlowError::NotNegotiated),
+        Err(gst::FlowError::Flushing),
+        Err(gst::FlowError::Eos),
+    ] {
+        let element = caption_element();
+        let (_pad, received) = link_text_consumer(&element, answer, None);
+        let (mut harness, mut bus, info) = harness_with_text_consumer(&element);
+        for pts in (0..=2000).step_by(100) {
+            let buffer = timed(video_frame(&info, pts as u32 / 100), pts, 100);
+            assert_eq!(harness.push(buffer), Ok(gst::FlowSuccess::Ok), "{answer:?}");
+        }
+        assert!(harness.push_event(gst::event::Eos::new()));
+        assert!(bus.errors().is_empty(), "{answer:?}: {:?}", bus.errors());
+        // At 500, 1000, 1500 and 2000 ms; nothing sampled after the last, so no final one.
+        assert_eq!(
+            bus.captions().len(),
+            4,
+            "{answer:?}: captions still reach the bus"
+        );
+        assert!(received.load(Ordering::SeqCst) >= 1, "{answer:?}");
+        let video = std::iter::from_fn(|| harness.try_pull()).count();
+        assert_eq!(video, 21, "{answer:?}: every frame passed");
+    }
+}
+
+#[test]
 fn a_text_consumer_that_blocks_never_stalls_the_video() {
     let element = caption_element();
     element.set_property_from_str("frame-policy", "drop");
@@ -300,6 +411,124 @@ fn a_text_consumer_that_blocks_never_stalls_the_video() {
         .push_event(gst::event::Eos::new())));
     let h = harness.clone();
     within("stopping", TIMEOUT, move || drop(h.lock().unwrap()));
+}
+
+#[test]
+fn text_src_unlinked_still_posts_captions_and_passes_the_video() {
+    let element = caption_element();
+    let mut bus = BusLog::attach(&element);
+    let info = video_info(VideoFormat::Rgbx, 64, 48);
+    let mut harness = gst_check::Harness::with_element(&element, Some("sink"), Some("src"));
+    harness.set_src_caps(info.to_caps().unwrap());
+    for pts in (0..=1000).step_by(100) {
+        let buffer = timed(video_frame(&info, pts as u32 / 100), pts, 100);
+        assert_eq!(harness.push(buffer), Ok(gst::FlowSuccess::Ok));
+    }
+    assert!(harness.push_event(gst::event::Eos::new()));
+    assert!(bus.errors().is_empty(), "{:?}", bus.errors());
+    // Unlinked is a normal way to use the element (captions from the bus or the meta only):
+    // nothing may warn about it. (The fixture's small context warns about the window at load.)
+    let about_text: Vec<_> = bus
+        .warnings()
+        .into_iter()
+        .filter(|w| w.contains("link") || w.contains("text_src"))
+        .collect();
+    assert!(about_text.is_empty(), "{about_text:?}");
+    assert_eq!(bus.captions().len(), 2);
+    assert_eq!(std::iter::from_fn(|| harness.try_pull()).count(), 11);
+}
+
+#[test]
+fn a_text_consumer_taking_no_text_format_leaves_the_video_and_bus_captions_going() {
+    // Downstream of text_src takes only something the element cannot produce: linked without
+    // the caps check, as a bin's ghost pad or a late relink would be, and refusing every caps.
+    let element = caption_element();
+    let sink = gst::Pad::builder(gst::PadDirection::Sink)
+        .name("subtitle_only_sink")
+        .query_function(|_pad, _parent, query| match query.view_mut() {
+            gst::QueryViewMut::Caps(q) => {
+                q.set_result(&gst::Caps::builder("application/x-subtitle").build());
+                true
+            }
+            gst::QueryViewMut::AcceptCaps(q) => {
+                q.set_result(false);
+                true
+            }
+            _ => false,
+        })
+        .event_function(|_pad, _parent, event| event.type_() != gst::EventType::Caps)
+        .chain_function(|_pad, _parent, _buffer| Err(gst::FlowError::NotNegotiated))
+        .build();
+    sink.set_active(true).unwrap();
+    element
+        .static_pad("text_src")
+        .unwrap()
+        .link_full(&sink, gst::PadLinkCheck::empty())
+        .expect("link text_src");
+    let (mut harness, mut bus, info) = harness_with_text_consumer(&element);
+    for pts in (0..=1000).step_by(100) {
+        let buffer = timed(video_frame(&info, pts as u32 / 100), pts, 100);
+        assert_eq!(harness.push(buffer), Ok(gst::FlowSuccess::Ok));
+    }
+    assert!(harness.push_event(gst::event::Eos::new()));
+    assert!(bus.errors().is_empty(), "{:?}", bus.errors());
+    assert_eq!(bus.captions().len(), 2, "captions still reach the bus");
+    assert_eq!(std::iter::from_fn(|| harness.try_pull()).count(), 11);
+    drop(sink);
+}
+
+#[test]
+fn video_downstream_not_negotiated_is_a_negotiation_error_not_a_hang() {
+    // A video consumer that takes only I420 behind an RGBx source: the element returns the
+    // flow upstream (the source posts the error) and stops cleanly.
+    init();
+    let pipeline = gst::parse::launch(
+        "videotestsrc num-buffers=30 ! video/x-raw,format=RGBx,width=64,height=48,framerate=10/1 \
+         ! llamavidcaption name=c",
+    )
+    .expect("pipeline")
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    // Linked without the caps check (parse-launch would refuse the link up front), as a late
+    // relink or a sink whose caps change would be.
+    let sink = gst::ElementFactory::make("appsink")
+        .property(
+            "caps",
+            gst::Caps::builder("video/x-raw")
+                .field("format", "I420")
+                .build(),
+        )
+        .property("sync", false)
+        .build()
+        .unwrap();
+    pipeline.add(&sink).unwrap();
+    pipeline
+        .by_name("c")
+        .unwrap()
+        .link_pads_full(Some("src"), &sink, Some("sink"), gst::PadLinkCheck::empty())
+        .expect("link without checks");
+    configure_caption(&pipeline.by_name("c").unwrap());
+    let bus = pipeline.bus().unwrap();
+    let stop = StopOnDrop(pipeline.clone());
+    let _ = set_state_within(&pipeline, gst::State::Playing);
+    let msg = bus
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(TIMEOUT.as_secs()),
+            &[gst::MessageType::Error, gst::MessageType::Eos],
+        )
+        .expect("an error within the timeout, not a hang");
+    match msg.view() {
+        gst::MessageView::Error(e) => {
+            let text = format!(
+                "{} {}",
+                e.error(),
+                e.debug().map(|d| d.to_string()).unwrap_or_default()
+            );
+            assert!(text.contains("negotiat"), "{text}");
+        }
+        _ => panic!("EOS: the appsink should have refused RGBx"),
+    }
+    drop(stop);
 }
 
 #[test]
