@@ -334,8 +334,13 @@ fn captions_with_scheduler(
                         .map_err(|e| e.summary())?;
                 }
                 let mut done = vec![None; windows.len()];
+                // Where the time goes: the first step runs every prefill, the others decode.
+                let mut steps = Vec::new();
                 while backend.ready() {
-                    for report in backend.advance(Cancel::NEVER) {
+                    let t0 = Instant::now();
+                    let reports = backend.advance(Cancel::NEVER);
+                    steps.push(t0.elapsed().as_secs_f64());
+                    for report in reports {
                         let Report::Finished(finished) = report else {
                             continue;
                         };
@@ -347,6 +352,16 @@ fn captions_with_scheduler(
                             other => return Err(format!("caption {}: {other:?}", finished.id)),
                         }
                     }
+                }
+                if let Some((first, decode)) = steps.split_first() {
+                    eprintln!(
+                        "  scheduler, {} captions: first step (every prefill) {:.2} s, then \
+                         {:.1} ms per decode step over {} steps",
+                        windows.len(),
+                        first,
+                        decode.iter().sum::<f64>() * 1e3 / decode.len().max(1) as f64,
+                        decode.len()
+                    );
                 }
                 Ok(done
                     .into_iter()

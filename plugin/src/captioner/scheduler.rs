@@ -25,6 +25,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
+use candle_core::Tensor;
+
 use super::backend::{CaptionBackend, CaptionId, Finished, LocalCaptions, Outcome, Report};
 use super::engine::CaptionEngine;
 use super::job::{FrameJob, Job};
@@ -32,6 +34,7 @@ use super::queue::{JobQueue, Pushed, QueuePolicy};
 use super::stream::{
     CaptionOutput, CaptionRequest, CaptionSettings, Encoded, Problem, StreamLogic,
 };
+use crate::model::preprocess::FrameView;
 use crate::model::{Cancel, ModelError};
 use crate::sync::lock;
 
@@ -596,6 +599,38 @@ impl<E: CaptionEngine> Core<E> {
         taken
     }
 
+    /// The engine's encode of `frames`, one result per frame, a panic caught. When a batch
+    /// panics, its frames are encoded again one by one, so that only a frame that panics on
+    /// its own fails (its stream); the others in the batch go on. `Err` is a problem that
+    /// fails the frame's stream.
+    fn encode_catching(
+        &self,
+        frames: &[(FrameView<'_>, &E::Prompt)],
+        cancel: Cancel<'_>,
+    ) -> Vec<std::result::Result<crate::model::Result<Tensor>, Problem>> {
+        let caught = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.engine.encode_batch(frames, cancel)
+        }));
+        match caught {
+            Ok(results) if results.len() == frames.len() => results.into_iter().map(Ok).collect(),
+            Ok(results) => {
+                let problem = Problem {
+                    message: "Internal error: the model encoded a wrong number of frames".into(),
+                    debug: format!("{} results for {} frames", results.len(), frames.len()),
+                    log: None,
+                };
+                frames.iter().map(|_| Err(problem.clone())).collect()
+            }
+            Err(panic) if frames.len() == 1 => {
+                vec![Err(Problem::panic("encoding a frame", &*panic))]
+            }
+            Err(_) => frames
+                .iter()
+                .flat_map(|frame| self.encode_catching(std::slice::from_ref(frame), cancel))
+                .collect(),
+        }
+    }
+
     fn encode(
         &self,
         taken: Vec<Taken<E::Prompt>>,
@@ -608,44 +643,24 @@ impl<E: CaptionEngine> Core<E> {
             .collect();
         let unwanted =
             || self.shutdown.load(Ordering::SeqCst) || taken.iter().all(|t| t.stream.unwanted());
-        let results = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            self.engine
-                .encode_batch(&frames, Cancel::on_probe(&unwanted))
-        }));
+        let results = self.encode_catching(&frames, Cancel::on_probe(&unwanted));
         drop(frames);
         let batch = taken.len();
-        let results = match results {
-            Ok(results) if results.len() == batch => results,
-            Ok(results) => {
-                let problem = Problem {
-                    message: "Internal error: the model encoded a wrong number of frames".into(),
-                    debug: format!("{} results for {batch} frames", results.len()),
-                    log: None,
-                };
-                for t in &taken {
-                    self.fail_with(&t.stream, backend, round, problem.clone());
-                }
-                return;
-            }
-            Err(panic) => {
-                let problem = Problem::panic("encoding a frame", &*panic);
-                for t in &taken {
-                    self.fail_with(&t.stream, backend, round, problem.clone());
-                }
-                return;
-            }
-        };
         for (t, result) in taken.into_iter().zip(results) {
             let stream = &t.stream;
             if stream.unwanted() {
                 continue;
             }
             let tokens = match result {
-                Ok(tokens) => tokens,
-                Err(ModelError::Cancelled) => continue,
-                Err(e) => {
+                Ok(Ok(tokens)) => tokens,
+                Ok(Err(ModelError::Cancelled)) => continue,
+                Ok(Err(e)) => {
                     let mut lane = lock(&stream.lane);
                     self.fail(stream, &mut lane, backend, round, "encoding a frame", e);
+                    continue;
+                }
+                Err(problem) => {
+                    self.fail_with(stream, backend, round, problem);
                     continue;
                 }
             };
