@@ -1,9 +1,10 @@
 //! Streaming logic with no GStreamer types: which frames are sampled, each stream's window and
 //! caption schedule, the scheduler that runs a shared model for every stream (batched encode,
-//! continuous batching of captions), where captions are generated, the context's limits, and
-//! the shared models.
+//! continuous batching of captions), where captions are generated, the context's limits, the
+//! shared models, and the event mode's test of whether a caption says something new.
 
 pub mod backend;
+pub mod change;
 pub mod engine;
 pub mod frame;
 pub mod job;

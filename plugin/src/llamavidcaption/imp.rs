@@ -19,7 +19,7 @@ use super::settings::{
     self, default_caption_settings, Settings, DEFAULT_DEVICE, DEFAULT_PROMPT, MS,
 };
 use super::text::{push_item, Popped, TextItem, TextTimeline};
-use super::{FramePolicy, CAPTION_META, CAT};
+use super::{Emit, FramePolicy, CAPTION_META, CAT};
 use crate::captioner::backend::CaptionBackend;
 use crate::captioner::limits::{check_prompt, check_prompt_text, check_settings};
 use crate::captioner::models::{load_shared, LoadError, SharedModel};
@@ -522,6 +522,8 @@ impl LlamaVidCaption {
                     state.last_running_time = None;
                 }
                 lock(&self.shared.timeline).reset();
+                // After a seek the first caption is news again.
+                lock(&self.shared.events).filter.reset();
                 *lock(&self.shared.pending_meta) = None;
                 self.shared.flushing.store(false, Ordering::SeqCst);
                 let _ = self.textpad.push_event(event.clone());
@@ -689,6 +691,13 @@ impl ObjectImpl for LlamaVidCaption {
             "frame-policy" => {
                 lock(&self.settings).frame_policy = value.get().expect("type checked")
             }
+            "emit" => {
+                lock(&self.shared.events).on_change =
+                    value.get::<Emit>().expect("type checked") == Emit::OnChange
+            }
+            "change-threshold" => {
+                lock(&self.shared.events).threshold = value.get().expect("type checked")
+            }
             "sample-interval" => {
                 let ms = number(value);
                 lock(&self.settings).sample_interval_ms = ms;
@@ -761,6 +770,13 @@ impl ObjectImpl for LlamaVidCaption {
             "llm-server-model" => lock(&self.settings).llm_server_model.to_value(),
             "llm-server-timeout" => lock(&self.settings).llm_server_timeout_ms.to_value(),
             "frame-policy" => lock(&self.settings).frame_policy.to_value(),
+            "emit" => if lock(&self.shared.events).on_change {
+                Emit::OnChange
+            } else {
+                Emit::Always
+            }
+            .to_value(),
+            "change-threshold" => lock(&self.shared.events).threshold.to_value(),
             "sample-interval" => lock(&self.settings).sample_interval_ms.to_value(),
             "latency" => lock(&self.settings).latency_ms.to_value(),
             "prompt" => lock(&self.caption).prompt.to_value(),
@@ -775,6 +791,7 @@ impl ObjectImpl for LlamaVidCaption {
             "frames-dropped" => counter(&stats.frames_dropped),
             "frames-batched" => counter(&stats.frames_batched),
             "captions" => counter(&stats.captions),
+            "captions-suppressed" => counter(&stats.captions_suppressed),
             "last-caption" => lock(&stats.last_caption).0.to_value(),
             "last-caption-latency" => (lock(&stats.last_caption).1.as_millis() as u64).to_value(),
             other => unreachable!("unknown property {other}"),
@@ -861,6 +878,7 @@ impl ElementImpl for LlamaVidCaption {
                 self.shared
                     .text_needs_preroll
                     .store(false, Ordering::SeqCst);
+                lock(&self.shared.events).filter.reset();
                 *lock(&self.state) = State::new(lock(&self.settings).sample_interval_ms);
                 // Text queued while the pads activate (stream-start, segment) must not be lost.
                 self.shared.text.set_flushing(false);

@@ -6,6 +6,10 @@
 //! - video: a `LlamaVidCaptionMeta` custom meta (see [`CAPTION_META`]) on the first video
 //!   buffer that leaves `src` after a caption is ready.
 //!
+//! With `emit=on-change` only captions that differ from the last emitted one (see
+//! [`crate::captioner::change`]) reach these outputs; the others count in the statistics and
+//! leave a GAP on `text_src` over their time.
+//!
 //! Both the message and the meta carry the fields `text` (string), `start` and `end` (u64,
 //! running time in ns of the first and last frame of the captioned window), `pts` (u64, the
 //! caption buffer's PTS), `frames` (u32), `latency` (u64, ns from the arrival of the window's
@@ -57,6 +61,21 @@ pub enum FramePolicy {
         nick = "wait"
     )]
     Wait = 2,
+}
+
+/// Which captions leave the element (`emit` property).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, glib::Enum, Default)]
+#[repr(u32)]
+#[enum_type(name = "GstLlamaVidEmit")]
+pub enum Emit {
+    #[default]
+    #[enum_value(name = "Every caption", nick = "always")]
+    Always = 0,
+    #[enum_value(
+        name = "Only captions that differ from the last emitted one by change-threshold or more",
+        nick = "on-change"
+    )]
+    OnChange = 1,
 }
 
 /// Arithmetic of the model (`dtype` property).
@@ -115,6 +134,7 @@ pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     #[cfg(feature = "doc")]
     {
         FramePolicy::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+        Emit::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
         Dtype::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
         CpuIsa::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     }

@@ -12,6 +12,7 @@ use gst::prelude::*;
 
 use super::text::{TextItem, TextQueue, TextTimeline};
 use super::{CAPTION_MESSAGE, CAT};
+use crate::captioner::change::{ChangeFilter, Verdict};
 use crate::captioner::{CaptionEvent, CaptionOutput, Problem};
 use crate::sync::lock;
 
@@ -22,7 +23,10 @@ pub struct Stats {
     pub frames_encoded: AtomicU64,
     pub frames_dropped: AtomicU64,
     pub frames_batched: AtomicU64,
+    /// Every caption made, emitted or not.
     pub captions: AtomicU64,
+    /// Captions `emit=on-change` held back as saying nothing new.
+    pub captions_suppressed: AtomicU64,
     pub last_caption: Mutex<(String, Duration)>,
 }
 
@@ -34,10 +38,35 @@ impl Stats {
             &self.frames_dropped,
             &self.frames_batched,
             &self.captions,
+            &self.captions_suppressed,
         ] {
             counter.store(0, Ordering::Relaxed);
         }
         *lock(&self.last_caption) = (String::new(), Duration::ZERO);
+    }
+}
+
+/// The `emit` and `change-threshold` properties with the stream's last emitted caption.
+#[derive(Debug, Clone)]
+pub struct EventMode {
+    pub on_change: bool,
+    pub threshold: f64,
+    pub filter: ChangeFilter,
+}
+
+impl Default for EventMode {
+    fn default() -> Self {
+        Self {
+            on_change: false,
+            threshold: super::settings::DEFAULT_CHANGE_THRESHOLD,
+            filter: ChangeFilter::default(),
+        }
+    }
+}
+
+impl EventMode {
+    pub fn judge(&mut self, text: &str) -> Verdict {
+        self.filter.judge(text, self.on_change, self.threshold)
     }
 }
 
@@ -63,6 +92,8 @@ pub struct Shared {
     pub declared_latency: Mutex<Duration>,
     /// PLAYING went to PAUSED, so the text sink has to preroll again: the next frame sends a GAP.
     pub text_needs_preroll: AtomicBool,
+    /// Which captions are emitted.
+    pub events: Mutex<EventMode>,
     last_late_warning: Mutex<Option<Instant>>,
 }
 
@@ -210,16 +241,33 @@ impl CaptionOutput for ElementOutput {
         event.text = printable(&event.text);
         let (start, duration) = lock(&self.shared.timeline).caption(event.end, event.duration);
         let pts = self.shared.to_pts(start, duration);
+        let duration = gst::ClockTime::from_nseconds(duration);
         let stats = &self.shared.stats;
         stats.captions.fetch_add(1, Ordering::Relaxed);
         *lock(&stats.last_caption) = (event.text.clone(), event.latency);
+        let verdict = lock(&self.shared.events).judge(&event.text);
+        if let Verdict::Suppress { distance } = verdict {
+            // Nothing new: the text stream still moves on over the caption's time.
+            stats.captions_suppressed.fetch_add(1, Ordering::Relaxed);
+            self.shared.text.push(TextItem::Gap { pts, duration });
+            if let Some(element) = self.element.upgrade() {
+                gst::debug!(
+                    CAT,
+                    obj = &element,
+                    "caption suppressed ({distance:.2} from the last emitted): {:?}",
+                    event.text
+                );
+                self.warn_if_late(&element, &event);
+            }
+            return;
+        }
         // The meta is pending before the message is posted: an application reacting to the
         // message finds it on the next video buffer.
         *lock(&self.shared.pending_meta) = Some((event.clone(), pts.nseconds()));
         self.shared.text.push(TextItem::Caption {
             text: event.text.clone(),
             pts,
-            duration: gst::ClockTime::from_nseconds(duration),
+            duration,
         });
         if let Some(element) = self.element.upgrade() {
             post_caption_message(&element, &event, pts.nseconds());

@@ -9,7 +9,7 @@ use std::time::Duration;
 use gst::glib;
 use gst::prelude::*;
 
-use super::{CpuIsa, Dtype, FramePolicy};
+use super::{CpuIsa, Dtype, Emit, FramePolicy};
 use crate::captioner::models::{Arithmetic, DeviceRequest, ModelRequest};
 use crate::captioner::CaptionSettings;
 use crate::model::remote::ServerConfig;
@@ -31,6 +31,8 @@ pub const DEFAULT_THREADS: u32 = 0;
 pub const DEFAULT_BATCH: u32 = 0;
 pub const MS: u64 = 1_000_000;
 pub const DEFAULT_LLM_SERVER_TIMEOUT_MS: u64 = 60_000;
+/// `change-threshold`: see `captioner::change` for why half the content words.
+pub const DEFAULT_CHANGE_THRESHOLD: f64 = 0.5;
 
 /// The settings only the element reads: what to load, and how the streaming thread behaves.
 #[derive(Debug, Clone)]
@@ -320,12 +322,26 @@ pub fn properties() -> &'static [glib::ParamSpec] {
                 .default_value(DEFAULT_LLM_SERVER_TIMEOUT_MS)
                 .mutable_ready()
                 .build(),
+            glib::ParamSpecEnum::builder_with_default("emit", Emit::Always)
+                .nick("Emit")
+                .blurb("Which captions leave the element (text_src, bus message, meta): always, or on-change: only a caption whose content words differ from the last emitted caption's by at least change-threshold (for surveillance events); the others still count in the statistics and leave a GAP on text_src")
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecDouble::builder("change-threshold")
+                .nick("Change threshold")
+                .blurb("With emit=on-change, how different a caption must be from the last emitted one: the Jaccard distance of their content words (case-folded words without punctuation, articles, auxiliaries, prepositions, pronouns), 0 = same words, 1 = none shared. Lower fires on rephrasings of the same scene (false alarms), higher misses real but small changes; 0 emits every caption")
+                .minimum(0.0)
+                .maximum(1.0)
+                .default_value(DEFAULT_CHANGE_THRESHOLD)
+                .mutable_playing()
+                .build(),
             statistic("frames-sampled", "Frames sampled", "Frames picked for encoding"),
             statistic("frames-encoded", "Frames encoded", "Frames turned into tokens"),
             statistic("frames-dropped", "Frames dropped", "Sampled frames dropped because the model was behind"),
             statistic("frames-batched", "Frames batched", "Frames encoded together with others (a batch of 2 or more, frames of other elements sharing the model included)"),
-            statistic("captions", "Captions", "Captions produced"),
-            glib::ParamSpecString::builder("last-caption").nick("Last caption").blurb("Text of the latest caption").read_only().build(),
+            statistic("captions", "Captions", "Captions produced, emitted or suppressed by emit=on-change"),
+            statistic("captions-suppressed", "Captions suppressed", "Captions emit=on-change held back as too close to the last emitted one"),
+            glib::ParamSpecString::builder("last-caption").nick("Last caption").blurb("Text of the latest caption produced (emitted or not)").read_only().build(),
             statistic("last-caption-latency", "Last caption latency", "Time from the arrival of the latest caption's last frame to the caption, in ms"),
         ]
     });
