@@ -37,23 +37,10 @@ fail() {
 }
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/llamavid-vllm.XXXXXX")
-server_pid=
-stop_server() {
-    if [ -n "$server_pid" ]; then
-        # The server has child processes (engine, workers): stop the group it leads.
-        kill -TERM -- "-$server_pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 -- "-$server_pid" 2>/dev/null || break
-            sleep 0.2
-        done
-        kill -KILL -- "-$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-        server_pid=
-    fi
-}
 cleanup() {
     local status=$?
-    stop_server
+    # (vllm-env.sh defines it; a failure before it is sourced has no server to stop)
+    if declare -F vllm_server_stop >/dev/null; then vllm_server_stop; fi
     if [ "$status" -ne 0 ] && [ -f "$work/server.log" ]; then
         echo "---- last lines of the vLLM server log ----" >&2
         tail -n 40 "$work/server.log" >&2 || true
@@ -95,24 +82,11 @@ port="${LLAMAVID_VLLM_PORT:-$("$vllm_python" -c 'import socket; s=socket.socket(
 url="http://127.0.0.1:$port"
 
 start_server() {
-    # setsid: the server leads a process group of its own, stopped as a whole.
-    setsid env VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
-        "$vllm_python" -m vllm.entrypoints.openai.api_server \
-        --model "$work/served" --served-model-name "$served_name" \
-        --host 127.0.0.1 --port "$port" --enable-prompt-embeds --dtype float32 \
-        --max-model-len 512 --max-num-seqs 8 --enforce-eager \
-        >>"$work/server.log" 2>&1 &
-    server_pid=$!
+    vllm_server_start "$work/served" "$served_name" "$port" "$work/server.log" 512 1
 }
 
 wait_ready() {
-    local deadline=$(($(date +%s) + 300))
-    until "$vllm_python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
-        "$url/health" 2>/dev/null; do
-        kill -0 "$server_pid" 2>/dev/null || fail "the vLLM server exited while starting"
-        [ "$(date +%s)" -lt "$deadline" ] || fail "the vLLM server was not ready within 300 s"
-        sleep 1
-    done
+    vllm_server_wait_ready "$url" 300 || fail "no server to check against"
 }
 
 step "vLLM server on $url (waits for the benchmark lock)"
@@ -219,9 +193,7 @@ until [ -e "$work/control/kill-server" ]; do
     [ "$(date +%s)" -lt "$deadline" ] || fail "the restart test never asked for the kill"
     sleep 0.2
 done
-kill -KILL -- "-$server_pid"
-wait "$server_pid" 2>/dev/null || true
-server_pid=
+vllm_server_stop KILL
 touch "$work/control/server-killed"
 echo "  server killed (SIGKILL), starting it again"
 sleep 3
@@ -232,7 +204,7 @@ echo "  server back after $(elapsed) s"
 wait "$restart_test" || { cat "$work/restart.log"; fail "captions did not resume after the restart"; }
 grep -E "^restart:" "$work/restart.log" || true
 
-stop_server
+vllm_server_stop
 flock -u 9
 echo "server stopped; whole check took $(elapsed) s"
 [ "$total" -gt 0 ] || fail "no caption compared"

