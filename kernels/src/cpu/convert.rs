@@ -161,20 +161,25 @@ unsafe fn quantize_row_avx2(x: &[f32], q: &mut [u8]) -> f32 {
         return quantize_row_inner(x, q);
     }
     let inv = _mm256_set1_ps(inv_scalar);
-    let quantize = |i: usize| {
-        let v = _mm256_loadu_ps(px.add(i));
+    // A function, not a closure, so that it is compiled with this function's features.
+    #[inline(always)]
+    unsafe fn quantize8(p: *const f32, inv: __m256) -> __m256i {
+        let v = _mm256_loadu_ps(p);
         // NaN lanes to 0 (they round to 0 and become 128, as in the scalar code).
         let v = _mm256_and_ps(v, _mm256_cmp_ps::<_CMP_ORD_Q>(v, v));
         // Round to nearest even (the default MXCSR mode).
         _mm256_cvtps_epi32(_mm256_mul_ps(v, inv))
-    };
+    }
     let (low, offset) = (_mm256_set1_epi8(-127), _mm256_set1_epi8(-128));
     // packs interleave the 128-bit lanes: dwords 0 4 1 5 2 6 3 7 put them back in order.
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     let pq = q.as_mut_ptr();
     for i in (0..full).step_by(32) {
-        let ab = _mm256_packs_epi32(quantize(i), quantize(i + 8));
-        let cd = _mm256_packs_epi32(quantize(i + 16), quantize(i + 24));
+        let ab = _mm256_packs_epi32(quantize8(px.add(i), inv), quantize8(px.add(i + 8), inv));
+        let cd = _mm256_packs_epi32(
+            quantize8(px.add(i + 16), inv),
+            quantize8(px.add(i + 24), inv),
+        );
         // The packs saturate at [-128, 127]: the max gives the clamp to [-127, 127].
         let r = _mm256_max_epi8(_mm256_packs_epi16(ab, cd), low);
         let r = _mm256_permutevar8x32_epi32(r, order);

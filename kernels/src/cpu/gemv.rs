@@ -257,9 +257,16 @@ impl Finish<i32> for SignedInt8Scales<'_> {
 
 /// A vector of partial dot products, and its sum.
 trait Accumulator: Copy {
-    type Sum;
+    type Sum: Copy + Default;
     unsafe fn zero() -> Self;
     unsafe fn sum(self) -> Self::Sum;
+    /// `out[i] = acc[i].sum()`: lanes may reduce several accumulators together.
+    #[inline(always)]
+    unsafe fn sums(acc: &[Self], out: &mut [Self::Sum]) {
+        for (a, o) in acc.iter().zip(out) {
+            *o = a.sum();
+        }
+    }
 }
 
 /// Turns an activation row's and a weight row's finished dot product into the output (without
@@ -446,10 +453,12 @@ unsafe fn block<L: Lanes, const M: usize, const C: usize>(
         if tail > 0 {
             chunk::<L, M, C>(&mut acc, x, k, &wrows, full * L::STEP, tail);
         }
-        for (i, a) in acc.iter().enumerate() {
+        let mut sums = [[<L::Acc as Accumulator>::Sum::default(); C]; M];
+        L::Acc::sums(acc.as_flattened(), sums.as_flattened_mut());
+        for (i, a) in sums.iter().enumerate() {
             for (r, &v) in a.iter().enumerate().take(rows) {
                 let b = bias.map_or(0.0, |b| b[j + r]);
-                let y = scales.finish(v.sum(), t.i0 + i, j + r) + b;
+                let y = scales.finish(v, t.i0 + i, j + r) + b;
                 let o = out.add(i * n + j + r);
                 *o = if accumulate { *o + y } else { y };
             }
@@ -716,6 +725,13 @@ mod x86_avx2 {
         }
     }
 
+    /// Lanes a b c d | a b c d: in each half, the sums of that half of `a`, `b`, `c`, `d`.
+    /// (A function, not a closure: closures here do not inherit the wrapper's features.)
+    #[inline(always)]
+    unsafe fn hadd4(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m256i {
+        _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d))
+    }
+
     impl Accumulator for __m256i {
         type Sum = i32;
         #[inline(always)]
@@ -731,6 +747,34 @@ mod x86_avx2 {
             let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
             let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
             _mm_cvtsi128_si32(s)
+        }
+        /// Eight (or four) accumulators at once through a tree of `vphaddd`: about a third
+        /// of the instructions of eight separate reductions (a tenth of a 4 × 2 block's
+        /// work at k = 1408). Exact in any order.
+        #[inline(always)]
+        unsafe fn sums(acc: &[Self], out: &mut [i32]) {
+            let (mut acc, mut out) = (acc, out);
+            while acc.len() >= 8 {
+                // Lanes: a0 a1 a2 a3 (first halves) | a0 a1 a2 a3 (second halves), each the
+                // sum of four of an accumulator's lanes; then the same for a4..a7.
+                let low = hadd4(acc[0], acc[1], acc[2], acc[3]);
+                let high = hadd4(acc[4], acc[5], acc[6], acc[7]);
+                let s = _mm256_add_epi32(
+                    _mm256_permute2x128_si256::<0x20>(low, high),
+                    _mm256_permute2x128_si256::<0x31>(low, high),
+                );
+                _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, s);
+                (acc, out) = (&acc[8..], &mut out[8..]);
+            }
+            if acc.len() >= 4 {
+                let s = hadd4(acc[0], acc[1], acc[2], acc[3]);
+                let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+                _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, s);
+                (acc, out) = (&acc[4..], &mut out[4..]);
+            }
+            for (a, o) in acc.iter().zip(out) {
+                *o = a.sum();
+            }
         }
     }
 
