@@ -6,8 +6,9 @@
 //!
 //! One generic block ([`block`]) serves every precision and vector width through [`Lanes`]
 //! (how to load, multiply-add and reduce one vector of an operand pair): f32 FMA, bf16
-//! `vdpbf16ps`, u8 × s8 `vpdpbusd` on AVX-512, and portable versions of each. [`product`] is the
-//! only entry: it picks the version the caller's [`Isa`] proves the CPU can run.
+//! `vdpbf16ps`, u8 × s8 `vpdpbusd` on AVX-512, their AVX2 versions (int8: `vpsignb` and
+//! `vpmaddubsw` on sign and magnitude, exact), and portable versions of each. [`product`] is
+//! the only entry: it picks the version the caller's [`Isa`] proves the CPU can run.
 
 use std::mem::MaybeUninit;
 
