@@ -98,14 +98,18 @@ unsafe fn quantize_row_avx512(x: &[f32], q: &mut [u8]) -> f32 {
     let px = x.as_ptr();
     let mask = |len: usize| ((1u32 << len.min(16)) - 1) as u16;
     let mut m = _mm512_setzero_ps();
+    let mut nan: u16 = 0;
     let mut i = 0;
     while i < n {
         let v = _mm512_maskz_loadu_ps(mask(n - i), px.add(i));
         m = _mm512_max_ps(m, _mm512_abs_ps(v));
+        nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
         i += 16;
     }
     let amax = _mm512_reduce_max_ps(m);
-    if amax == 0.0 || !amax.is_finite() {
+    // As in `quantize_row_avx2`: the scalar code where `vcvtps2dq` would differ from its
+    // casts (and NaN anywhere in the row: the scalar fold skips NaNs, `vmaxps` may not).
+    if nan != 0 || amax == 0.0 || !amax.is_finite() || !(127.0 / amax).is_finite() {
         return quantize_row_inner(x, q);
     }
     let inv = _mm512_set1_ps(127.0 / amax);
@@ -128,11 +132,77 @@ unsafe fn quantize_row_avx512(x: &[f32], q: &mut [u8]) -> f32 {
     amax / 127.0
 }
 
+/// [`quantize_row_inner`] in AVX2, 32 values a step, with the same arithmetic (the same
+/// reciprocal, round to nearest even, the same clamp), so the same bytes: NaN values become
+/// 128 as there (the scalar `NaN as i32` is 0), where `vcvtps2dq` would give i32::MIN.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_row_avx2(x: &[f32], q: &mut [u8]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let (full, px) = (n / 32 * 32, x.as_ptr());
+    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    let mut m = _mm256_setzero_ps();
+    for i in (0..n / 8 * 8).step_by(8) {
+        // `vmaxps` returns its second operand when either is NaN: NaNs are skipped, as
+        // `f32::max` skips them in the scalar fold.
+        m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(px.add(i)), magnitude), m);
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+    let amax = x[n / 8 * 8..]
+        .iter()
+        .chain(&lanes)
+        .fold(0f32, |m, v| m.max(v.abs()));
+    let inv_scalar = 127.0 / amax;
+    // A zero, infinite or NaN maximum, or one so small that its reciprocal overflows: the
+    // scalar code's answers (its saturating float-to-int casts are not `vcvtps2dq`'s).
+    if amax == 0.0 || !amax.is_finite() || !inv_scalar.is_finite() {
+        return quantize_row_inner(x, q);
+    }
+    let inv = _mm256_set1_ps(inv_scalar);
+    // A function, not a closure, so that it is compiled with this function's features.
+    #[inline(always)]
+    unsafe fn quantize8(p: *const f32, inv: __m256) -> __m256i {
+        let v = _mm256_loadu_ps(p);
+        // NaN lanes to 0 (they round to 0 and become 128, as in the scalar code).
+        let v = _mm256_and_ps(v, _mm256_cmp_ps::<_CMP_ORD_Q>(v, v));
+        // Round to nearest even (the default MXCSR mode).
+        _mm256_cvtps_epi32(_mm256_mul_ps(v, inv))
+    }
+    let (low, offset) = (_mm256_set1_epi8(-127), _mm256_set1_epi8(-128));
+    // packs interleave the 128-bit lanes: dwords 0 4 1 5 2 6 3 7 put them back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let pq = q.as_mut_ptr();
+    for i in (0..full).step_by(32) {
+        let ab = _mm256_packs_epi32(quantize8(px.add(i), inv), quantize8(px.add(i + 8), inv));
+        let cd = _mm256_packs_epi32(
+            quantize8(px.add(i + 16), inv),
+            quantize8(px.add(i + 24), inv),
+        );
+        // The packs saturate at [-128, 127]: the max gives the clamp to [-127, 127].
+        let r = _mm256_max_epi8(_mm256_packs_epi16(ab, cd), low);
+        let r = _mm256_permutevar8x32_epi32(r, order);
+        // + 128 as u8 is a flip of the top bit.
+        _mm256_storeu_si256(pq.add(i) as *mut __m256i, _mm256_xor_si256(r, offset));
+    }
+    for (d, &v) in q[full..].iter_mut().zip(&x[full..]) {
+        let r = (v * inv_scalar).round_ties_even().clamp(-127.0, 127.0);
+        *d = (r as i32 + 128) as u8;
+    }
+    amax / 127.0
+}
+
 fn quantize_row(isa: Isa, x: &[f32], q: &mut [u8]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if isa.avx512() {
         // SAFETY: `isa` proves the AVX-512 features.
         return unsafe { quantize_row_avx512(x, q) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2() {
+        // SAFETY: `isa` proves AVX2, FMA and F16C.
+        return unsafe { quantize_row_avx2(x, q) };
     }
     quantize_row_inner(x, q)
 }
@@ -208,6 +278,34 @@ mod tests {
                 fast.iter().zip(&src).all(|(&b, &s)| b == bf16_bits(s)),
                 "{isa}"
             );
+        }
+    }
+
+    /// Every ISA's quantiser writes the portable one's bytes and scales: rows with tails of
+    /// every length, a zero row, rows with a NaN, an infinity, and values at the ends.
+    #[test]
+    fn row_quantisation_is_the_same_on_every_isa() {
+        for k in [1, 7, 8, 31, 32, 33, 77, 200] {
+            let mut x: Vec<f32> = (0..6 * k)
+                .map(|i| ((i * 7919) % 211) as f32 / 13.0 - 8.0)
+                .collect();
+            x[k..2 * k].fill(0.0);
+            x[2 * k + k / 2] = f32::NAN;
+            x[3 * k + k / 3] = f32::INFINITY;
+            x[4 * k] = -1e30;
+            x[5 * k + k - 1] = 3.0e-39;
+            let portable = {
+                let (mut q, mut s) = (vec![0u8; x.len()], vec![0f32; 6]);
+                quantize_rows(Isa::portable(), &x, k, &mut q, &mut s);
+                (q, s)
+            };
+            for isa in Isa::available() {
+                let (mut q, mut s) = (vec![0u8; x.len()], vec![0f32; 6]);
+                quantize_rows(isa, &x, k, &mut q, &mut s);
+                assert_eq!(q, portable.0, "{isa} k={k}");
+                let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&s), bits(&portable.1), "{isa} k={k}");
+            }
         }
     }
 

@@ -831,6 +831,47 @@ mod tests {
         }
     }
 
+    /// The int8 kernels' worst case: every weight and activation at ±1 quantises to ±127
+    /// (the extremes of both quantisers), so every pair of products reaches ±2 · 127 · 127,
+    /// where a saturating i16 pair sum would show. Every ISA must give the portable outputs
+    /// bit for bit, and the exact ±1 dot products.
+    #[test]
+    fn int8_products_at_the_quantisers_extremes_are_exact() {
+        let sign = |v: f32| if v < 0.0 { -1.0 } else { 1.0 };
+        for (n, k) in [(N, K), (9, 77), (8, 1408)] {
+            let w: Vec<f32> = data(n * k, 5).into_iter().map(sign).collect();
+            let layer = |isa| {
+                let kernels = CpuKernels::new(isa).with_row_block(256);
+                CpuLinear::from_f32(WeightType::Int8, &w, n, k, None, kernels)
+            };
+            let portable = layer(Isa::portable());
+            for m in [1, 4, 5, 300] {
+                // Rows equal to a weight row (all products +127²), to its negation (all
+                // -127²), and random signs.
+                let x: Vec<f32> = (0..m)
+                    .flat_map(|i| {
+                        let row = &w[(i % n) * k..][..k];
+                        let random = data(k, 11 + i as u32);
+                        (0..k).map(move |t| match i % 3 {
+                            0 => row[t],
+                            1 => -row[t],
+                            _ => sign(random[t]),
+                        })
+                    })
+                    .collect();
+                let exact = reference(&x, &w, None, m, n, k);
+                let want = portable.forward(&x, m);
+                assert!(max_err(&want, &exact) < 1e-3, "portable m={m} k={k}");
+                for isa in isas() {
+                    let ours = layer(isa);
+                    let got = ours.forward(&x, m);
+                    let path = ours.path(m).describe();
+                    assert_eq!(got, want, "{isa} m={m} k={k} ({path})");
+                }
+            }
+        }
+    }
+
     #[test]
     fn every_precision_has_a_path_for_every_shape() {
         let w = data(N * K, 1);

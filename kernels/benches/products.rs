@@ -1,0 +1,109 @@
+//! Timing of single linear-layer products at the cpu-bench model's shapes (not a test): the
+//! decode step (1 row), a prefill (115 rows), one frame (257 rows) and a batch of 8 frames
+//! (2056 rows), per precision, on 2 threads, under an ISA limit. For comparing kernels
+//! without the whole model:
+//!
+//! ```text
+//! [MKL_ENABLE_INSTRUCTIONS=AVX2] cargo bench -p llamavid-kernels [--features mkl] \
+//!     --bench products -- [--isa avx2] [--threads 2] [--only decode,prefill,frame,batch8]
+//! ```
+//!
+//! Prints the fastest of 5 runs after a warm-up (the least disturbed by other processes on a
+//! shared machine), and GMAC/s (multiply-adds per second).
+
+use std::time::Instant;
+
+use llamavid_kernels::cpu::{CpuKernels, CpuLinear, Isa, IsaLimit, WeightType};
+
+fn data(len: usize, seed: u32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            (state as f32 / u32::MAX as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (mut limit, mut threads, mut only) = (IsaLimit::Avx2, 2usize, None::<String>);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--isa" => {
+                limit = args
+                    .next()
+                    .expect("--isa LIMIT")
+                    .parse()
+                    .expect("an ISA limit")
+            }
+            "--threads" => threads = args.next().expect("--threads N").parse().expect("a count"),
+            "--only" => only = args.next(),
+            // cargo bench passes --bench to every bench binary.
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let isa = Isa::detect(limit);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    println!(
+        "isa {isa}, {threads} threads, mkl {}",
+        llamavid_kernels::cpu::HAS_MKL
+    );
+    // (name, rows, out features, in features): the LLM's MLP up/gate and down, EVA's MLP.
+    let cases = [
+        ("decode", 1, 5632, 2048),
+        ("decode", 1, 2048, 5632),
+        ("prefill", 115, 5632, 2048),
+        ("prefill", 115, 2048, 5632),
+        ("frame", 257, 6144, 1408),
+        ("frame", 257, 1408, 6144),
+        ("batch8", 2056, 6144, 1408),
+    ];
+    pool.install(|| {
+        for (name, m, n, k) in cases {
+            if only
+                .as_deref()
+                .is_some_and(|o| !o.split(',').any(|x| x == name))
+            {
+                continue;
+            }
+            let w = data(n * k, 1);
+            let x = data(m * k, 2);
+            let bias = data(n, 3);
+            let mut line = format!("{name:8} m={m:5} n={n:5} k={k:5}:");
+            let mut f32_time = None;
+            for kind in [WeightType::F32, WeightType::Bf16, WeightType::Int8] {
+                let kernels = CpuKernels::new(isa);
+                let layer = CpuLinear::from_f32(kind, &w, n, k, Some(bias.clone()), kernels);
+                let mut out = vec![0f32; m * n];
+                let reps = if m == 1 { 50 } else { 5 };
+                let mut times = Vec::new();
+                for r in 0..=reps {
+                    let t = Instant::now();
+                    layer.forward_into(&x, m, &mut out);
+                    if r > 0 {
+                        times.push(t.elapsed().as_secs_f64());
+                    }
+                }
+                let t = times.into_iter().fold(f64::INFINITY, f64::min);
+                let gmacs = (m * n * k) as f64 / t / 1e9;
+                let ratio = f32_time.map_or(String::new(), |f: f64| format!(" {:.2}x", t / f));
+                f32_time.get_or_insert(t);
+                line += &format!(
+                    "  {} {:8.3} ms {:6.1} GMAC/s{ratio} [{}]",
+                    kind.as_str(),
+                    t * 1e3,
+                    gmacs,
+                    layer.path(m).describe()
+                );
+            }
+            println!("{line}");
+        }
+    });
+}
