@@ -65,12 +65,12 @@ impl CaptionSettings {
             let pspec = element
                 .find_property(name)
                 .with_context(|| format!("llamavidcaption has no property `{name}`"))?;
-            if !pspec.flags().contains(glib::ParamFlags::WRITABLE) {
+            if !pspec.flags().contains(gst::glib::ParamFlags::WRITABLE) {
                 bail!("llamavidcaption's property `{name}` is read-only");
             }
-            let parsed = glib::Value::deserialize_with_pspec(value, &pspec)
+            let parsed = gst::glib::Value::deserialize_with_pspec(value, &pspec)
                 .ok()
-                .filter(|v| pspec.value_is_valid(v))
+                .filter(|v| value_is_valid(&pspec, v))
                 .with_context(|| {
                     format!(
                         "--set {name}={value}: not a valid value of `{name}` ({})",
@@ -81,6 +81,23 @@ impl CaptionSettings {
         }
         Ok(())
     }
+}
+
+/// Whether `value` is one `pspec` takes (in range, a known enum value, ...): GObject's own check
+/// before setting, `g_param_value_validate`, on a copy (it reports whether it had to change
+/// it). glib-rs would abort on such a value; `ParamSpec::value_is_valid` needs its GLib 2.74
+/// feature, which would make this crate's build of glib differ from the plugin's.
+fn value_is_valid(pspec: &gst::glib::ParamSpec, value: &gst::glib::Value) -> bool {
+    use gst::glib::translate::{from_glib, ToGlibPtr, ToGlibPtrMut};
+    let mut copy = value.clone();
+    // SAFETY: both pointers are valid for the call, and the copy is ours to change.
+    let changed: bool = unsafe {
+        from_glib(gst::glib::gobject_ffi::g_param_value_validate(
+            pspec.to_glib_none().0,
+            copy.to_glib_none_mut().0,
+        ))
+    };
+    !changed
 }
 
 /// The value after option `arg`, or an error with the usage.

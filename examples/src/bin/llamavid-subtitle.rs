@@ -168,7 +168,7 @@ fn run() -> Result<()> {
          captioner.text_src ! tee name=text \
          text. ! queue max-size-buffers=0 max-size-time=0 max-size-bytes=0 ! mux.subtitle_%u \
          text. ! queue max-size-buffers=0 max-size-time=0 max-size-bytes=0 ! \
-         appsink name=cues sync=false",
+         fakesink name=cues sync=false",
         source = source_fragment(&args.input.to_string_lossy())?,
         encoder = args.encoder,
     );
@@ -178,46 +178,53 @@ fn run() -> Result<()> {
 
     let vtt = Arc::new(Mutex::new(VttWriter::create(&args.vtt)?));
     let write_error: Arc<Mutex<Option<std::io::Error>>> = Arc::default();
-    let cues = element(&pipeline, "cues")?
-        .downcast::<gst_app::AppSink>()
-        .map_err(|_| anyhow::anyhow!("cues is not an appsink"))?;
+    // The cues are read off the text sink's pad, before the sink clips to the segment: the
+    // final caption (made at EOS) starts where the previous one ends, which may be past the end
+    // of the video, and matroskamux keeps it too.
+    let cue_pad = element(&pipeline, "cues")?
+        .static_pad("sink")
+        .context("the cue sink has no pad")?;
     let (writer, failed) = (vtt.clone(), write_error.clone());
-    cues.set_callbacks(
-        gst_app::AppSinkCallbacks::builder()
-            .new_sample(move |sink| {
-                let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
-                let (Some(buffer), Some(segment)) = (sample.buffer(), sample.segment()) else {
-                    return Ok(gst::FlowSuccess::Ok);
-                };
-                let segment = segment.downcast_ref::<gst::ClockTime>();
-                // Running time, as matroskamux times the subtitle track.
-                let running = |t: Option<gst::ClockTime>| {
-                    t.and_then(|t| segment.and_then(|s| s.to_running_time(t)))
-                };
-                let Some(start) = running(buffer.pts()) else {
-                    return Ok(gst::FlowSuccess::Ok);
-                };
-                let end = running(buffer.pts().zip(buffer.duration()).map(|(p, d)| p + d))
-                    .unwrap_or(start);
-                let text = buffer
-                    .map_readable()
-                    .map(|m| String::from_utf8_lossy(&m).into_owned())
-                    .unwrap_or_default();
-                println!(
-                    "{} --> {} {}",
-                    vtt_time(start.nseconds()),
-                    vtt_time(end.nseconds()),
-                    serde_json::Value::from(text.as_str())
-                );
-                let mut writer = writer.lock().unwrap_or_else(|e| e.into_inner());
-                if let Err(e) = writer.cue(start.nseconds(), end.nseconds(), &text) {
-                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
-                    return Err(gst::FlowError::Error);
-                }
-                Ok(gst::FlowSuccess::Ok)
-            })
-            .build(),
-    );
+    cue_pad.add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
+        let Some(buffer) = info.buffer() else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let segment = pad
+            .sticky_event::<gst::event::Segment>(0)
+            .and_then(|e| e.segment().downcast_ref::<gst::ClockTime>().cloned());
+        // Running time, as matroskamux times the subtitle track (also past the segment's stop).
+        let running = |t: gst::ClockTime| {
+            segment
+                .as_ref()
+                .and_then(|s| s.to_running_time_full(t))
+                .and_then(|rt| rt.positive())
+        };
+        let Some(start) = buffer.pts().and_then(running) else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let end = buffer
+            .pts()
+            .zip(buffer.duration())
+            .and_then(|(pts, duration)| running(pts + duration))
+            .unwrap_or(start);
+        let text = buffer
+            .map_readable()
+            .map(|m| String::from_utf8_lossy(&m).into_owned())
+            .unwrap_or_default();
+        println!(
+            "{} --> {} {}",
+            vtt_time(start.nseconds()),
+            vtt_time(end.nseconds()),
+            serde_json::Value::from(text.as_str())
+        );
+        let mut writer = writer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = writer.cue(start.nseconds(), end.nseconds(), &text) {
+            *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            // No more cues; the error is reported once the pipeline is done.
+            return gst::PadProbeReturn::Remove;
+        }
+        gst::PadProbeReturn::Ok
+    });
 
     pipeline.set_state(gst::State::Playing)?;
     let result = run_bus(&pipeline, |_, _| Ok(()));
