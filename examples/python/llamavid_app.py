@@ -24,7 +24,7 @@ import sys
 import gi
 
 gi.require_version("Gst", "1.0")
-from gi.repository import GLib, Gst  # noqa: E402
+from gi.repository import GLib, GObject, Gst  # noqa: E402
 
 CAPTION_MESSAGE = "llamavid-caption"
 CAPTION_META = "LlamaVidCaptionMeta"
@@ -40,6 +40,31 @@ def structure_fields(structure):
         structure.nth_field_name(i): structure.get_value(structure.nth_field_name(i))
         for i in range(structure.n_fields())
     }
+
+
+def property_value(element, name, text):
+    """`text` as a value of the property `name`, parsed as gst-launch parses it (enums by nick,
+    booleans, numbers); ValueError when it is not one. (Gst.util_set_object_arg would only log
+    a debug line for a typo and keep the old value.)"""
+    pspec = element.find_property(name)
+    if pspec is None:
+        raise ValueError(f"{element.get_factory().get_name()} has no property {name!r}")
+    if not pspec.flags & GObject.ParamFlags.WRITABLE:
+        raise ValueError(f"the property {name!r} is read-only")
+    if pspec.value_type == GObject.TYPE_STRING:
+        return text
+    try:
+        structure, _ = Gst.Structure.from_string(
+            f"setting, value=({pspec.value_type.name}){text}")
+    except TypeError:
+        structure = None
+    if structure is None:
+        raise ValueError(f"{text!r} is not a value of {name!r} ({pspec.blurb})")
+    value = structure.get_value("value")
+    # Numeric properties have a range; GObject would warn and keep the old value.
+    if hasattr(pspec, "minimum") and not pspec.minimum <= value <= pspec.maximum:
+        raise ValueError(f"{text} is outside {pspec.minimum}..{pspec.maximum} ({pspec.blurb})")
+    return value
 
 
 def emit(kind, fields):
@@ -77,10 +102,10 @@ def main():
         name, sep, value = setting.partition("=")
         if not sep:
             sys.exit(f"error: --set {setting}: expected PROPERTY=VALUE")
-        if captioner.find_property(name) is None:
-            sys.exit(f"error: llamavidcaption has no property {name!r}")
-        # Gst.util_set_object_arg parses the string as gst-launch does (enums by nick).
-        Gst.util_set_object_arg(captioner, name, value)
+        try:
+            captioner.set_property(name, property_value(captioner, name, value))
+        except ValueError as e:
+            sys.exit(f"error: --set {setting}: {e}")
 
     counts = {"messages": 0, "metas": 0}
 

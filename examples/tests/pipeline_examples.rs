@@ -550,4 +550,20 @@ fn python_app_reads_bus_messages_and_buffer_meta() {
         [serde_json::json!({"messages": messages.len(), "metas": metas.len()})]
     );
     println!("{} in {:?}", output.stdout, started.elapsed());
+
+    // A typo in --set is an error naming it, not a warning in a debug log.
+    let model_arg = model.to_str().unwrap();
+    let script_arg = script.to_str().unwrap();
+    let typo = gst_tool_with_env::<&str, &str>(
+        SYSTEM_PYTHON,
+        &[script_arg, "--model", model_arg, "--set", "emit=sometimes"],
+        &[],
+        TOOL_TIMEOUT,
+    );
+    assert!(!typo.success, "{}", typo.all());
+    assert!(
+        typo.stderr.contains("'sometimes' is not a value of 'emit'"),
+        "{}",
+        typo.stderr
+    );
 }
