@@ -567,3 +567,26 @@ fn python_app_reads_bus_messages_and_buffer_meta() {
         typo.stderr
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// llamavid-live
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn live_app_prints_the_captions_of_its_pipeline() {
+    // The element's defaults (a frame a second, a caption every 5 s): 2 s of video give the
+    // final caption at EOS.
+    let model = model_dir();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_llamavid-live"));
+    cmd.arg(&model)
+        .arg("videotestsrc num-buffers=20 ! video/x-raw,width=64,height=48,framerate=10/1")
+        .arg("fakesink");
+    let output = run_tool(cmd, TOOL_TIMEOUT);
+    assert!(output.success, "{}", output.all());
+    let captions: Vec<&str> = output
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("[0:00:00.000000000 .. ") && l.contains(" frames, "))
+        .collect();
+    assert_eq!(captions.len(), 1, "{}", output.all());
+}
