@@ -4,7 +4,8 @@
 LLAMAVID_APT_PACKAGES="libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev \
 libgstreamer-plugins-bad1.0-dev gstreamer1.0-tools gstreamer1.0-plugins-base \
 gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly \
-gstreamer1.0-libav gstreamer1.0-x meson ninja-build pkg-config gcc g++ python3-venv"
+gstreamer1.0-libav gstreamer1.0-x meson ninja-build pkg-config gcc g++ python3-venv \
+python3-gi gir1.2-gstreamer-1.0"
 
 llamavid_missing_deps() {
   command -v gst-launch-1.0 >/dev/null && command -v meson >/dev/null && command -v ninja >/dev/null \
@@ -12,6 +13,8 @@ llamavid_missing_deps() {
     && pkg-config --exists gstreamer-1.0 gstreamer-video-1.0 gstreamer-check-1.0 gstreamer-app-1.0 \
     && gst-inspect-1.0 textoverlay >/dev/null 2>&1 && gst-inspect-1.0 x264enc >/dev/null 2>&1 \
     && gst-inspect-1.0 matroskamux >/dev/null 2>&1 && gst-inspect-1.0 avdec_h264 >/dev/null 2>&1 \
+    && /usr/bin/python3 -c "import gi; gi.require_version('Gst', '1.0'); from gi.repository import Gst" \
+      >/dev/null 2>&1 \
     && return 1
   return 0
 }

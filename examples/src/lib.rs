@@ -1,6 +1,7 @@
 //! Small helpers shared by the example programs.
 
 pub mod export_llm;
+pub mod pipeline;
 pub mod progress;
 
 use std::path::Path;

@@ -18,50 +18,43 @@
 
 use anyhow::{bail, Context, Result};
 use gst::prelude::*;
+use llamavid_examples::pipeline::{
+    camera_branch, clock_time, eos_after, launch, option_value, parse_seconds, run_bus,
+    CaptionSettings, TEST_PATTERN_SOURCE,
+};
 
 const USAGE: &str = "usage: llamavid-cameras --model DIR [--cameras N] [--seconds S] \
 [--source FRAGMENT] [--prompt Q] [--set PROPERTY=VALUE]...";
 
-const DEFAULT_SOURCE: &str =
-    "videotestsrc is-live=true pattern={k} ! video/x-raw,width=320,height=240,framerate=10/1";
-
 struct Args {
-    model: String,
+    caption: CaptionSettings,
     cameras: usize,
     seconds: Option<f64>,
     source: String,
-    prompt: Option<String>,
-    properties: Vec<(String, String)>,
 }
 
 fn parse_args() -> Result<Args> {
     let mut args = std::env::args().skip(1);
     let mut parsed = Args {
-        model: String::new(),
+        caption: CaptionSettings::default(),
         cameras: 4,
         seconds: None,
-        source: DEFAULT_SOURCE.into(),
-        prompt: None,
-        properties: Vec::new(),
+        source: TEST_PATTERN_SOURCE.into(),
     };
     while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .with_context(|| format!("{arg} needs a value\n{USAGE}"))
-        };
+        if parsed.caption.take_option(&arg, &mut args, USAGE)? {
+            continue;
+        }
         match arg.as_str() {
-            "--model" => parsed.model = value()?,
-            "--cameras" => parsed.cameras = value()?.parse().context("--cameras")?,
-            "--seconds" => parsed.seconds = Some(value()?.parse().context("--seconds")?),
-            "--source" => parsed.source = value()?,
-            "--prompt" => parsed.prompt = Some(value()?),
-            "--set" => {
-                let setting = value()?;
-                let (name, value) = setting
-                    .split_once('=')
-                    .with_context(|| format!("--set {setting}: expected PROPERTY=VALUE"))?;
-                parsed.properties.push((name.into(), value.into()));
+            "--cameras" => {
+                parsed.cameras = option_value(&arg, &mut args, USAGE)?
+                    .parse()
+                    .context("--cameras")?
             }
+            "--seconds" => {
+                parsed.seconds = Some(parse_seconds(&option_value(&arg, &mut args, USAGE)?)?)
+            }
+            "--source" => parsed.source = option_value(&arg, &mut args, USAGE)?,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -69,9 +62,7 @@ fn parse_args() -> Result<Args> {
             other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
-    if parsed.model.is_empty() {
-        bail!("--model is required\n{USAGE}");
-    }
+    parsed.caption.check(USAGE)?;
     if parsed.cameras == 0 {
         bail!("--cameras must be at least 1");
     }
@@ -91,82 +82,35 @@ fn run() -> Result<()> {
     // Make the element available even when the plugin is not installed.
     gstllamavid::plugin_register_static()?;
 
-    let branches: String = (0..args.cameras)
-        .map(|k| {
-            let source = args.source.replace("{k}", &k.to_string());
-            format!(
-                "{source} ! llamavidcaption name=camera-{k} ! fakesink sync=true \
-                 camera-{k}.text_src ! fakesink sync=false "
-            )
-        })
+    let names: Vec<String> = (0..args.cameras).map(|k| format!("camera-{k}")).collect();
+    let branches: String = names
+        .iter()
+        .enumerate()
+        .map(|(k, name)| camera_branch(name, &args.source.replace("{k}", &k.to_string())))
         .collect();
-    let pipeline = gst::parse::launch(&branches)?
-        .downcast::<gst::Pipeline>()
-        .map_err(|_| anyhow::anyhow!("not a pipeline"))?;
-    let elements: Vec<gst::Element> = (0..args.cameras)
-        .map(|k| {
-            pipeline
-                .by_name(&format!("camera-{k}"))
-                .context("caption element")
-        })
+    let pipeline = launch(&branches)?;
+    let elements: Vec<gst::Element> = names
+        .iter()
+        .map(|name| llamavid_examples::pipeline::element(&pipeline, name))
         .collect::<Result<_>>()?;
     for element in &elements {
-        element.set_property("model", &args.model);
-        if let Some(prompt) = &args.prompt {
-            element.set_property("prompt", prompt);
-        }
-        for (name, value) in &args.properties {
-            if element.find_property(name).is_none() {
-                bail!("llamavidcaption has no property `{name}`");
-            }
-            element.set_property_from_str(name, value);
-        }
+        args.caption.apply(element)?;
     }
 
     pipeline.set_state(gst::State::Playing)?;
-    if let Some(seconds) = args.seconds {
-        // EOS from every source after `seconds` (each camera then gets its final caption).
-        let weak = pipeline.downgrade();
-        std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_secs_f64(seconds));
-            if let Some(pipeline) = weak.upgrade() {
-                pipeline.send_event(gst::event::Eos::new());
-            }
-        });
-    }
-    let bus = pipeline.bus().context("bus")?;
-    let result = (|| -> Result<()> {
-        for msg in bus.iter_timed(gst::ClockTime::NONE) {
-            let camera = msg.src().map(|s| s.name().to_string()).unwrap_or_default();
-            match msg.view() {
-                gst::MessageView::Element(e) => {
-                    let Some(s) = e.structure() else { continue };
-                    if s.name() != gstllamavid::llamavidcaption::CAPTION_MESSAGE {
-                        continue;
-                    }
-                    let ns = |f: &str| gst::ClockTime::from_nseconds(s.get::<u64>(f).unwrap_or(0));
-                    println!(
-                        "{camera} [{} .. {}] ({} frames, batch {}, {} late) {}",
-                        ns("start"),
-                        ns("end"),
-                        s.get::<u32>("frames").unwrap_or(0),
-                        s.get::<u32>("batch").unwrap_or(0),
-                        ns("latency"),
-                        s.get::<String>("text").unwrap_or_default()
-                    );
-                }
-                gst::MessageView::Warning(w) => {
-                    eprintln!("{camera}: warning: {} ({:?})", w.error(), w.debug())
-                }
-                gst::MessageView::Error(e) => {
-                    bail!("{camera}: {} ({:?})", e.error(), e.debug())
-                }
-                gst::MessageView::Eos(_) => break,
-                _ => {}
-            }
-        }
+    eos_after(&pipeline, args.seconds);
+    let result = run_bus(&pipeline, |camera, caption| {
+        println!(
+            "{camera} [{} .. {}] ({} frames, batch {}, {} late) {}",
+            clock_time(caption.start),
+            clock_time(caption.end),
+            caption.frames,
+            caption.batch,
+            clock_time(caption.latency),
+            caption.text
+        );
         Ok(())
-    })();
+    });
     // The statistics before NULL (READY -> PAUSED starts them again).
     for element in &elements {
         let stat = |name: &str| element.property::<u64>(name);
