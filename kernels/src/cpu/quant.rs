@@ -110,6 +110,9 @@ pub(super) struct QuantActs {
     sums: Vec<i32>,
     /// Q8_K: the sums of each 16 values, row-major (`bsums[(i·blocks + b)·16 + g]`).
     bsums: Vec<i16>,
+    /// `q` rearranged for the x86 kernels' 8-row tiles (empty unless they asked for it).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    interleaved: Vec<i8>,
 }
 
 /// The activation format a weight type's dot products take (ggml's `vec_dot_type`).
@@ -126,7 +129,7 @@ fn f16_round(x: f32) -> f32 {
 
 impl QuantActs {
     /// The rows of `x` (m, k) quantized to `format`.
-    fn new(format: ActFormat, x: &[f32], m: usize, k: usize) -> Self {
+    fn new(isa: Isa, format: ActFormat, x: &[f32], m: usize, k: usize) -> Self {
         let per = if format == ActFormat::Q8K { 256 } else { 32 };
         let blocks = k / per;
         let mut acts = QuantActs {
@@ -137,7 +140,20 @@ impl QuantActs {
             s: vec![0.0; if format == ActFormat::Q8_1 { m * blocks } else { 0 }],
             sums: vec![0; if format == ActFormat::Q8K { 0 } else { m * blocks }],
             bsums: vec![0; if format == ActFormat::Q8K { m * blocks * 16 } else { 0 }],
+            interleaved: Vec::new(),
         };
+        quantize_rows(isa, format, x, &mut acts);
+        acts
+    }
+}
+
+super::isa_fn! {
+    /// The rows of `x` into `acts`, compiled for the vector level `isa` proves (the rounding
+    /// becomes `vroundps` instead of a libm call per value; the same operations, the same bits).
+    fn quantize_rows(format: ActFormat, x: &[f32], acts: &mut QuantActs) {
+        let (m, k) = (acts.m, acts.k);
+        let per = if format == ActFormat::Q8K { 256 } else { 32 };
+        let blocks = k / per;
         for (i, (xr, qr)) in x
             .chunks_exact(k)
             .zip(acts.q.chunks_exact_mut(k))
@@ -162,7 +178,6 @@ impl QuantActs {
                 }
             }
         }
-        acts
     }
 }
 
@@ -461,7 +476,8 @@ impl BlockWeights {
             BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 => ActFormat::Q8_0,
             BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => ActFormat::Q8K,
         };
-        let acts = QuantActs::new(format, x, m, k);
+        #[allow(unused_mut)]
+        let mut acts = QuantActs::new(isa, format, x, m, k);
         let row_bytes = k / self.t.block_values() * self.t.block_bytes();
         let target = Target {
             out: SharedMut::new(out),
@@ -473,6 +489,10 @@ impl BlockWeights {
         let explicit = isa.avx2() && x86::handles(self.t);
         #[cfg(not(target_arch = "x86_64"))]
         let explicit = false;
+        #[cfg(target_arch = "x86_64")]
+        if explicit {
+            x86::prepare(self.t, &mut acts);
+        }
         // Weight rows are independent: column ranges in parallel, several per thread (rows of
         // unequal cost on a busy machine), in multiples of the x86 kernels' 8-column tiles, and
         // each worth ~2^17 multiply-adds at least: a decode step's small products (SmolLM2's

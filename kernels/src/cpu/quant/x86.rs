@@ -56,6 +56,30 @@ pub(super) unsafe fn columns(
     }
 }
 
+/// Before the parallel part of a product: activation rows in groups of 8 with their dwords
+/// interleaved (for the 8-row tiles of the 32-value types, whose lanes are rows): for group
+/// g, block b, dword t, the 4 bytes of row r lie at `((g·blocks + b)·8 + t)·32 + 4·r`.
+pub(super) fn prepare(t: BlockType, acts: &mut QuantActs) {
+    if !matches!(t, BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q8_0) || acts.m < 8 {
+        return;
+    }
+    let (m, k) = (acts.m, acts.k);
+    let blocks = k / 32;
+    let mut out = vec![0i8; m / 8 * 8 * k];
+    for (g, group) in out.chunks_exact_mut(8 * k).enumerate() {
+        for (b, block) in group.chunks_exact_mut(256).enumerate() {
+            for (t, dwords) in block.chunks_exact_mut(32).enumerate() {
+                for (r, word) in dwords.chunks_exact_mut(4).enumerate() {
+                    let at = (8 * g + r) * k + b * 32 + 4 * t;
+                    word.copy_from_slice(&acts.q[at..at + 4]);
+                }
+            }
+        }
+        debug_assert_eq!(group.len(), blocks * 256);
+    }
+    acts.interleaved = out;
+}
+
 /// What every tile of one call reads and writes.
 struct Job<'a> {
     w: *const u8,
@@ -68,6 +92,9 @@ struct Job<'a> {
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
 const Q8_0: u8 = 2;
+
+/// How far ahead of its use a weight row is prefetched, in bytes.
+const PREFETCH_AHEAD: usize = 512;
 
 #[inline(always)]
 unsafe fn read_u16(p: *const u8) -> u16 {
@@ -110,11 +137,11 @@ macro_rules! sweep {
 /// One set of kernels compiled for `$features`, with `$dot` (`acc + Σ` of each 4 adjacent
 /// u8·s8 products, per i32 lane) as the 32-value blocks' integer dot.
 macro_rules! kernels {
-    ($module:ident, $features:literal, $dot:item) => {
+    ($module:ident, $features:literal, $offset_q8:literal, $dot:item) => {
         mod $module {
             use std::arch::x86_64::*;
 
-            use super::{read_u16, scale_min_k4, BlockType, Job, Q4_0, Q4_1, Q8_0};
+            use super::{read_u16, scale_min_k4, BlockType, Job, PREFETCH_AHEAD, Q4_0, Q4_1, Q8_0};
 
             $dot
 
@@ -181,6 +208,16 @@ macro_rules! kernels {
                 _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
             }
 
+            /// One-row tiles (decoding) stream the weights from memory once: ask for them
+            /// ahead of use (the 8 weight rows of a tile are 8 streams).
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn prefetch<const R: usize>(blk: *const u8) {
+                if R == 1 {
+                    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH_AHEAD) as *const i8);
+                }
+            }
+
             #[inline]
             #[target_feature(enable = $features)]
             unsafe fn load(p: *const u8) -> __m256i {
@@ -228,6 +265,7 @@ macro_rules! kernels {
                     let mut wv = [_mm256_setzero_si256(); C];
                     for c in 0..C {
                         let blk = job.w.add((j0 + c) * job.row_bytes + b * block_bytes);
+                        prefetch::<R>(blk);
                         dh[c] = read_u16(blk);
                         wv[c] = match KIND {
                             Q4_0 => nibbles(blk.add(2)),
@@ -238,23 +276,52 @@ macro_rules! kernels {
                             _ => load(blk.add(2)),
                         };
                     }
-                    let mut dots = [_mm256_setzero_si256(); 8];
-                    for r in 0..R {
-                        let a = load(q.add((i0 + r) * k + b * 32));
-                        for c in 0..C {
-                            dots[c * R + r] = if KIND == Q8_0 {
-                                // |w| · (a with w's sign): u8 × s8 for the same products.
-                                dot(
-                                    _mm256_setzero_si256(),
-                                    _mm256_abs_epi8(wv[c]),
-                                    _mm256_sign_epi8(a, wv[c]),
-                                )
+                    let mut isum = if R == 8 && C == 1 {
+                        // Lanes are the 8 rows: each weight dword broadcast against the rows'
+                        // interleaved dwords, no reduction across lanes.
+                        let qi = acts.interleaved.as_ptr().add(((i0 / 8) * (k / 32) + b) * 256);
+                        let w = if KIND == Q8_0 && $offset_q8 {
+                            _mm256_xor_si256(wv[0], _mm256_set1_epi8(-128))
+                        } else {
+                            wv[0]
+                        };
+                        let mut words = [0i32; 8];
+                        _mm256_storeu_si256(words.as_mut_ptr() as *mut __m256i, w);
+                        let mut sum = _mm256_setzero_si256();
+                        for (t, &word) in words.iter().enumerate() {
+                            let wt = _mm256_set1_epi32(word);
+                            let a = load(qi.add(t * 32) as *const u8);
+                            sum = if KIND == Q8_0 && !$offset_q8 {
+                                dot(sum, _mm256_abs_epi8(wt), _mm256_sign_epi8(a, wt))
                             } else {
-                                dot(_mm256_setzero_si256(), wv[c], a)
+                                dot(sum, wt, a)
                             };
                         }
-                    }
-                    let mut isum = reduce8(&dots);
+                        if KIND == Q8_0 && $offset_q8 {
+                            // Σ (w + 128)·a - 128·Σ a.
+                            let sums = rows_i32::<R>(acts.sums.as_ptr().add(b * m + i0));
+                            sum = _mm256_sub_epi32(sum, _mm256_slli_epi32::<7>(sums));
+                        }
+                        sum
+                    } else {
+                        let mut dots = [_mm256_setzero_si256(); 8];
+                        for r in 0..R {
+                            let a = load(q.add((i0 + r) * k + b * 32));
+                            for c in 0..C {
+                                dots[c * R + r] = if KIND == Q8_0 {
+                                    // |w| · (a with w's sign): u8 × s8 for the same products.
+                                    dot(
+                                        _mm256_setzero_si256(),
+                                        _mm256_abs_epi8(wv[c]),
+                                        _mm256_sign_epi8(a, wv[c]),
+                                    )
+                                } else {
+                                    dot(_mm256_setzero_si256(), wv[c], a)
+                                };
+                            }
+                        }
+                        reduce8(&dots)
+                    };
                     if KIND == Q4_0 {
                         // Σ (w - 8)·a = Σ w·a - 8·Σ a.
                         let sums = rows_i32::<R>(acts.sums.as_ptr().add(b * m + i0));
@@ -289,6 +356,7 @@ macro_rules! kernels {
                     let mut mh = [0u16; C];
                     for c in 0..C {
                         let blk = job.w.add((j0 + c) * job.row_bytes + b * 144);
+                        prefetch::<R>(blk);
                         dh[c] = read_u16(blk);
                         mh[c] = read_u16(blk.add(2));
                         let scales = std::slice::from_raw_parts(blk.add(4), 12);
@@ -354,6 +422,7 @@ macro_rules! kernels {
                     let mut dh = [0u16; C];
                     for c in 0..C {
                         let blk = job.w.add((j0 + c) * job.row_bytes + b * 210);
+                        prefetch::<R>(blk);
                         dh[c] = read_u16(blk.add(208));
                         let sc = blk.add(192) as *const i8;
                         for chunk in 0..2 {
@@ -432,6 +501,8 @@ macro_rules! kernels {
 kernels!(
     avx2,
     "avx2,fma,f16c",
+    // Q8_0 weights + 128 would overflow vpmaddubsw's i16 pairs: the sign trick instead.
+    false,
     /// `vpmaddubsw` pairs, `vpmaddwd` by ones to i32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -444,6 +515,8 @@ kernels!(
 kernels!(
     vnni,
     "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c",
+    // vpdpbusd sums in i32: Q8_0 weights enter as w + 128 (u8), 128·Σa comes out after.
+    true,
     /// `vpdpbusd`: the four products and their sum in one instruction.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
