@@ -142,7 +142,7 @@ impl QuantActs {
             bsums: vec![0; if format == ActFormat::Q8K { m * blocks * 16 } else { 0 }],
             interleaved: Vec::new(),
         };
-        quantize_rows(isa, format, x, &mut acts);
+        quantize_rows(isa, format, isa.avx2(), x, &mut acts);
         acts
     }
 }
@@ -150,7 +150,7 @@ impl QuantActs {
 super::isa_fn! {
     /// The rows of `x` into `acts`, compiled for the vector level `isa` proves (the rounding
     /// becomes `vroundps` instead of a libm call per value; the same operations, the same bits).
-    fn quantize_rows(format: ActFormat, x: &[f32], acts: &mut QuantActs) {
+    fn quantize_rows(format: ActFormat, has_avx2: bool, x: &[f32], acts: &mut QuantActs) {
         let (m, k) = (acts.m, acts.k);
         let per = if format == ActFormat::Q8K { 256 } else { 32 };
         let blocks = k / per;
@@ -164,7 +164,19 @@ super::isa_fn! {
                 let at = b * m + i;
                 match format {
                     ActFormat::Q8_0 | ActFormat::Q8_1 => {
-                        let (d, sum) = quantize_q8_32(xs, qs.try_into().unwrap());
+                        let (xs, qs) = (xs.try_into().unwrap(), qs.try_into().unwrap());
+                        #[cfg(target_arch = "x86_64")]
+                        let (d, sum) = if has_avx2 {
+                            // SAFETY: `has_avx2` says the CPU has it.
+                            unsafe { x86::quantize_q8_32(xs, qs) }
+                        } else {
+                            quantize_q8_32(xs, qs)
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let (d, sum) = {
+                            let _ = has_avx2;
+                            quantize_q8_32(xs, qs)
+                        };
                         acts.d[at] = f16_round(d);
                         acts.sums[at] = sum;
                         if format == ActFormat::Q8_1 {
@@ -184,7 +196,7 @@ super::isa_fn! {
 /// ggml's x86 `quantize_row_q8_0` / `quantize_row_q8_1` for one block of 32: the values in
 /// `q`, returns `d` (before its rounding to f16) and `Σq`.
 #[inline(always)]
-fn quantize_q8_32(x: &[f32], q: &mut [i8; 32]) -> (f32, i32) {
+fn quantize_q8_32(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, i32) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
