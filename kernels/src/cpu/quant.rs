@@ -11,13 +11,15 @@
 //!   dmin_w·Σ m·bsum)`).
 //!
 //! What remains different is only the order of f32 sums. Weight rows are independent, so the
-//! output columns are split between the threads of the caller's rayon pool; each weight row is
-//! read once per call and multiplied with every activation row while it is in cache.
+//! output columns are split between the threads of the caller's rayon pool.
 //!
 //! The weights live in a [`super::CpuLinear`] (built by [`super::CpuLinear::ggml`]) and its
-//! products take [`super::ProductPath::GgmlBlocks`]: the same code compiled for the vector level
-//! the model's [`Isa`] proves (AVX-512, AVX2) or for the baseline (portable), giving the same
-//! bits on each (integer dots are exact; the f32 sums run in the same order).
+//! products take [`super::ProductPath::GgmlBlocks`]: with AVX2, Q4_0, Q4_1, Q8_0, Q4_K and Q6_K
+//! run the explicit register-tiled kernels of `x86` (`vpmaddubsw`, or AVX-512 VNNI's
+//! `vpdpbusd` for the 32-value types where the model's [`Isa`] has it); Q5_0, Q5_1, Q5_K and
+//! every type without AVX2 run [`row_dot`], compiled for the vector level the `Isa` proves.
+//! All give the same bits: integer dots are exact, and the f32 part of each output is the same
+//! expression, block by block in the same order.
 
 use super::parallel::{self, SharedMut};
 use super::{math, Epilogue, Isa};
@@ -137,9 +139,30 @@ impl QuantActs {
             k,
             q: vec![0; m * k],
             d: vec![0.0; m * blocks],
-            s: vec![0.0; if format == ActFormat::Q8_1 { m * blocks } else { 0 }],
-            sums: vec![0; if format == ActFormat::Q8K { 0 } else { m * blocks }],
-            bsums: vec![0; if format == ActFormat::Q8K { m * blocks * 16 } else { 0 }],
+            s: vec![
+                0.0;
+                if format == ActFormat::Q8_1 {
+                    m * blocks
+                } else {
+                    0
+                }
+            ],
+            sums: vec![
+                0;
+                if format == ActFormat::Q8K {
+                    0
+                } else {
+                    m * blocks
+                }
+            ],
+            bsums: vec![
+                0;
+                if format == ActFormat::Q8K {
+                    m * blocks * 16
+                } else {
+                    0
+                }
+            ],
             interleaved: Vec::new(),
         };
         quantize_rows(isa, format, isa.avx2(), x, &mut acts);
@@ -488,8 +511,7 @@ impl BlockWeights {
             BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 => ActFormat::Q8_0,
             BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => ActFormat::Q8K,
         };
-        #[allow(unused_mut)]
-        let mut acts = QuantActs::new(isa, format, x, m, k);
+        let acts = QuantActs::new(isa, format, x, m, k);
         let row_bytes = k / self.t.block_values() * self.t.block_bytes();
         let target = Target {
             out: SharedMut::new(out),
@@ -502,9 +524,11 @@ impl BlockWeights {
         #[cfg(not(target_arch = "x86_64"))]
         let explicit = false;
         #[cfg(target_arch = "x86_64")]
-        if explicit {
-            x86::prepare(self.t, &mut acts);
-        }
+        let acts = if explicit {
+            x86::prepared(self.t, acts)
+        } else {
+            acts
+        };
         // Weight rows are independent: column ranges in parallel, several per thread (rows of
         // unequal cost on a busy machine), in multiples of the x86 kernels' 8-column tiles, and
         // each worth ~2^17 multiply-adds at least: a decode step's small products (SmolLM2's

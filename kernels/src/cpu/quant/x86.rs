@@ -59,9 +59,9 @@ pub(super) unsafe fn columns(
 /// Before the parallel part of a product: activation rows in groups of 8 with their dwords
 /// interleaved (for the 8-row tiles of the 32-value types, whose lanes are rows): for group
 /// g, block b, dword t, the 4 bytes of row r lie at `((g·blocks + b)·8 + t)·32 + 4·r`.
-pub(super) fn prepare(t: BlockType, acts: &mut QuantActs) {
+pub(super) fn prepared(t: BlockType, mut acts: QuantActs) -> QuantActs {
     if !matches!(t, BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q8_0) || acts.m < 8 {
-        return;
+        return acts;
     }
     let (m, k) = (acts.m, acts.k);
     let blocks = k / 32;
@@ -78,6 +78,7 @@ pub(super) fn prepare(t: BlockType, acts: &mut QuantActs) {
         debug_assert_eq!(group.len(), blocks * 256);
     }
     acts.interleaved = out;
+    acts
 }
 
 /// What every tile of one call reads and writes.
@@ -103,7 +104,7 @@ unsafe fn read_u16(p: *const u8) -> u16 {
 macro_rules! tile_row {
     ($job:ident, $cols:ident, $i0:ident, $tile:ident, $kind:expr, $r:literal, $c:literal) => {{
         let mut j = $cols.0;
-        while j + $c <= $cols.1 {
+        while $cols.1 - j >= $c {
             $tile::<{ $kind }, $r, $c>($job, $i0, j);
             j += $c;
         }
@@ -585,12 +586,15 @@ pub(super) unsafe fn quantize_q8_32(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, i3
     let d = amax / 127.0;
     let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
     let r = v.map(|v| {
-        _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(v, id),
-        ))
+        _mm256_cvtps_epi32(_mm256_round_ps::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(_mm256_mul_ps(v, id)))
     });
     let s8 = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
-    let s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256::<1>(s8));
+    let s4 = _mm_add_epi32(
+        _mm256_castsi256_si128(s8),
+        _mm256_extracti128_si256::<1>(s8),
+    );
     let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32::<0b01_00_11_10>(s4));
     let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<0b10_11_00_01>(s2)));
     // Packing works per 128-bit half: the dwords come out as 0 4 1 5 2 6 3 7.
