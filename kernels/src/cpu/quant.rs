@@ -11,16 +11,21 @@
 //!   dmin_w·Σ m·bsum)`).
 //!
 //! What remains different is only the order of f32 sums. Weight rows are independent, so the
-//! output columns are split between the threads of the caller's rayon pool; each weight row is
-//! read once per call and multiplied with every activation row while it is in cache.
+//! output columns are split between the threads of the caller's rayon pool.
 //!
 //! The weights live in a [`super::CpuLinear`] (built by [`super::CpuLinear::ggml`]) and its
-//! products take [`super::ProductPath::GgmlBlocks`]: the same code compiled for the vector level
-//! the model's [`Isa`] proves (AVX-512, AVX2) or for the baseline (portable), giving the same
-//! bits on each (integer dots are exact; the f32 sums run in the same order).
+//! products take [`super::ProductPath::GgmlBlocks`]: with AVX2, Q4_0, Q4_1, Q8_0, Q4_K and Q6_K
+//! run the explicit register-tiled kernels of `x86` (`vpmaddubsw`, or AVX-512 VNNI's
+//! `vpdpbusd` for the 32-value types where the model's [`Isa`] has it); Q5_0, Q5_1, Q5_K and
+//! every type without AVX2 run [`row_dot`], compiled for the vector level the `Isa` proves.
+//! All give the same bits: integer dots are exact, and the f32 part of each output is the same
+//! expression, block by block in the same order.
 
 use super::parallel::{self, SharedMut};
 use super::{math, Epilogue, Isa};
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 /// The block types (ggml's type ids in the comments).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -91,83 +96,167 @@ fn round_even(x: f32) -> i32 {
     x.round_ties_even() as i32
 }
 
-/// One row of activations quantized for a weight type's dot products.
-struct QuantRow {
+/// The activation rows of one product, quantized for a weight type's dot products.
+pub(super) struct QuantActs {
+    m: usize,
+    k: usize,
+    /// (m, k), row-major.
     q: Vec<i8>,
-    /// Per 32 (Q8_0/Q8_1) or 256 (Q8_K) values.
+    /// Per block (32 values for Q8_0/Q8_1, 256 for Q8_K) and row, block-major (`d[b·m + i]`), so
+    /// that the rows of a register tile have their scales side by side.
     d: Vec<f32>,
-    /// Q8_1: `d·Σq` per 32 values, rounded to f16 as ggml stores it.
+    /// Q8_1: `d·Σq` per block, rounded to f16 as ggml stores it; block-major like `d`.
     s: Vec<f32>,
-    /// Q8_K: sums of each 16 values.
-    bsums: Vec<i32>,
+    /// Q8_0/Q8_1: `Σq` per block, block-major (takes Q4_0's offset of 8 out of a dot product of
+    /// the raw nibbles).
+    sums: Vec<i32>,
+    /// Q8_K: the sums of each 16 values, row-major (`bsums[(i·blocks + b)·16 + g]`).
+    bsums: Vec<i16>,
+    /// `q` rearranged for the x86 kernels' 8-row tiles (empty unless they asked for it).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    interleaved: Vec<i8>,
+}
+
+/// The activation format a weight type's dot products take (ggml's `vec_dot_type`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ActFormat {
+    Q8_0,
+    Q8_1,
+    Q8K,
 }
 
 fn f16_round(x: f32) -> f32 {
     half::f16::from_f32(x).to_f32()
 }
 
-/// ggml's x86 `quantize_row_q8_0` / `quantize_row_q8_1`.
-fn quantize_q8_32(x: &[f32], with_sums: bool) -> QuantRow {
-    let blocks = x.len() / 32;
-    let mut row = QuantRow {
-        q: vec![0; x.len()],
-        d: Vec::with_capacity(blocks),
-        s: Vec::with_capacity(if with_sums { blocks } else { 0 }),
-        bsums: Vec::new(),
-    };
-    for (xs, qs) in x.chunks_exact(32).zip(row.q.chunks_exact_mut(32)) {
-        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, &v) in qs.iter_mut().zip(xs) {
-            let r = round_even(v * id);
-            *q = r as i8;
-            sum += r;
-        }
-        row.d.push(f16_round(d));
-        if with_sums {
-            row.s.push(f16_round(d * sum as f32));
-        }
+impl QuantActs {
+    /// The rows of `x` (m, k) quantized to `format`.
+    fn new(isa: Isa, format: ActFormat, x: &[f32], m: usize, k: usize) -> Self {
+        let per = if format == ActFormat::Q8K { 256 } else { 32 };
+        let blocks = k / per;
+        let mut acts = QuantActs {
+            m,
+            k,
+            q: vec![0; m * k],
+            d: vec![0.0; m * blocks],
+            s: vec![
+                0.0;
+                if format == ActFormat::Q8_1 {
+                    m * blocks
+                } else {
+                    0
+                }
+            ],
+            sums: vec![
+                0;
+                if format == ActFormat::Q8K {
+                    0
+                } else {
+                    m * blocks
+                }
+            ],
+            bsums: vec![
+                0;
+                if format == ActFormat::Q8K {
+                    m * blocks * 16
+                } else {
+                    0
+                }
+            ],
+            interleaved: Vec::new(),
+        };
+        quantize_rows(isa, format, isa.avx2(), x, &mut acts);
+        acts
     }
-    row
 }
 
-/// ggml's `quantize_row_q8_K_ref` (x86 uses the reference).
-fn quantize_q8_k(x: &[f32]) -> QuantRow {
-    let blocks = x.len() / 256;
-    let mut row = QuantRow {
-        q: vec![0; x.len()],
-        d: Vec::with_capacity(blocks),
-        s: Vec::new(),
-        bsums: vec![0; blocks * 16],
-    };
-    for (b, (xs, qs)) in x
-        .chunks_exact(256)
-        .zip(row.q.chunks_exact_mut(256))
-        .enumerate()
-    {
-        let (mut amax, mut max) = (0f32, 0f32);
-        for &v in xs {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
+super::isa_fn! {
+    /// The rows of `x` into `acts`, compiled for the vector level `isa` proves (the rounding
+    /// becomes `vroundps` instead of a libm call per value; the same operations, the same bits).
+    fn quantize_rows(format: ActFormat, has_avx2: bool, x: &[f32], acts: &mut QuantActs) {
+        let (m, k) = (acts.m, acts.k);
+        let per = if format == ActFormat::Q8K { 256 } else { 32 };
+        let blocks = k / per;
+        for (i, (xr, qr)) in x
+            .chunks_exact(k)
+            .zip(acts.q.chunks_exact_mut(k))
+            .take(m)
+            .enumerate()
+        {
+            for (b, (xs, qs)) in xr.chunks_exact(per).zip(qr.chunks_exact_mut(per)).enumerate() {
+                let at = b * m + i;
+                match format {
+                    ActFormat::Q8_0 | ActFormat::Q8_1 => {
+                        let (xs, qs) = (xs.try_into().unwrap(), qs.try_into().unwrap());
+                        #[cfg(target_arch = "x86_64")]
+                        let (d, sum) = if has_avx2 {
+                            // SAFETY: `has_avx2` says the CPU has it.
+                            unsafe { x86::quantize_q8_32(xs, qs) }
+                        } else {
+                            quantize_q8_32(xs, qs)
+                        };
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let (d, sum) = {
+                            let _ = has_avx2;
+                            quantize_q8_32(xs, qs)
+                        };
+                        acts.d[at] = f16_round(d);
+                        acts.sums[at] = sum;
+                        if format == ActFormat::Q8_1 {
+                            acts.s[at] = f16_round(d * sum as f32);
+                        }
+                    }
+                    ActFormat::Q8K => {
+                        let bs = &mut acts.bsums[(i * blocks + b) * 16..][..16];
+                        acts.d[at] = quantize_q8_k(xs, qs.try_into().unwrap(), bs);
+                    }
+                }
             }
         }
-        if amax == 0.0 {
-            row.d.push(0.0);
-            continue;
-        }
-        let iscale = -127.0 / max;
-        for (q, &v) in qs.iter_mut().zip(xs) {
-            *q = round_even(iscale * v).min(127) as i8;
-        }
-        for (j, group) in qs.chunks_exact(16).enumerate() {
-            row.bsums[b * 16 + j] = group.iter().map(|&q| q as i32).sum();
-        }
-        row.d.push(1.0 / iscale);
     }
-    row
+}
+
+/// ggml's x86 `quantize_row_q8_0` / `quantize_row_q8_1` for one block of 32: the values in
+/// `q`, returns `d` (before its rounding to f16) and `Σq`.
+#[inline(always)]
+fn quantize_q8_32(x: &[f32; 32], q: &mut [i8; 32]) -> (f32, i32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in q.iter_mut().zip(x) {
+        let r = round_even(v * id);
+        *q = r as i8;
+        sum += r;
+    }
+    (d, sum)
+}
+
+/// ggml's `quantize_row_q8_K_ref` (x86 uses the reference) for one block of 256: the values
+/// in `q`, the sums of each 16 in `bsums`, returns `d`.
+#[inline(always)]
+fn quantize_q8_k(x: &[f32], q: &mut [i8; 256], bsums: &mut [i16]) -> f32 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        q.fill(0);
+        bsums.fill(0);
+        return 0.0;
+    }
+    let iscale = -127.0 / max;
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = round_even(iscale * v).min(127) as i8;
+    }
+    for (s, group) in bsums.iter_mut().zip(q.chunks_exact(16)) {
+        // At most 16 · 127 in magnitude.
+        *s = group.iter().map(|&q| q as i16).sum();
+    }
+    1.0 / iscale
 }
 
 #[inline(always)]
@@ -224,15 +313,21 @@ fn fives32(qh: u32, qs: &[u8], offset: i8) -> [i8; 32] {
     w
 }
 
-/// Dot product of one weight row (its blocks) with one quantized activation row.
+/// Dot product of one weight row (its blocks) with quantized activation row `i`: the portable
+/// reference of the explicit x86 kernels ([`x86`]), whose per-block f32 arithmetic is the same
+/// expression in the same block order.
 #[inline(always)]
-fn row_dot(t: BlockType, w: &[u8], a: &QuantRow) -> f32 {
+fn row_dot(t: BlockType, w: &[u8], acts: &QuantActs, i: usize) -> f32 {
     let bytes = t.block_bytes();
+    let (m, k) = (acts.m, acts.k);
+    let row = &acts.q[i * k..(i + 1) * k];
+    let blocks = k / t.block_values();
     let mut sum = 0f32;
     for (b, blk) in w.chunks_exact(bytes).enumerate() {
+        let (da, at) = (acts.d[b * m + i], b * m + i);
         match t {
             BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 => {
-                let aq = &a.q[b * 32..b * 32 + 32];
+                let aq = &row[b * 32..b * 32 + 32];
                 let vals = match t {
                     BlockType::Q4_0 => nibbles32(&blk[2..18], 8),
                     BlockType::Q5_0 => fives32(
@@ -248,10 +343,10 @@ fn row_dot(t: BlockType, w: &[u8], a: &QuantRow) -> f32 {
                         v
                     }
                 };
-                sum += f16_at(blk, 0) * a.d[b] * dot32(&vals, aq) as f32;
+                sum += f16_at(blk, 0) * da * dot32(&vals, aq) as f32;
             }
             BlockType::Q4_1 | BlockType::Q5_1 => {
-                let aq = &a.q[b * 32..b * 32 + 32];
+                let aq = &row[b * 32..b * 32 + 32];
                 let vals = if t == BlockType::Q4_1 {
                     nibbles32(&blk[4..20], 0)
                 } else {
@@ -261,7 +356,7 @@ fn row_dot(t: BlockType, w: &[u8], a: &QuantRow) -> f32 {
                         0,
                     )
                 };
-                sum += f16_at(blk, 0) * a.d[b] * dot32(&vals, aq) as f32 + f16_at(blk, 2) * a.s[b];
+                sum += f16_at(blk, 0) * da * dot32(&vals, aq) as f32 + f16_at(blk, 2) * acts.s[at];
             }
             BlockType::Q4K | BlockType::Q5K => {
                 let (scales, qh, qs) = if t == BlockType::Q4K {
@@ -269,8 +364,8 @@ fn row_dot(t: BlockType, w: &[u8], a: &QuantRow) -> f32 {
                 } else {
                     (&blk[4..16], &blk[16..48], &blk[48..176])
                 };
-                let aq = &a.q[b * 256..b * 256 + 256];
-                let bs = &a.bsums[b * 16..b * 16 + 16];
+                let aq = &row[b * 256..b * 256 + 256];
+                let bs = &acts.bsums[(i * blocks + b) * 16..][..16];
                 let (mut isum, mut msum) = (0i32, 0i32);
                 for chunk in 0..4 {
                     let ql = &qs[chunk * 32..chunk * 32 + 32];
@@ -288,15 +383,14 @@ fn row_dot(t: BlockType, w: &[u8], a: &QuantRow) -> f32 {
                         }
                         let (sc, m) = scale_min_k4(sb, scales);
                         isum += sc * dot32(&v, &aq[sb * 32..sb * 32 + 32]);
-                        msum += m * (bs[2 * sb] + bs[2 * sb + 1]);
+                        msum += m * (bs[2 * sb] as i32 + bs[2 * sb + 1] as i32);
                     }
                 }
-                let da = a.d[b];
                 sum += f16_at(blk, 0) * da * isum as f32 - f16_at(blk, 2) * da * msum as f32;
             }
             BlockType::Q6K => {
                 let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
-                let aq = &a.q[b * 256..b * 256 + 256];
+                let aq = &row[b * 256..b * 256 + 256];
                 let mut isum = 0i32;
                 for chunk in 0..2 {
                     let (ql, qh) = (&ql[chunk * 64..], &qh[chunk * 32..]);
@@ -319,37 +413,51 @@ fn row_dot(t: BlockType, w: &[u8], a: &QuantRow) -> f32 {
                         }
                     }
                 }
-                sum += f16_at(blk, 208) * a.d[b] * isum as f32;
+                sum += f16_at(blk, 208) * da * isum as f32;
             }
         }
     }
     sum
 }
 
+/// Where a product's results go: `out` (m, n), `y + bias[j]` stored or added.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    out: SharedMut<f32>,
+    n: usize,
+    bias: Option<&'a [f32]>,
+    accumulate: bool,
+}
+
+impl Target<'_> {
+    /// Output (i, j) receives the dot product `y` of activation row i and weight row j.
+    ///
+    /// # Safety
+    /// (i, j) lies in the (m, n) output and no other task writes it.
+    #[inline(always)]
+    unsafe fn put(&self, i: usize, j: usize, y: f32) {
+        let y = y + self.bias.map_or(0.0, |b| b[j]);
+        let o = self.out.get().add(i * self.n + j);
+        *o = if self.accumulate { *o + y } else { y };
+    }
+}
+
 super::isa_fn! {
-    /// Output columns `j0..j1` of every row: `out[i·n + j] (+)= row j · activations i + b[j]`,
-    /// compiled for the vector level `isa` proves (the integer block dots vectorise).
+    /// Output columns `j0..j1` of every row by the portable block dots ([`row_dot`]), compiled
+    /// for the vector level `isa` proves (for the types without explicit x86 kernels).
     fn columns(
         t: BlockType,
         w: &[u8],
         row_bytes: usize,
-        acts: &[QuantRow],
-        n: usize,
+        acts: &QuantActs,
         cols: (usize, usize),
-        bias: Option<&[f32]>,
-        out: SharedMut<f32>,
-        accumulate: bool,
+        target: Target,
     ) {
         for j in cols.0..cols.1 {
             let wr = &w[j * row_bytes..(j + 1) * row_bytes];
-            let b = bias.map_or(0.0, |b| b[j]);
-            for (i, a) in acts.iter().enumerate() {
-                let y = row_dot(t, wr, a) + b;
-                // SAFETY: element (i, j) of the (m, n) output; column j belongs to this task.
-                unsafe {
-                    let o = out.get().add(i * n + j);
-                    *o = if accumulate { *o + y } else { y };
-                }
+            for i in 0..acts.m {
+                // SAFETY: column j belongs to this task.
+                unsafe { target.put(i, j, row_dot(t, wr, acts, i)) };
             }
         }
     }
@@ -398,32 +506,45 @@ impl BlockWeights {
         out: &mut [f32],
         epilogue: Epilogue,
     ) {
-        let rows = x.chunks_exact(k).take(m);
-        let acts: Vec<QuantRow> = match self.t {
-            BlockType::Q4_1 | BlockType::Q5_1 => rows.map(|r| quantize_q8_32(r, true)).collect(),
-            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 => {
-                rows.map(|r| quantize_q8_32(r, false)).collect()
-            }
-            BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => rows.map(quantize_q8_k).collect(),
+        let format = match self.t {
+            BlockType::Q4_1 | BlockType::Q5_1 => ActFormat::Q8_1,
+            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 => ActFormat::Q8_0,
+            BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => ActFormat::Q8K,
         };
+        let acts = QuantActs::new(isa, format, x, m, k);
         let row_bytes = k / self.t.block_values() * self.t.block_bytes();
-        let ptr = SharedMut::new(out);
-        let accumulate = epilogue == Epilogue::Accumulate;
+        let target = Target {
+            out: SharedMut::new(out),
+            n,
+            bias,
+            accumulate: epilogue == Epilogue::Accumulate,
+        };
+        #[cfg(target_arch = "x86_64")]
+        let explicit = isa.avx2() && x86::handles(self.t);
+        #[cfg(not(target_arch = "x86_64"))]
+        let explicit = false;
+        #[cfg(target_arch = "x86_64")]
+        let acts = if explicit {
+            x86::prepared(self.t, acts)
+        } else {
+            acts
+        };
         // Weight rows are independent: column ranges in parallel, several per thread (rows of
-        // unequal cost on a busy machine).
-        parallel::for_ranges(n, 1, 16, |j0, j1| {
-            columns(
-                isa,
-                self.t,
-                &self.data,
-                row_bytes,
-                &acts,
-                n,
-                (j0, j1),
-                bias,
-                ptr,
-                accumulate,
-            );
+        // unequal cost on a busy machine), in multiples of the x86 kernels' 8-column tiles, and
+        // each worth ~2^17 multiply-adds at least: a decode step's small products (SmolLM2's
+        // 576 × 576) take tens of microseconds, where a task more costs about one.
+        let min_columns = (1usize << 17).div_ceil(m.max(1) * k.max(1)).max(8);
+        parallel::for_ranges(n, 8, min_columns, |j0, j1| {
+            #[cfg(target_arch = "x86_64")]
+            if explicit {
+                // SAFETY: `isa` proves AVX2 (and VNNI where `x86::columns` uses it); columns
+                // j0..j1 belong to this task.
+                return unsafe {
+                    x86::columns(isa, self.t, &self.data, row_bytes, &acts, (j0, j1), target)
+                };
+            }
+            let _ = explicit;
+            columns(isa, self.t, &self.data, row_bytes, &acts, (j0, j1), target);
         });
         if epilogue == Epilogue::Gelu {
             math::gelu(isa, out);
