@@ -1,12 +1,17 @@
 //! Timing of single linear-layer products at the cpu-bench model's shapes (not a test): the
-//! decode step (1 row), a prefill (115 rows), one frame (257 rows) and a batch of 8 frames
-//! (2056 rows), per precision, on 2 threads, under an ISA limit. For comparing kernels
-//! without the whole model:
+//! decode step (1 row; 2, 4 and 8 rows for batched decoding), a prefill (115 rows; 460 for four
+//! at once), one frame (257 rows) and a batch of 8 frames (2056 rows), per precision, on 2
+//! threads, under an ISA limit. For comparing kernels without the whole model:
 //!
 //! ```text
 //! [MKL_ENABLE_INSTRUCTIONS=AVX2] cargo bench -p llamavid-kernels [--features mkl] \
-//!     --bench products -- [--isa avx2] [--threads 2] [--only decode,prefill,frame,batch8]
+//!     --bench products -- [--isa avx2] [--threads 2] [--cold 64] \
+//!     [--only decode,decode2,decode4,decode8,prefill,prefill4,frame,batch8]
 //! ```
+//!
+//! `--cold COPIES` cycles through that many copies of each layer, so that (with copies whose
+//! total exceeds the last-level cache) every product reads its weights from memory, as a
+//! decode step of the whole model does.
 //!
 //! Prints the fastest of 5 runs after a warm-up (the least disturbed by other processes on a
 //! shared machine), and GMAC/s (multiply-adds per second).
@@ -30,6 +35,7 @@ fn data(len: usize, seed: u32) -> Vec<f32> {
 fn main() {
     let mut args = std::env::args().skip(1);
     let (mut limit, mut threads, mut only) = (IsaLimit::Avx2, 2usize, None::<String>);
+    let mut copies = 1usize;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--isa" => {
@@ -41,6 +47,13 @@ fn main() {
             }
             "--threads" => threads = args.next().expect("--threads N").parse().expect("a count"),
             "--only" => only = args.next(),
+            "--cold" => {
+                copies = args
+                    .next()
+                    .expect("--cold COPIES")
+                    .parse()
+                    .expect("a count")
+            }
             // cargo bench passes --bench to every bench binary.
             "--bench" => {}
             other => panic!("unknown argument {other}"),
@@ -59,8 +72,18 @@ fn main() {
     let cases = [
         ("decode", 1, 5632, 2048),
         ("decode", 1, 2048, 5632),
+        // A decode step of 2, 4 and 8 sequences together (the shared scheduler's batch).
+        ("decode2", 2, 5632, 2048),
+        ("decode2", 2, 2048, 5632),
+        ("decode4", 4, 5632, 2048),
+        ("decode4", 4, 2048, 5632),
+        ("decode8", 8, 5632, 2048),
+        ("decode8", 8, 2048, 5632),
         ("prefill", 115, 5632, 2048),
         ("prefill", 115, 2048, 5632),
+        // Four prefills in one step (four captions due at once).
+        ("prefill4", 460, 5632, 2048),
+        ("prefill4", 460, 2048, 5632),
         ("frame", 257, 6144, 1408),
         ("frame", 257, 1408, 6144),
         ("batch8", 2056, 6144, 1408),
@@ -80,11 +103,15 @@ fn main() {
             let mut f32_time = None;
             for kind in [WeightType::F32, WeightType::Bf16, WeightType::Int8] {
                 let kernels = CpuKernels::new(isa);
-                let layer = CpuLinear::from_f32(kind, &w, n, k, Some(bias.clone()), kernels);
+                let layers: Vec<_> = (0..copies)
+                    .map(|_| CpuLinear::from_f32(kind, &w, n, k, Some(bias.clone()), kernels))
+                    .collect();
+                let layer = &layers[0];
                 let mut out = vec![0f32; m * n];
-                let reps = if m == 1 { 50 } else { 5 };
+                let reps = if m <= 8 { 50 } else { 5 };
                 let mut times = Vec::new();
                 for r in 0..=reps {
+                    let layer = &layers[r % copies];
                     let t = Instant::now();
                     layer.forward_into(&x, m, &mut out);
                     if r > 0 {
