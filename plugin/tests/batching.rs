@@ -31,16 +31,19 @@ enum Variant {
 
 fn model_for(variant: Variant) -> &'static LlamaVid {
     static MODELS: [OnceLock<LlamaVid>; 3] = [const { OnceLock::new() }; 3];
-    MODELS[variant as usize].get_or_init(|| {
-        let mut options = LoadOptions::new(model_dir());
-        options.weight_format = WeightFormat::Pickle;
-        match variant {
-            Variant::Fused => {}
-            Variant::PortableKernels => options.cpu_isa = IsaLimit::Portable,
-            Variant::CandleLayers => options.cpu_layers = CpuLayers::Candle,
-        }
-        LlamaVid::load(&options).expect("fixture model loads")
-    })
+    MODELS[variant as usize].get_or_init(|| load(variant))
+}
+
+/// A model of its own (its KV buffers used by no other test).
+fn load(variant: Variant) -> LlamaVid {
+    let mut options = LoadOptions::new(model_dir());
+    options.weight_format = WeightFormat::Pickle;
+    match variant {
+        Variant::Fused => {}
+        Variant::PortableKernels => options.cpu_isa = IsaLimit::Portable,
+        Variant::CandleLayers => options.cpu_layers = CpuLayers::Candle,
+    }
+    LlamaVid::load(&options).expect("fixture model loads")
 }
 
 macro_rules! for_each_variant {
@@ -62,6 +65,7 @@ for_each_variant!(
     a_sequence_cancelled_mid_forward_leaves_the_others_as_they_were,
     a_cancelled_step_advances_nobody_and_the_sequences_go_on,
     batched_encode_matches_frames_encoded_one_by_one,
+    a_cache_in_a_longer_sequences_old_buffers_matches_a_fresh_one,
 );
 
 fn params(max_new_tokens: usize) -> GenerationParams {
@@ -152,6 +156,30 @@ fn sequences_batched_with_others_match_each_alone(variant: Variant) {
         assert_same(&format!("sequence {i}"), seq, expected);
         assert_ne!(seq.finish_reason(), Some(FinishReason::Cancelled));
     }
+}
+
+/// A sequence's cache may get the KV buffers a dropped, longer sequence wrote: what it reads
+/// must end at its own positions, so it gives what it gave with fresh (zeroed) buffers.
+fn a_cache_in_a_longer_sequences_old_buffers_matches_a_fresh_one(variant: Variant) {
+    let m = load(variant);
+    let inputs = inputs(&m);
+    let (short, short_params) = &inputs[3];
+    let (long, long_params) = &inputs[2];
+    assert!(long.dim(1).unwrap() > short.dim(1).unwrap());
+    assert!(long_params.max_new_tokens > short_params.max_new_tokens);
+    // Fresh buffers, given back at the end: the short sequence's, then the long one's.
+    let fresh = alone(&m, short, short_params);
+    alone(&m, long, long_params);
+    // A sequence of the short one's size takes back its own buffers (the smallest that fit),
+    // so that the next one gets the long sequence's.
+    let mut holder = m.start_sequence(short, short_params).unwrap();
+    m.step(&mut [&mut holder], Cancel::NEVER).unwrap();
+    let mut reused = m
+        .start_sequence(short, short_params)
+        .unwrap()
+        .keeping_step_logits();
+    run(&m, std::slice::from_mut(&mut reused));
+    assert_same("in the long sequence's old buffers", &reused, &fresh);
 }
 
 fn a_sequence_cancelled_mid_forward_leaves_the_others_as_they_were(variant: Variant) {
