@@ -662,6 +662,40 @@ mod x86 {
         unsafe fn sum(self) -> i32 {
             _mm512_reduce_add_epi32(self)
         }
+        /// Four accumulators at a time, transposed while they are added (13 instructions for
+        /// four sums instead of about 32): 4-row int8 products from memory ran 2-4% faster
+        /// (0.48 against 0.495 ms at k = 2048). Integer sums in any order are the same.
+        #[inline(always)]
+        unsafe fn sums(acc: &[Self], out: &mut [i32]) {
+            let mut groups = acc.chunks_exact(4);
+            let mut outs = out.chunks_exact_mut(4);
+            for (g, o) in (&mut groups).zip(&mut outs) {
+                let sum4 = sum4(g[0], g[1], g[2], g[3]);
+                _mm_storeu_si128(o.as_mut_ptr() as *mut __m128i, sum4);
+            }
+            for (a, o) in groups.remainder().iter().zip(outs.into_remainder()) {
+                *o = a.sum();
+            }
+        }
+    }
+
+    /// The sums of `a`, `b`, `c`, `d` as the four lanes of one vector.
+    #[inline(always)]
+    unsafe fn sum4(a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m128i {
+        // In every 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], and the same for c and d ...
+        let ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+        let cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+        // ... then [a, b, c, d] summed over the lane ...
+        let abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+        // ... and the four lanes added together.
+        let half = _mm256_add_epi32(
+            _mm512_castsi512_si256(abcd),
+            _mm512_extracti64x4_epi64::<1>(abcd),
+        );
+        _mm_add_epi32(
+            _mm256_castsi256_si128(half),
+            _mm256_extracti128_si256::<1>(half),
+        )
     }
 
     lanes!(F32x16 {
