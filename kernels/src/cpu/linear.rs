@@ -818,7 +818,7 @@ mod tests {
                 let portable = layer(Isa::portable());
                 for isa in isas() {
                     let ours = layer(isa);
-                    for m in [1, 2, 3, 4, 5, 9, 300] {
+                    for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 300] {
                         let x = data(m * k, 7 + m as u32);
                         let (want, got) = (portable.forward(&x, m), ours.forward(&x, m));
                         let e = max_err(&got, &want);
