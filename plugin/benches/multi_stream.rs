@@ -318,12 +318,25 @@ fn encode_with_workers(
     })
 }
 
-/// N windows of `frames` frames of tokens (random values: the cost does not depend on them).
+/// N windows of `frames` frames of tokens: values of a fixed pseudo-random sequence per
+/// window (the cost does not depend on them, but where a caption meets EOS does: the same
+/// windows in every run make runs comparable).
 fn windows(model: &LlamaVid, work: &Workload, n: usize) -> Result<Vec<Tensor>, String> {
     let rows = work.window_frames * work.tokens_per_frame;
     let hidden = model.llm().hidden_size();
     (0..n)
-        .map(|_| Tensor::randn(0f32, 1.0, (rows, hidden), &Device::Cpu).map_err(|e| e.to_string()))
+        .map(|w| {
+            let mut state = (w as u32 + 1).wrapping_mul(2654435761);
+            let values: Vec<f32> = (0..rows * hidden)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 17;
+                    state ^= state << 5;
+                    (state as f32 / u32::MAX as f32) * 2.0 - 1.0
+                })
+                .collect();
+            Tensor::from_vec(values, (rows, hidden), &Device::Cpu).map_err(|e| e.to_string())
+        })
         .collect()
 }
 
@@ -530,6 +543,14 @@ fn run() -> Result<(), String> {
             return Err(format!(
                 "N = {n}: the scheduler's captions differ from the workers': {sched_text:?} vs {work_text:?}"
             ));
+        }
+        let full = (n * work.new_tokens) as f64;
+        if tokens < full {
+            eprintln!(
+                "  N = {n}: captions ended at EOS before {} tokens: {tokens} of {full} made \
+                 (tokens/s counts those made)",
+                work.new_tokens
+            );
         }
         let alone = *alone.get_or_insert((max(&sched_t), max(&work_t)));
         let row = json!({
