@@ -493,8 +493,8 @@ unsafe fn chunk<L: Lanes, const M: usize, const C: usize>(
     }
 }
 
-/// [`block`] for the tile's row count, four weight rows at a time (32 vector registers, or
-/// the portable lanes).
+/// [`block`] for the tile's row count, four weight rows at a time (two with four activation
+/// rows) (32 vector registers, or the portable lanes).
 #[inline(always)]
 unsafe fn rows<L: Lanes>(t: &Tile<L::X, L::W>, scales: &L::Scales<'_>) {
     match t.rows {
