@@ -157,7 +157,7 @@ fn camera_branch(name: &str, source: &str) -> String {
     )
 }
 
-/// One pipeline of [`camera_branch`]es, one per source, their elements named `camera-0`,
+/// One pipeline of `camera_branch`es, one per source, their elements named `camera-0`,
 /// `camera-1`, ... by position (so that a camera's own name may hold any character), each set
 /// up by `caption`. Returns the pipeline and the elements in the order of `sources`.
 pub fn camera_pipeline(
