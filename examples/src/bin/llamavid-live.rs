@@ -14,10 +14,7 @@ use gst::prelude::*;
 use llamavid_examples::pipeline::{clock_time, element, init, launch, run_bus};
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    llamavid_examples::exit_on_error(run());
 }
 
 fn run() -> Result<()> {

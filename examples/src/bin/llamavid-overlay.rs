@@ -75,10 +75,7 @@ fn has_camera() -> bool {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    llamavid_examples::exit_on_error(run());
 }
 
 fn run() -> Result<()> {

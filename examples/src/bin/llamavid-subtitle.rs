@@ -148,10 +148,7 @@ impl VttWriter {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    llamavid_examples::exit_on_error(run());
 }
 
 fn run() -> Result<()> {
