@@ -12,9 +12,9 @@ and at the end `summary {"messages": N, "metas": M}`.
         [--source FRAGMENT] [--prompt Q] [--set PROPERTY=VALUE]...
 
 --source is a gst-launch fragment producing raw video (default: 3 s of a test pattern); the
-video plays at its pace, as in an app that shows it. The plugin must be installed or on GST_PLUGIN_PATH. Needs the system
-packages python3-gi and gir1.2-gstreamer-1.0 (a virtualenv without system site packages does
-not see them: use /usr/bin/python3).
+video plays at its pace, as in an app that shows it. The plugin must be installed or on
+GST_PLUGIN_PATH. Needs the system packages python3-gi and gir1.2-gstreamer-1.0 (a virtualenv
+without system site packages does not see them: use /usr/bin/python3).
 """
 
 import argparse

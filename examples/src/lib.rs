@@ -9,6 +9,15 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use gst::prelude::*;
 
+/// The end of every example's `main`: on an error, `error: ` and its chain of causes on stderr,
+/// and exit status 1 (no backtrace, no `Debug` dump of the error).
+pub fn exit_on_error(result: Result<()>) {
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
 /// One decoded frame, packed RGB.
 pub struct RgbFrame {
     pub width: usize,

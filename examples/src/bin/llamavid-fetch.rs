@@ -25,10 +25,7 @@ const USAGE: &str = "usage: llamavid-fetch [--vision-tower PATH|URL|owner/name/p
 [--weights auto|bin|safetensors] MODEL";
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    llamavid_examples::exit_on_error(run());
 }
 
 /// Bytes of the weight files in `dir` (what a load reads), following the cache's links.

@@ -11,12 +11,10 @@
 
 use anyhow::{Context, Result};
 use gst::prelude::*;
+use llamavid_examples::pipeline::{clock_time, element, init, launch, run_bus};
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    llamavid_examples::exit_on_error(run());
 }
 
 fn run() -> Result<()> {
@@ -28,50 +26,27 @@ fn run() -> Result<()> {
         .next()
         .unwrap_or_else(|| "v4l2src ! videoconvert".into());
     let video_sink = args.next().unwrap_or_else(|| "autovideosink".into());
-    gst::init()?;
-    // Make the element available even when the plugin is not installed.
-    gstllamavid::plugin_register_static()?;
+    init()?;
 
     let description = format!(
         "{source} ! llamavidcaption name=captioner ! videoconvert ! {video_sink} \
          captioner.text_src ! fakesink"
     );
-    let pipeline = gst::parse::launch(&description)?
-        .downcast::<gst::Pipeline>()
-        .map_err(|_| anyhow::anyhow!("not a pipeline"))?;
-    let captioner = pipeline.by_name("captioner").context("captioner")?;
-    captioner.set_property("model", &model);
+    let pipeline = launch(&description)?;
+    element(&pipeline, "captioner")?.set_property("model", &model);
 
     pipeline.set_state(gst::State::Playing)?;
-    let bus = pipeline.bus().context("bus")?;
-    let result = (|| -> Result<()> {
-        for msg in bus.iter_timed(gst::ClockTime::NONE) {
-            match msg.view() {
-                gst::MessageView::Element(e) => {
-                    let Some(s) = e.structure() else { continue };
-                    if s.name() != gstllamavid::llamavidcaption::CAPTION_MESSAGE {
-                        continue;
-                    }
-                    let ns = |f: &str| gst::ClockTime::from_nseconds(s.get::<u64>(f).unwrap_or(0));
-                    println!(
-                        "[{} .. {}] ({} frames, {} late) {}",
-                        ns("start"),
-                        ns("end"),
-                        s.get::<u32>("frames").unwrap_or(0),
-                        ns("latency"),
-                        s.get::<String>("text").unwrap_or_default()
-                    );
-                }
-                gst::MessageView::Warning(w) => {
-                    eprintln!("warning: {} ({:?})", w.error(), w.debug())
-                }
-                gst::MessageView::Error(e) => anyhow::bail!("{} ({:?})", e.error(), e.debug()),
-                gst::MessageView::Eos(_) => break,
-                _ => {}
-            }
-        }
+    let result = run_bus(&pipeline, |_, caption| {
+        println!(
+            "[{} .. {}] ({} frames, {} late) {}",
+            clock_time(caption.start),
+            clock_time(caption.end),
+            caption.frames,
+            clock_time(caption.latency),
+            caption.text
+        );
         Ok(())
-    })();
+    });
     pipeline.set_state(gst::State::Null)?;
     result
 }

@@ -17,8 +17,8 @@
 use anyhow::{bail, Result};
 use gst::prelude::*;
 use llamavid_examples::pipeline::{
-    clock_time, element, eos_after, launch, option_value, parse_seconds, run_bus, source_fragment,
-    CaptionSettings,
+    clock_time, element, eos_after, init, launch, option_value, parse_seconds, run_bus,
+    source_fragment, CaptionSettings,
 };
 
 const USAGE: &str = "usage: llamavid-overlay --model DIR [--source FRAGMENT|FILE] \
@@ -75,10 +75,7 @@ fn has_camera() -> bool {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    llamavid_examples::exit_on_error(run());
 }
 
 fn run() -> Result<()> {
@@ -91,9 +88,7 @@ fn run() -> Result<()> {
             TEST_SOURCE.to_owned()
         }
     };
-    gst::init()?;
-    // Make the element available even when the plugin is not installed.
-    gstllamavid::plugin_register_static()?;
+    init()?;
 
     // The caption along the bottom, on a shaded band so that it reads on any picture.
     let description = format!(

@@ -109,10 +109,7 @@ fn check_output_dir(out: &Path) -> Result<PathBuf> {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    llamavid_examples::exit_on_error(run());
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context, Result};
 use gst::prelude::*;
 use llamavid_examples::pipeline::{
-    element, launch, option_value, run_bus, source_fragment, CaptionSettings,
+    element, init, launch, option_value, run_bus, source_fragment, CaptionSettings,
 };
 
 const USAGE: &str = "usage: llamavid-subtitle --model DIR INPUT OUTPUT.mkv [--vtt FILE] \
@@ -148,17 +148,12 @@ impl VttWriter {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    llamavid_examples::exit_on_error(run());
 }
 
 fn run() -> Result<()> {
     let args = parse_args()?;
-    gst::init()?;
-    // Make the element available even when the plugin is not installed.
-    gstllamavid::plugin_register_static()?;
+    init()?;
 
     // The text queues are unbounded (captions are a few bytes): a full one would hold the
     // element while the muxer waits for video frames still inside the encoder.

@@ -510,9 +510,10 @@ unsafe fn chunk<L: Lanes, const M: usize, const C: usize>(
 
 /// [`block`] for the tile's row count, four weight rows at a time, three from 7 rows (32
 /// vector registers: at most 24 accumulators, the weight vectors and the activation vector;
-/// or the portable lanes). Four weight rows in flight against four activation rows, rather than two, took a 4-row
-/// int8 product from memory from 0.48 ms to 0.46 ms and made the batched decode step of the
-/// cpu-bench model 64 ms instead of 87 ms (1-row step 45 ms), with the prefetch.
+/// or the portable lanes). Four weight rows in flight against four activation rows, rather
+/// than two, took a 4-row int8 product from memory from 0.48 ms to 0.46 ms and made the
+/// batched decode step of the cpu-bench model 64 ms instead of 87 ms (1-row step 45 ms), with
+/// the prefetch.
 #[inline(always)]
 unsafe fn rows<L: Lanes>(t: &Tile<L::X, L::W>, scales: &L::Scales<'_>) {
     match t.rows {
