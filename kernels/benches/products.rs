@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! [MKL_ENABLE_INSTRUCTIONS=AVX2] cargo bench -p llamavid-kernels [--features mkl] \
-//!     --bench products -- [--isa avx2] [--threads 2] [--cold 64] \
+//!     --bench products -- [--isa avx2] [--threads 2] [--cold 64] [--row-block 320] \
 //!     [--only decode,decode2,decode4,decode8,prefill,prefill4,frame,batch8]
 //! ```
 //!
@@ -36,6 +36,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let (mut limit, mut threads, mut only) = (IsaLimit::Avx2, 2usize, None::<String>);
     let mut copies = 1usize;
+    let mut row_block = CpuKernels::DEFAULT_ROW_BLOCK;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--isa" => {
@@ -47,6 +48,13 @@ fn main() {
             }
             "--threads" => threads = args.next().expect("--threads N").parse().expect("a count"),
             "--only" => only = args.next(),
+            "--row-block" => {
+                row_block = args
+                    .next()
+                    .expect("--row-block ROWS")
+                    .parse()
+                    .expect("a count")
+            }
             "--cold" => {
                 copies = args
                     .next()
@@ -102,7 +110,7 @@ fn main() {
             let mut line = format!("{name:8} m={m:5} n={n:5} k={k:5}:");
             let mut f32_time = None;
             for kind in [WeightType::F32, WeightType::Bf16, WeightType::Int8] {
-                let kernels = CpuKernels::new(isa);
+                let kernels = CpuKernels::new(isa).with_row_block(row_block);
                 let layers: Vec<_> = (0..copies)
                     .map(|_| CpuLinear::from_f32(kind, &w, n, k, Some(bias.clone()), kernels))
                     .collect();
