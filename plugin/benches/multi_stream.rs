@@ -1,8 +1,8 @@
 //! Many streams on one model: the shared scheduler against N independent workers (the design
 //! before it, kept runnable for this comparison), in one run, on the workload of
 //! `shared/bench/cpu-bench.json` (its question, and for captions its prompt ids: 115 positions
-//! with the window of 32 frames of 2 tokens; 32 greedy
-//! tokens, 2 threads) and a random-weight model of that shape.
+//! with the window of 32 frames of 2 tokens; 32 greedy tokens, 2 threads) and a random-weight
+//! model of that shape.
 //!
 //! ```text
 //! cargo bench -p gst-plugin-llamavid [--features mkl] --bench multi_stream -- \
