@@ -224,8 +224,18 @@ pub fn quantize_rows(isa: Isa, x: &[f32], k: usize, q: &mut [u8], scales: &mut [
 }
 
 /// Per-output-channel symmetric int8 weights: row `j` of `w` (rows of `k`) becomes
-/// `scale[j] · q[j, :]` with `q` in [-127, 127]. Returns (q, scales, -128 · row sums of q).
-pub fn quantize_weights(isa: Isa, w: &[f32], k: usize) -> (Vec<i8>, Vec<f32>, Vec<i32>) {
+/// `scale[j] · q[j, :]` with `q` in [-levels, levels] (`levels` at most 127). Returns (q,
+/// scales, -128 · row sums of q).
+pub fn quantize_weights(
+    isa: Isa,
+    w: &[f32],
+    k: usize,
+    levels: i8,
+) -> (Vec<i8>, Vec<f32>, Vec<i32>) {
+    assert!(
+        (1..=127).contains(&levels),
+        "int8 weights of {levels} levels"
+    );
     let n = w.len() / k;
     let mut q = vec![0i8; w.len()];
     let mut scales = vec![0f32; n];
@@ -234,7 +244,7 @@ pub fn quantize_weights(isa: Isa, w: &[f32], k: usize) -> (Vec<i8>, Vec<f32>, Ve
         .zip(w.par_chunks(k))
         .zip(scales.par_iter_mut().zip(offsets.par_iter_mut()))
         .for_each(|((qrow, row), (s, o))| {
-            let (scale, sum) = quantize_weight_row(isa, row, qrow);
+            let (scale, sum) = quantize_weight_row(isa, row, qrow, levels as f32);
             *s = scale;
             *o = -128 * sum;
         });
@@ -242,14 +252,14 @@ pub fn quantize_weights(isa: Isa, w: &[f32], k: usize) -> (Vec<i8>, Vec<f32>, Ve
 }
 
 super::isa_fn! {
-    /// One weight row to int8 with its scale; returns (scale, Σ q).
-    fn quantize_weight_row(row: &[f32], q: &mut [i8]) -> (f32, i32) {
+    /// One weight row to int8 in [-levels, levels] with its scale; returns (scale, Σ q).
+    fn quantize_weight_row(row: &[f32], q: &mut [i8], levels: f32) -> (f32, i32) {
         let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+        let scale = if amax > 0.0 { amax / levels } else { 1.0 };
         let inv = 1.0 / scale;
         let mut sum = 0i32;
         for (d, &v) in q.iter_mut().zip(row) {
-            let r = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i32;
+            let r = (v * inv).round_ties_even().clamp(-levels, levels) as i32;
             *d = r as i8;
             sum += r;
         }
@@ -330,11 +340,21 @@ mod tests {
                 );
             }
         }
-        let (wq, ws, wo) = quantize_weights(isa, &x, 32);
-        assert_eq!(
-            wo[0],
-            -128 * wq[..32].iter().map(|&v| v as i32).sum::<i32>()
-        );
-        assert!((ws[1] * 127.0 - x[32..].iter().fold(0f32, |m, v| m.max(v.abs()))).abs() < 1e-5);
+        for levels in [127i8, 63] {
+            let (wq, ws, wo) = quantize_weights(isa, &x, 32, levels);
+            assert_eq!(
+                wo[0],
+                -128 * wq[..32].iter().map(|&v| v as i32).sum::<i32>()
+            );
+            let amax = x[32..].iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(
+                (ws[1] * levels as f32 - amax).abs() < 1e-5,
+                "{isa} {levels}"
+            );
+            assert_eq!(
+                wq.iter().map(|v| v.unsigned_abs()).max(),
+                Some(levels as u8)
+            );
+        }
     }
 }

@@ -47,9 +47,11 @@ pub(crate) enum XRows<'a> {
 pub(crate) enum WRows<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u16]),
-    /// Per-output-channel scales, and `-128 · Σ_k q[j, k]` (removes the activations' offset).
+    /// Values in [-levels, levels], per-output-channel scales, and `-128 · Σ_k q[j, k]`
+    /// (removes the activations' offset).
     Int8 {
         q: &'a [i8],
+        levels: i8,
         scale: &'a [f32],
         offset: &'a [i32],
     },
@@ -185,6 +187,7 @@ pub(crate) fn product(
             XRows::Int8 { q: x, scale: xs },
             WRows::Int8 {
                 q: w,
+                levels,
                 scale: ws,
                 offset,
             },
@@ -198,6 +201,10 @@ pub(crate) fn product(
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx512Vnni => {
                         run.drive(avx512_vnni::<x86::U8S8x64>, x, w, &scales, out)
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx2 if levels <= x86_avx2::U8S7_LEVELS => {
+                        run.drive(avx2::<x86_avx2::U8S7x32>, x, w, &scales, out)
                     }
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx2 => {
@@ -757,7 +764,10 @@ mod x86 {
 mod x86_avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Accumulator, Lanes, NoScales, SignedInt8Scales};
+    use super::{Accumulator, Int8Scales, Lanes, NoScales, SignedInt8Scales};
+
+    /// The largest |w| [`U8S7x32`] takes.
+    pub(super) const U8S7_LEVELS: i8 = 63;
 
     /// 32 bytes from `p`, or its first `bytes` and zeros when `bytes > 0`.
     #[inline(always)]
@@ -920,6 +930,20 @@ mod x86_avx2 {
         madd(acc, x, w) {
             let signed_w = _mm256_sign_epi8(w, x.1);
             let pairs = _mm256_maddubs_epi16(x.0, signed_w);
+            _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        }
+    });
+
+    lanes!(
+        /// 32 int8 products per `vpmaddubsw` on 7-bit weights, exactly: the u8 activations
+        /// (+128 offset, as the VNNI kernel takes them) times |w| <= 63 bound each pair sum by
+        /// 2 · 255 · 63 = 32130 < 32767. `vpmaddwd` by ones sums pairs into the i32 lanes;
+        /// the scales remove the offset, as for `vpdpbusd`. Zeros past a tail add nothing.
+        U8S7x32 {
+        x: u8, w: i8, vector: __m256i, acc: __m256i, scales: Int8Scales, step: 32,
+        load(p, tail) { load_bytes(p, tail) }
+        madd(acc, x, w) {
+            let pairs = _mm256_maddubs_epi16(x, w);
             _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
         }
     });
