@@ -6,8 +6,9 @@
 //!
 //! One generic block ([`block`]) serves every precision and vector width through [`Lanes`]
 //! (how to load, multiply-add and reduce one vector of an operand pair): f32 FMA, bf16
-//! `vdpbf16ps`, u8 × s8 `vpdpbusd` on AVX-512, their AVX2 versions (int8: `vpsignb` and
-//! `vpmaddubsw` on sign and magnitude, exact), and portable versions of each. [`product`] is
+//! `vdpbf16ps`, u8 × s8 `vpdpbusd` on AVX-512, their AVX2 versions (int8: `vpmaddubsw` on
+//! 7-bit weights, or with `vpsignb` on sign and magnitude for 8-bit ones, both exact), and
+//! portable versions of each. [`product`] is
 //! the only entry: it picks the version the caller's [`Isa`] proves the CPU can run.
 
 use std::mem::MaybeUninit;
@@ -65,7 +66,8 @@ pub enum Kernel {
     /// Plain Rust for the compiler's baseline.
     Portable,
     /// 256-bit AVX2 + FMA: f32 FMA; bf16 widened to f32 by a shift, then FMA; int8 by
-    /// `vpsignb` and `vpmaddubsw` on sign and magnitude (exact: no pair sum can saturate).
+    /// `vpmaddubsw` on 7-bit weights, or `vpsignb` and `vpmaddubsw` on sign and magnitude for
+    /// 8-bit ones (exact either way: no pair sum can saturate).
     Avx2,
     /// 512-bit f32 FMA.
     Avx512,

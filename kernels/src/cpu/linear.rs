@@ -6,7 +6,8 @@
 //!   that only see many rows).
 //! * **bf16**: weights converted once to bf16 (half the bytes), activations converted per call,
 //!   products accumulated in f32.
-//! * **int8**: weights quantised once per output channel (symmetric, scale = max|w|/127),
+//! * **int8**: weights quantised once per output channel (symmetric, scale = max|w|/127, or
+//!   max|w|/63 where the AVX2 kernels run int8: [`CpuKernels::int8_weight_levels`]),
 //!   activations quantised per row at every call (dynamic, symmetric, stored +128 as u8),
 //!   products accumulated exactly in i32 and rescaled to f32.
 //! * **ggml blocks** (a GGUF file's Q4_0 … Q6_K): the file's blocks as they are, products with
