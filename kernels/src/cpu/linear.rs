@@ -204,9 +204,8 @@ enum F32Weights {
 }
 
 struct Int8Weights {
-    /// (n, k) row-major, in [-levels, levels].
+    /// (n, k) row-major, in ± the layer's [`CpuKernels::int8_weight_levels`].
     q: Vec<i8>,
-    levels: i8,
     /// Per output channel.
     scale: Vec<f32>,
     /// `-128 · Σ_k q[j, k]`: removes the +128 offset of the u8 activations.
@@ -283,14 +282,9 @@ impl CpuLinear {
                 Weights::Bf16(bits)
             }
             WeightType::Int8 => {
-                let levels = kernels.int8_levels;
-                let (q, scale, offset) = convert::quantize_weights(kernels.isa, w, k, levels);
-                Weights::Int8(Int8Weights {
-                    q,
-                    levels,
-                    scale,
-                    offset,
-                })
+                let (q, scale, offset) =
+                    convert::quantize_weights(kernels.isa, w, k, kernels.int8_levels);
+                Weights::Int8(Int8Weights { q, scale, offset })
             }
             // A caller's slip, not an input error: no precision maps to ggml blocks.
             WeightType::Ggml(t) => panic!("{t:?} weights come from a GGUF file (CpuLinear::ggml)"),
@@ -431,7 +425,7 @@ impl CpuLinear {
                 let x = XRows::Int8 { q: &xq, scale: &xs };
                 let w = WRows::Int8 {
                     q: &w.q,
-                    levels: w.levels,
+                    levels: self.kernels.int8_levels,
                     scale: &w.scale,
                     offset: &w.offset,
                 };
