@@ -6,7 +6,7 @@
 //! ```text
 //! [MKL_ENABLE_INSTRUCTIONS=AVX2] cargo bench -p llamavid-kernels [--features mkl] \
 //!     --bench products -- [--isa avx2] [--threads 2] [--cold 64] [--row-block 320] \
-//!     [--only decode,decode2,decode4,decode8,prefill,prefill4,frame,batch8]
+//!     [--only decode,decode2,decode4,decode8,prefill,prefill4,frame,batch8,attention]
 //! ```
 //!
 //! `--cold COPIES` cycles through that many copies of each layer, so that (with copies whose
@@ -140,5 +140,47 @@ fn main() {
             }
             println!("{line}");
         }
+        if only
+            .as_deref()
+            .is_none_or(|o| o.split(',').any(|x| x == "attention"))
+        {
+            vision_attention(isa);
+        }
     });
+}
+
+/// The vision tower's self-attention (both products and the softmax) for a batch of 8
+/// frames, per frame and block, in f32 and (where the CPU multiplies bf16 natively) bf16.
+fn vision_attention(isa: Isa) {
+    use llamavid_kernels::cpu::vit::{attention, AttentionShape};
+    let shape = AttentionShape {
+        batch: 8,
+        tokens: 257,
+        width: 1408,
+        heads: 16,
+        scale: 88f32.powf(-0.5),
+    };
+    let qkv = data(shape.batch * shape.tokens * 3 * shape.width, 4);
+    let mut out = vec![0f32; shape.batch * shape.tokens * shape.width];
+    let mut line = format!(
+        "{:8} batch={} heads={}:",
+        "attention", shape.batch, shape.heads
+    );
+    for bf16 in [false, true] {
+        let mut times = Vec::new();
+        for r in 0..=5 {
+            let t = Instant::now();
+            attention(isa, &qkv, shape, bf16, &mut out);
+            if r > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let t = times.into_iter().fold(f64::INFINITY, f64::min) / shape.batch as f64;
+        line += &format!(
+            "  {} {:7.3} ms a frame",
+            if bf16 { "bf16" } else { "f32" },
+            t * 1e3
+        );
+    }
+    println!("{line}");
 }

@@ -97,16 +97,26 @@ unsafe fn quantize_row_avx512(x: &[f32], q: &mut [u8]) -> f32 {
     let n = x.len();
     let px = x.as_ptr();
     let mask = |len: usize| ((1u32 << len.min(16)) - 1) as u16;
-    let mut m = _mm512_setzero_ps();
+    // Four running maxima: one alone waits on `vmaxps`'s latency every step.
+    let mut m = [_mm512_setzero_ps(); 4];
     let mut nan: u16 = 0;
     let mut i = 0;
     while i < n {
-        let v = _mm512_maskz_loadu_ps(mask(n - i), px.add(i));
-        m = _mm512_max_ps(m, _mm512_abs_ps(v));
-        nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-        i += 16;
+        // Up to 64 values a step, 16 into each maximum (unrolled: `m` stays in registers).
+        for (j, a) in m.iter_mut().enumerate() {
+            let at = i + 16 * j;
+            if at < n {
+                let v = _mm512_maskz_loadu_ps(mask(n - at), px.add(at));
+                *a = _mm512_max_ps(*a, _mm512_abs_ps(v));
+                nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            }
+        }
+        i += 64;
     }
-    let amax = _mm512_reduce_max_ps(m);
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(
+        _mm512_max_ps(m[0], m[1]),
+        _mm512_max_ps(m[2], m[3]),
+    ));
     // As in `quantize_row_avx2`: the scalar code where `vcvtps2dq` would differ from its
     // casts (and NaN anywhere in the row: the scalar fold skips NaNs, `vmaxps` may not).
     if nan != 0 || amax == 0.0 || !amax.is_finite() || !(127.0 / amax).is_finite() {
@@ -142,12 +152,22 @@ unsafe fn quantize_row_avx2(x: &[f32], q: &mut [u8]) -> f32 {
     let n = x.len();
     let (full, px) = (n / 32 * 32, x.as_ptr());
     let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
-    let mut m = _mm256_setzero_ps();
-    for i in (0..n / 8 * 8).step_by(8) {
-        // `vmaxps` returns its second operand when either is NaN: NaNs are skipped, as
-        // `f32::max` skips them in the scalar fold.
-        m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(px.add(i)), magnitude), m);
+    // Four running maxima: one alone waits on `vmaxps`'s latency every step.
+    let mut m = [_mm256_setzero_ps(); 4];
+    let body = n / 8 * 8;
+    for i in (0..body).step_by(32) {
+        // Up to 32 values a step, 8 into each maximum (unrolled: `m` stays in registers).
+        for (j, a) in m.iter_mut().enumerate() {
+            let at = i + 8 * j;
+            if at < body {
+                // `vmaxps` returns its second operand when either is NaN: NaNs are skipped,
+                // as `f32::max` skips them in the scalar fold (no running maximum is NaN).
+                let v = _mm256_and_ps(_mm256_loadu_ps(px.add(at)), magnitude);
+                *a = _mm256_max_ps(v, *a);
+            }
+        }
     }
+    let m = _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3]));
     let mut lanes = [0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), m);
     let amax = x[n / 8 * 8..]
