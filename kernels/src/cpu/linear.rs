@@ -352,7 +352,8 @@ impl CpuLinear {
         }
     }
 
-    /// Bytes held by the weights.
+    /// Bytes held by the weights (MKL's packed layout: those reserved; only the part MKL
+    /// writes is resident).
     pub fn weight_bytes(&self) -> usize {
         match &self.weights {
             Weights::F32(F32Weights::Plain(w)) => w.elem_count() * 4,

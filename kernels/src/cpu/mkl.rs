@@ -108,9 +108,66 @@ const B_MATRIX: c_int = 162;
 /// layout, so that a product does not re-pack it on every call. MKL forbids moving the packed
 /// data; the heap buffer of the `Vec` never moves.
 pub(crate) struct PackedF32 {
-    data: Vec<f32>,
+    data: ZeroedPages,
     n: usize,
     k: usize,
+}
+
+/// A zeroed f32 buffer in pages of its own (an anonymous mapping): the room MKL's packed
+/// layout reserves but never writes then takes no memory. `cblas_sgemm_pack_get_size` asks for
+/// 1.4-2x the weights' bytes; a zeroed `Vec` from the heap (`calloc`) clears recycled memory,
+/// so all of it was resident: the cpu-bench vision tower held 5.5 GB of packed weights for
+/// 3.9 GB of f32, more than the plain build's whole model beside it.
+struct ZeroedPages {
+    ptr: std::ptr::NonNull<f32>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned (unmapped once, on drop) and only read through `&self`.
+unsafe impl Send for ZeroedPages {}
+unsafe impl Sync for ZeroedPages {}
+
+impl ZeroedPages {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::array::<f32>(len.max(1)).expect("a buffer size");
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                layout.size(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        match std::ptr::NonNull::new(p as *mut f32) {
+            Some(ptr) if p != libc::MAP_FAILED => Self {
+                ptr,
+                len: len.max(1),
+            },
+            _ => std::alloc::handle_alloc_error(layout),
+        }
+    }
+
+    fn as_ptr(&self) -> *const f32 {
+        self.ptr.as_ptr()
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut f32 {
+        self.ptr.as_ptr()
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for ZeroedPages {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, of this size, unmapped only here.
+        unsafe { libc::munmap(self.ptr.as_ptr() as *mut c_void, self.len * 4) };
+    }
 }
 
 impl PackedF32 {
@@ -120,7 +177,7 @@ impl PackedF32 {
     /// `w` must address n rows of k floats at stride `ldw`.
     pub unsafe fn new(m_hint: usize, n: usize, k: usize, w: *const f32, ldw: usize) -> Self {
         let bytes = cblas_sgemm_pack_get_size(B_MATRIX, int(m_hint), int(n), int(k));
-        let mut data = vec![0f32; bytes.div_ceil(4)];
+        let mut data = ZeroedPages::new(bytes.div_ceil(4));
         cblas_sgemm_pack(
             ROW_MAJOR,
             B_MATRIX,
@@ -136,7 +193,7 @@ impl PackedF32 {
         Self { data, n, k }
     }
 
-    /// Bytes held.
+    /// Bytes reserved (those MKL never writes take no memory).
     pub fn bytes(&self) -> usize {
         self.data.len() * 4
     }
