@@ -34,7 +34,8 @@ const PREFETCH_BYTES: usize = 1024;
 
 /// Whether [`product`] may run on `isa`.
 pub fn available(isa: Isa) -> bool {
-    cfg!(target_arch = "x86_64") && isa.amx_tiles()
+    // The finish runs on AVX-512 (every AMX CPU has it; the ISA proves it all the same).
+    cfg!(target_arch = "x86_64") && isa.amx_tiles() && isa.avx512()
 }
 
 /// The int8 operands of one product, as [`super::gemv`] takes them.
@@ -71,17 +72,21 @@ pub(crate) fn product(isa: Isa, p: &Int8Product, out: &mut [f32], epilogue: Epil
     assert!(p.bias.is_none_or(|b| b.len() == n));
     assert_eq!(out.len(), m * n);
     let mut packed = Scratch::<u8>::new(k.div_ceil(STEP) * STEP * m);
-    pack_activations(p.x, m, k, &mut packed);
     let shared = SharedMut::new(out);
     let accumulate = epilogue == Epilogue::Accumulate;
+    // SAFETY: as below; `packed` has the size `pack_activations` fills.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        pack_activations(p.x, m, k, &mut packed)
+    };
     #[cfg(target_arch = "x86_64")]
     for_ranges(n, CHANNELS, CHANNELS_PER_TASK, |j0, j1| {
-        // SAFETY: `available` proved the tile instructions and the permission; the sizes
+        // SAFETY: `available` proved the tile instructions, AVX-512 and the permission; the sizes
         // are checked above; each task writes only columns j0..j1 of the output.
         unsafe { task(p, &packed, j0, j1, shared, accumulate) }
     });
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (shared, accumulate);
+    let _ = (shared, accumulate, &mut packed);
     if epilogue == Epilogue::Gelu {
         math::gelu(isa, out);
     }
@@ -89,23 +94,40 @@ pub(crate) fn product(isa: Isa, p: &Int8Product, out: &mut [f32], epilogue: Epil
 
 /// The activations in the B-tile layout: for every 4-byte group g of k (k padded with zeros
 /// to whole steps), the m rows' groups side by side: `packed[(g · m + i) · 4 + e] =
-/// x[i, 4g + e]`. A step's B tile is then 16 rows of `4m` bytes, contiguous.
-fn pack_activations(x: &[u8], m: usize, k: usize, packed: &mut [u8]) {
-    let groups = packed.len() / (4 * m);
-    debug_assert!(groups * 4 >= k);
-    // Zero the padding (scratch holds old values): whole groups past k ...
-    packed[k.div_ceil(4) * 4 * m..].fill(0);
-    for (i, row) in x.chunks_exact(k).enumerate() {
-        let mut full = row.chunks_exact(4);
-        for (g, group) in (&mut full).enumerate() {
-            packed[(g * m + i) * 4..][..4].copy_from_slice(group);
-        }
-        // ... and the bytes past k in the last group.
-        let rest = full.remainder();
-        if !rest.is_empty() {
-            let dst = &mut packed[(k / 4 * m + i) * 4..][..4];
-            dst.fill(0);
-            dst[..rest.len()].copy_from_slice(rest);
+/// x[i, 4g + e]`. A step's B tile is then 16 rows of `4m` bytes, contiguous. Each step is a
+/// transpose of (m rows × 16 groups) u32, rows past m and bytes past k loaded as zeros.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/DQ; `x` is (m, k) with 1 <= m <= 16, `packed` holds `k.div_ceil(64) · 64 ·
+/// m` bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+unsafe fn pack_activations(x: &[u8], m: usize, k: usize, packed: &mut [u8]) {
+    use std::arch::x86_64::*;
+
+    debug_assert!(m <= MAX_ROWS && x.len() == m * k);
+    debug_assert_eq!(packed.len(), k.div_ceil(STEP) * STEP * m);
+    let lanes: __mmask16 = ((1u32 << m) - 1) as __mmask16;
+    let dst = packed.as_mut_ptr();
+    for s in 0..k.div_ceil(STEP) {
+        let from = s * STEP;
+        let bytes = (k - from).min(STEP);
+        let in_k: __mmask64 = if bytes == STEP {
+            !0
+        } else {
+            (1u64 << bytes) - 1
+        };
+        let rows: [__m512i; 16] = std::array::from_fn(|i| {
+            if i < m {
+                _mm512_maskz_loadu_epi8(in_k, x.as_ptr().add(i * k + from) as *const i8)
+            } else {
+                _mm512_setzero_si512()
+            }
+        });
+        // Group g of this step, the m rows' words side by side.
+        for (g, column) in transpose(rows).iter().enumerate() {
+            let at = dst.add(((s * 16 + g) * m) * 4) as *mut i32;
+            _mm512_mask_storeu_epi32(at, lanes, *column);
         }
     }
 }
@@ -151,10 +173,12 @@ impl TileConfig {
 /// output.
 ///
 /// # Safety
-/// The CPU runs AMX-TILE and AMX-INT8 and this process holds the tile permission; the
+/// The CPU runs AMX-TILE, AMX-INT8 and AVX-512 F/BW/VL/DQ, and this process holds the tile
+/// permission; the
 /// operands' sizes match `p`, `packed` is [`pack_activations`]' layout for them, and no other
 /// task writes columns `j0..j1` of `out`.
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn task(
     p: &Int8Product,
     packed: &[u8],
@@ -234,7 +258,7 @@ unsafe fn task(
             cs = in(reg) CHANNELS * 4,
             options(nostack),
         );
-        finish(p, &sums.0, j, channels, out.get(), accumulate);
+        finish(p, &sums, j, channels, out.get(), accumulate);
         j += channels;
     }
     asm!("tilerelease", options(nostack, nomem));
@@ -268,28 +292,85 @@ impl Staged {
 #[repr(C, align(64))]
 struct Sums([i32; CHANNELS * CHANNELS]);
 
-/// The outputs of `channels` channels from `j`: the `vpdpbusd` kernel's f32 arithmetic on the
-/// same integer sums, in the same order, so the results are identical.
+/// The outputs of `channels` channels from `j`: the C tile transposed (16 × 16 i32, channels
+/// across the lanes), then per activation row the `vpdpbusd` kernel's f32 arithmetic on the
+/// same integer sums in the same order (convert, × xs, × ws, + bias, then + the residual),
+/// so the results are identical; each row's 16 outputs are one (masked) store.
 ///
 /// # Safety
-/// `out` is the (m, n) output, columns `j..j + channels` this task's alone.
+/// AVX-512 F/BW/VL/DQ; `out` is the (m, n) output, columns `j..j + channels` this task's
+/// alone.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn finish(
     p: &Int8Product,
-    sums: &[i32],
+    sums: &Sums,
     j: usize,
     channels: usize,
     out: *mut f32,
     accumulate: bool,
 ) {
-    for c in 0..channels {
-        let col = j + c;
-        let (ws, offset) = (p.ws[col], p.offset[col]);
-        let b = p.bias.map_or(0.0, |b| b[col]);
-        for (i, &xs) in p.xs.iter().enumerate() {
-            let y = (sums[c * CHANNELS + i] + offset) as f32 * xs * ws + b;
-            let o = out.add(i * p.n + col);
-            *o = if accumulate { *o + y } else { y };
+    use std::arch::x86_64::*;
+
+    let rows: [__m512i; CHANNELS] =
+        std::array::from_fn(|c| _mm512_load_si512(sums.0.as_ptr().add(c * CHANNELS) as *const _));
+    let columns = transpose(rows);
+    let mask: __mmask16 = if channels == CHANNELS {
+        !0
+    } else {
+        (1u16 << channels) - 1
+    };
+    let offset = _mm512_maskz_loadu_epi32(mask, p.offset.as_ptr().add(j));
+    let ws = _mm512_maskz_loadu_ps(mask, p.ws.as_ptr().add(j));
+    let bias = match p.bias {
+        Some(b) => _mm512_maskz_loadu_ps(mask, b.as_ptr().add(j)),
+        None => _mm512_setzero_ps(),
+    };
+    for (i, &xs) in p.xs.iter().enumerate() {
+        let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(columns[i], offset));
+        let y = _mm512_mul_ps(_mm512_mul_ps(dot, _mm512_set1_ps(xs)), ws);
+        let mut y = _mm512_add_ps(y, bias);
+        let o = out.add(i * p.n + j);
+        if accumulate {
+            y = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, o), y);
         }
+        _mm512_mask_storeu_ps(o, mask, y);
     }
+}
+
+/// The transpose of a 16 × 16 i32 matrix held as 16 row vectors: 32-bit, then 64-bit
+/// interleaves, then two rounds of 128-bit lane shuffles.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn transpose(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+
+    // a[2i], a[2i + 1]: rows 2i and 2i + 1 interleaved (low and high pairs of each lane).
+    let mut a = r;
+    for i in 0..8 {
+        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // b[4i + q], lane l: column 4l + q of rows 4i..4i + 4.
+    let mut b = a;
+    for i in 0..4 {
+        let (a0, a1, a2, a3) = (a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]);
+        b[4 * i] = _mm512_unpacklo_epi64(a0, a2);
+        b[4 * i + 1] = _mm512_unpackhi_epi64(a0, a2);
+        b[4 * i + 2] = _mm512_unpacklo_epi64(a1, a3);
+        b[4 * i + 3] = _mm512_unpackhi_epi64(a1, a3);
+    }
+    // Column 4l + q: lane l of b[q], b[4 + q], b[8 + q], b[12 + q].
+    let mut t = b;
+    for q in 0..4 {
+        let c0 = _mm512_shuffle_i32x4::<0x88>(b[q], b[4 + q]);
+        let c1 = _mm512_shuffle_i32x4::<0xdd>(b[q], b[4 + q]);
+        let d0 = _mm512_shuffle_i32x4::<0x88>(b[8 + q], b[12 + q]);
+        let d1 = _mm512_shuffle_i32x4::<0xdd>(b[8 + q], b[12 + q]);
+        t[q] = _mm512_shuffle_i32x4::<0x88>(c0, d0);
+        t[4 + q] = _mm512_shuffle_i32x4::<0x88>(c1, d1);
+        t[8 + q] = _mm512_shuffle_i32x4::<0xdd>(c0, d0);
+        t[12 + q] = _mm512_shuffle_i32x4::<0xdd>(c1, d1);
+    }
+    t
 }
