@@ -1,5 +1,5 @@
-//! int8 products of a few activation rows (a batched decode step: 1 to [`MAX_ROWS`] rows) on
-//! AMX tiles, bound by the bandwidth that streams the weights rather than by multiply-adds.
+//! int8 products of a few activation rows (a batched decode step: 1 to [`MAX_ROWS`] rows; the
+//! dispatch in `linear` sends 2 to 16 here) on AMX tiles, bound by the bandwidth that streams the weights rather than by multiply-adds.
 //!
 //! The int8 weights are (n, k) row-major, one output channel per row: 16 channels × 64 bytes
 //! of k at stride k are already an AMX *A* tile, loaded straight from the weights (no
@@ -12,7 +12,8 @@
 //! is staged through a zeroed buffer (the packed activations are zero past k).
 //!
 //! Rust has no AMX intrinsics: the tile instructions are inline assembly on fixed registers
-//! (tmm0..tmm3 C, tmm4 B, tmm5..tmm6 A), every tile operation of a call inside [`task`],
+//! (tmm0 C, tmm4 B, tmm5 A; tmm1..tmm3 and tmm6 are configured for C and A tiles of a wider
+//! blocking, unused for now), every tile operation of a call inside [`task`],
 //! which configures the tiles first and releases them last. It runs only through an [`Isa`]
 //! whose [`Isa::amx_tiles`] proves the CPU, the OS and this process's permission.
 
@@ -145,7 +146,7 @@ struct TileConfig {
 
 impl TileConfig {
     /// C tiles tmm0..tmm3 (16 channels × m i32), B tile tmm4 (16 rows × 4m bytes), A tiles
-    /// tmm5..tmm6 (16 channels × 64 bytes).
+    /// tmm5..tmm6 (16 channels × 64 bytes). The kernel uses tmm0, tmm4 and tmm5.
     fn for_rows(m: usize) -> Self {
         let mut c = Self {
             palette: 1,
