@@ -1,12 +1,13 @@
 //! Timing of single linear-layer products at the cpu-bench model's shapes (not a test): the
-//! decode step (1 row; 2, 4 and 8 rows for batched decoding), a prefill (115 rows; 460 for four
+//! decode step (1 row; 2, 4, 8 and 16 rows for batched decoding), a prefill (115 rows; 460 for four
 //! at once), one frame (257 rows) and a batch of 8 frames (2056 rows), per precision, on 2
 //! threads, under an ISA limit. For comparing kernels without the whole model:
 //!
 //! ```text
 //! [MKL_ENABLE_INSTRUCTIONS=AVX2] cargo bench -p llamavid-kernels [--features mkl] \
 //!     --bench products -- [--isa avx2] [--threads 2] [--cold 64] [--row-block 320] \
-//!     [--only decode,decode2,decode4,decode8,prefill,prefill4,frame,batch8,attention]
+//!     [--only decode,decode2,decode4,decode8,decode16,prefill,prefill4,frame,batch8,attention] \
+//!     [--dtypes f32,bf16,int8]
 //! ```
 //!
 //! `--cold COPIES` cycles through that many copies of each layer, so that (with copies whose
@@ -36,6 +37,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let (mut limit, mut threads, mut only) = (IsaLimit::Avx2, 2usize, None::<String>);
     let mut copies = 1usize;
+    let mut kinds = vec![WeightType::F32, WeightType::Bf16, WeightType::Int8];
     let mut row_block = CpuKernels::DEFAULT_ROW_BLOCK;
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -62,12 +64,27 @@ fn main() {
                     .parse()
                     .expect("a count")
             }
+            "--dtypes" => {
+                kinds = args
+                    .next()
+                    .expect("--dtypes f32,bf16,int8")
+                    .split(',')
+                    .map(|d| match d {
+                        "f32" => WeightType::F32,
+                        "bf16" => WeightType::Bf16,
+                        "int8" => WeightType::Int8,
+                        other => panic!("unknown dtype {other} (f32, bf16, int8)"),
+                    })
+                    .collect()
+            }
             // cargo bench passes --bench to every bench binary.
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
     }
-    let isa = Isa::detect(limit);
+    // As a model load does: AMX permission asked for where the limit allows AMX (our AMX
+    // kernels run only once it is granted).
+    let isa = Isa::detect(limit).request_amx();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -87,6 +104,8 @@ fn main() {
         ("decode4", 4, 2048, 5632),
         ("decode8", 8, 5632, 2048),
         ("decode8", 8, 2048, 5632),
+        ("decode16", 16, 5632, 2048),
+        ("decode16", 16, 2048, 5632),
         ("prefill", 115, 5632, 2048),
         ("prefill", 115, 2048, 5632),
         // Four prefills in one step (four captions due at once).
@@ -108,15 +127,16 @@ fn main() {
             let x = data(m * k, 2);
             let bias = data(n, 3);
             let mut line = format!("{name:8} m={m:5} n={n:5} k={k:5}:");
-            let mut f32_time = None;
-            for kind in [WeightType::F32, WeightType::Bf16, WeightType::Int8] {
+            // Ratios are to the first dtype timed (f32 unless --dtypes says otherwise).
+            let mut first_time = None;
+            for &kind in &kinds {
                 let kernels = CpuKernels::new(isa).with_row_block(row_block);
                 let layers: Vec<_> = (0..copies)
                     .map(|_| CpuLinear::from_f32(kind, &w, n, k, Some(bias.clone()), kernels))
                     .collect();
                 let layer = &layers[0];
                 let mut out = vec![0f32; m * n];
-                let reps = if m <= 8 { 50 } else { 5 };
+                let reps = if m <= 16 { 50 } else { 5 };
                 let mut times = Vec::new();
                 for r in 0..=reps {
                     let layer = &layers[r % copies];
@@ -128,8 +148,8 @@ fn main() {
                 }
                 let t = times.into_iter().fold(f64::INFINITY, f64::min);
                 let gmacs = (m * n * k) as f64 / t / 1e9;
-                let ratio = f32_time.map_or(String::new(), |f: f64| format!(" {:.2}x", t / f));
-                f32_time.get_or_insert(t);
+                let ratio = first_time.map_or(String::new(), |f: f64| format!(" {:.2}x", t / f));
+                first_time.get_or_insert(t);
                 line += &format!(
                     "  {} {:8.3} ms {:6.1} GMAC/s{ratio} [{}]",
                     kind.as_str(),

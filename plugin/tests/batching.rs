@@ -3,7 +3,9 @@
 //! whenever they join or leave; a batched encode of frames with different prompts gives the
 //! same tokens as encoding them one by one, and a bad frame fails alone; cancelling one
 //! sequence leaves the others as they were. Each test runs on the fused CPU kernels, on the
-//! portable kernels and on candle's layers (the GPU's code).
+//! portable kernels and on candle's layers (the GPU's code); the decode-step tests also in int8
+//! (batched steps run on the AMX tiles where the CPU has them, one sequence alone on
+//! `vpdpbusd`: exact integer sums either way, so the same logits).
 
 mod common;
 
@@ -15,7 +17,7 @@ use common::{model_dir, reference_tensor};
 use gstllamavid::model::preprocess::FrameView;
 use gstllamavid::model::{
     Cancel, CaptionSequence, CpuLayers, FinishReason, FrameToEncode, GenerationParams, IsaLimit,
-    LlamaVid, LoadOptions, ModelError, WeightFormat,
+    LlamaVid, LoadOptions, ModelError, Precision, WeightFormat,
 };
 
 /// Logits of a sequence batched with others against the same sequence alone (f32): the
@@ -27,10 +29,11 @@ enum Variant {
     Fused,
     PortableKernels,
     CandleLayers,
+    FusedInt8,
 }
 
 fn model_for(variant: Variant) -> &'static LlamaVid {
-    static MODELS: [OnceLock<LlamaVid>; 3] = [const { OnceLock::new() }; 3];
+    static MODELS: [OnceLock<LlamaVid>; 4] = [const { OnceLock::new() }; 4];
     MODELS[variant as usize].get_or_init(|| load(variant))
 }
 
@@ -42,6 +45,7 @@ fn load(variant: Variant) -> LlamaVid {
         Variant::Fused => {}
         Variant::PortableKernels => options.cpu_isa = IsaLimit::Portable,
         Variant::CandleLayers => options.cpu_layers = CpuLayers::Candle,
+        Variant::FusedInt8 => options.precision = Precision::Int8,
     }
     LlamaVid::load(&options).expect("fixture model loads")
 }
@@ -67,6 +71,27 @@ for_each_variant!(
     batched_encode_matches_frames_encoded_one_by_one,
     a_cache_in_a_longer_sequences_old_buffers_matches_a_fresh_one,
 );
+
+/// The decode steps in int8 (the encode's many-row products are not this file's subject in
+/// int8: MKL's GEMMs take them).
+mod fused_int8 {
+    use super::Variant::FusedInt8;
+
+    #[test]
+    fn sequences_batched_with_others_match_each_alone() {
+        super::sequences_batched_with_others_match_each_alone(FusedInt8)
+    }
+
+    #[test]
+    fn a_sequence_cancelled_mid_forward_leaves_the_others_as_they_were() {
+        super::a_sequence_cancelled_mid_forward_leaves_the_others_as_they_were(FusedInt8)
+    }
+
+    #[test]
+    fn a_cancelled_step_advances_nobody_and_the_sequences_go_on() {
+        super::a_cancelled_step_advances_nobody_and_the_sequences_go_on(FusedInt8)
+    }
+}
 
 fn params(max_new_tokens: usize) -> GenerationParams {
     GenerationParams {

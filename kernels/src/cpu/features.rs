@@ -134,6 +134,10 @@ pub struct Isa {
     vnni: bool,
     /// AMX usable by MKL's GEMMs (hardware, OS and, after [`Isa::request_amx`], permission).
     amx: bool,
+    /// AMX tile instructions may run in our own kernels: `amx`, and this process was granted
+    /// the tile state ([`Isa::request_amx`]). MKL asks for the permission itself; a tile
+    /// instruction of ours without it would fault.
+    tiles: bool,
 }
 
 impl Isa {
@@ -156,6 +160,7 @@ impl Isa {
             bf16: false,
             vnni: false,
             amx: false,
+            tiles: false,
         }
     }
 
@@ -174,6 +179,8 @@ impl Isa {
             bf16: avx512 && f.avx512_bf16,
             vnni: avx512 && f.avx512_vnni,
             amx: f.amx,
+            // Never from detection alone: only a granted request proves the permission.
+            tiles: false,
         }
     }
 
@@ -191,6 +198,7 @@ impl Isa {
             bf16: self.bf16 && avx512,
             vnni: self.vnni && avx512,
             amx: self.amx && limit == IsaLimit::Best,
+            tiles: self.tiles && limit == IsaLimit::Best,
         }
     }
 
@@ -211,8 +219,10 @@ impl Isa {
     /// A process-wide effect (documented in the README): called only at the load of a model
     /// whose products will run on AMX.
     pub fn request_amx(self) -> Self {
+        let granted = self.amx && super::host::request_amx_permission();
         Self {
-            amx: self.amx && super::host::request_amx_permission(),
+            amx: granted,
+            tiles: granted,
             ..self
         }
     }
@@ -240,6 +250,12 @@ impl Isa {
     /// AMX tiles for MKL's bf16 and int8 GEMMs.
     pub fn amx(self) -> bool {
         self.amx
+    }
+
+    /// AMX-TILE and AMX-INT8 instructions of our own kernels may run: the CPU and the OS
+    /// support them and [`Isa::request_amx`] was granted the tile state for this process.
+    pub fn amx_tiles(self) -> bool {
+        self.tiles
     }
 
     /// A short name: `portable`, `avx2`, `avx512`, with `+bf16`, `+vnni`, `+amx`.
@@ -325,13 +341,14 @@ mod tests {
             bf16: true,
             vnni: true,
             amx: true,
+            tiles: true,
         };
         assert_eq!(full.narrow(IsaLimit::Best), full);
         let no_amx = full.narrow(IsaLimit::Avx512);
-        assert!(no_amx.avx512_bf16() && !no_amx.amx());
+        assert!(no_amx.avx512_bf16() && !no_amx.amx() && !no_amx.amx_tiles());
         let avx2 = full.narrow(IsaLimit::Avx2);
         assert!(avx2.avx2() && !avx2.avx512() && !avx2.avx512_bf16() && !avx2.avx512_vnni());
-        assert!(!avx2.amx());
+        assert!(!avx2.amx() && !avx2.amx_tiles());
         let portable = full.narrow(IsaLimit::Portable);
         assert_eq!(portable, Isa::portable());
         // A plain CPU stays plain whatever the limit.
@@ -339,6 +356,8 @@ mod tests {
             assert_eq!(Isa::portable().narrow(limit), Isa::portable());
         }
         let detected = Isa::detect(IsaLimit::Best);
+        // Detection has no side effect, so it never proves the tile permission.
+        assert!(!detected.amx_tiles());
         for isa in Isa::available() {
             assert!(isa.level <= detected.level);
         }

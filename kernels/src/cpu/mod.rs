@@ -23,6 +23,7 @@
 // The early `return`s below end a feature-dependent branch (`mkl` or x86 adds code after them).
 #![allow(clippy::needless_return, clippy::too_many_arguments)]
 
+pub mod amx;
 pub mod blas;
 pub mod convert;
 pub mod features;
