@@ -65,9 +65,15 @@ impl PatchEmbed {
         let patches = pixels
             .reshape((b, c, gh, p, gw, p))?
             .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b * gh * gw, c * p * p))?;
-        let out = patches.matmul(&self.weight)?.broadcast_add(&self.bias)?;
-        out.reshape((b, gh * gw, ()))
+            .reshape((b, gh * gw, c * p * p))?;
+        // One product per frame: the matrix library picks its blocking (and so the order of
+        // its sums) from the row count, and a frame's features must not change in the last
+        // bit with the frames batched beside it: reduced-precision blocks round them again,
+        // and one flipped rounding grew to 4e-2 in an int8 tower's output.
+        let frames = (0..b)
+            .map(|i| patches.get(i)?.matmul(&self.weight))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&frames, 0)?.broadcast_add(&self.bias)
     }
 }
 
