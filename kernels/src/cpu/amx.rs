@@ -1,5 +1,6 @@
 //! int8 products of a few activation rows (a batched decode step: 1 to [`MAX_ROWS`] rows; the
-//! dispatch in `linear` sends 2 to 16 here) on AMX tiles, bound by the bandwidth that streams the weights rather than by multiply-adds.
+//! dispatch in `linear` sends 2 to 16 here) on AMX tiles, bound by the bandwidth that streams
+//! the weights rather than by multiply-adds.
 //!
 //! The int8 weights are (n, k) row-major, one output channel per row: 16 channels × 64 bytes
 //! of k at stride k are already an AMX *A* tile, loaded straight from the weights (no
@@ -175,9 +176,8 @@ impl TileConfig {
 ///
 /// # Safety
 /// The CPU runs AMX-TILE, AMX-INT8 and AVX-512 F/BW/VL/DQ, and this process holds the tile
-/// permission; the
-/// operands' sizes match `p`, `packed` is [`pack_activations`]' layout for them, and no other
-/// task writes columns `j0..j1` of `out`.
+/// permission; the operands' sizes match `p`, `packed` is [`pack_activations`]' layout for
+/// them, and no other task writes columns `j0..j1` of `out`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn task(
