@@ -213,8 +213,12 @@ fn load_gguf_llm(
 /// products will use it (a process-wide effect, see the README).
 fn cpu_kernels(options: &LoadOptions, notes: &mut Vec<String>) -> CpuKernels {
     let mut isa = Isa::detect(options.cpu_isa);
+    // Where AMX would run: MKL's bf16 and int8 GEMMs (`mkl` builds; `auto` may become bf16),
+    // and in every build our int8 kernel for batched decode steps.
     let reduced = options.precision != Precision::F32;
-    if isa.amx() && reduced && llamavid_kernels::cpu::HAS_MKL {
+    let uses_amx =
+        (reduced && llamavid_kernels::cpu::HAS_MKL) || options.precision == Precision::Int8;
+    if isa.amx() && uses_amx {
         isa = isa.request_amx();
         if !isa.amx() {
             notes.push(
