@@ -104,10 +104,10 @@ impl VitBlock<'_> {
         let mut qkv = Scratch::<f32>::new(rows * 3 * width);
         self.qkv.forward_into(&h, rows, &mut qkv);
         t.lap(1);
-        // Reduced-precision blocks also run the attention's two products in bf16, where the
-        // CPU multiplies bf16 natively: without AVX-512 BF16, MKL's bf16 GEMM widens to f32
-        // and ran slower than f32 itself (the vision tower's attention on AVX2: 0.151 s a frame
-        // in bf16 against 0.132 s in f32).
+        // Reduced-precision blocks also run the attention's two products in bf16 where MKL's
+        // bf16 GEMM may run (the one rule for it: native bf16, and no AMX behind our back).
+        // Without AVX-512 BF16 that GEMM widens to f32 and ran slower than f32 itself (the
+        // vision tower's attention on AVX2: 0.151 s a frame in bf16 against 0.132 s in f32).
         let shape = AttentionShape {
             batch,
             tokens,
@@ -115,7 +115,11 @@ impl VitBlock<'_> {
             heads: self.num_heads,
             scale: self.scale,
         };
-        let bf16 = self.qkv.weight_type() != super::WeightType::F32 && isa.avx512_bf16();
+        let bf16 = self.qkv.weight_type() != super::WeightType::F32
+            && self
+                .qkv
+                .kernels()
+                .mkl_reduced_precision(super::WeightType::Bf16);
         attention(isa, &qkv, shape, bf16, &mut h);
         t.lap(2);
         drop(qkv);
