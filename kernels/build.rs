@@ -109,6 +109,9 @@ mod mkl {
         "cblas_sgemm_compute",
         "cblas_gemm_bf16bf16f32",
         "cblas_gemm_s8u8s32",
+        "cblas_gemm_s8u8s32_pack_get_size",
+        "cblas_gemm_s8u8s32_pack",
+        "cblas_gemm_s8u8s32_compute",
     ];
     const LIBS: &[&str] = &["mkl_intel_lp64", "mkl_sequential", "mkl_core"];
 

@@ -6,7 +6,8 @@
 //! ```text
 //! [MKL_ENABLE_INSTRUCTIONS=AVX2] cargo bench -p llamavid-kernels [--features mkl] \
 //!     --bench products -- [--isa avx2] [--threads 2] [--cold 64] [--row-block 320] \
-//!     [--only decode,decode2,decode4,decode8,decode16,prefill,prefill4,frame,batch8,attention] \
+//!     [--only decode,decode2,decode4,decode8,decode16,prefill,prefill4,frame,batch8,attention,
+//!     decode-plain,decode4-plain,prefill-plain,frame-plain] \
 //!     [--dtypes f32,bf16,int8]
 //! ```
 //!
@@ -31,6 +32,17 @@ fn data(len: usize, seed: u32) -> Vec<f32> {
             (state as f32 / u32::MAX as f32) * 2.0 - 1.0
         })
         .collect()
+}
+
+/// How a case's weights are laid out.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// As the model lays out the language model's (`packed_where_faster`).
+    Model,
+    /// As the model lays out the vision tower's (`packed_for` one frame's 257 rows).
+    Vision,
+    /// As quantised (no MKL packing).
+    Plain,
 }
 
 fn main() {
@@ -93,30 +105,37 @@ fn main() {
         "isa {isa}, {threads} threads, mkl {}",
         llamavid_kernels::cpu::HAS_MKL
     );
-    // (name, rows, out features, in features): the LLM's MLP up/gate and down, EVA's MLP.
+    // (name, rows, out features, in features, weights' layout): the LLM's MLP up/gate and
+    // down, EVA's MLP, their weights laid out as the model lays them out (`Layout::Model`:
+    // `packed_for` for the vision tower's, `packed_where_faster` for the LLM's), and a few as
+    // quantised (`Layout::Plain`), for comparison.
     let cases = [
-        ("decode", 1, 5632, 2048),
-        ("decode", 1, 2048, 5632),
+        ("decode", 1, 5632, 2048, Layout::Model),
+        ("decode", 1, 2048, 5632, Layout::Model),
+        ("decode-plain", 1, 5632, 2048, Layout::Plain),
         // A decode step of 2, 4 and 8 sequences together (the shared scheduler's batch).
-        ("decode2", 2, 5632, 2048),
-        ("decode2", 2, 2048, 5632),
-        ("decode4", 4, 5632, 2048),
-        ("decode4", 4, 2048, 5632),
-        ("decode8", 8, 5632, 2048),
-        ("decode8", 8, 2048, 5632),
-        ("decode16", 16, 5632, 2048),
-        ("decode16", 16, 2048, 5632),
-        ("prefill", 115, 5632, 2048),
-        ("prefill", 115, 2048, 5632),
+        ("decode2", 2, 5632, 2048, Layout::Model),
+        ("decode2", 2, 2048, 5632, Layout::Model),
+        ("decode4", 4, 5632, 2048, Layout::Model),
+        ("decode4", 4, 2048, 5632, Layout::Model),
+        ("decode4-plain", 4, 5632, 2048, Layout::Plain),
+        ("decode8", 8, 5632, 2048, Layout::Model),
+        ("decode8", 8, 2048, 5632, Layout::Model),
+        ("decode16", 16, 5632, 2048, Layout::Model),
+        ("decode16", 16, 2048, 5632, Layout::Model),
+        ("prefill", 115, 5632, 2048, Layout::Model),
+        ("prefill", 115, 2048, 5632, Layout::Model),
+        ("prefill-plain", 115, 5632, 2048, Layout::Plain),
         // Four prefills in one step (four captions due at once).
-        ("prefill4", 460, 5632, 2048),
-        ("prefill4", 460, 2048, 5632),
-        ("frame", 257, 6144, 1408),
-        ("frame", 257, 1408, 6144),
-        ("batch8", 2056, 6144, 1408),
+        ("prefill4", 460, 5632, 2048, Layout::Model),
+        ("prefill4", 460, 2048, 5632, Layout::Model),
+        ("frame", 257, 6144, 1408, Layout::Vision),
+        ("frame", 257, 1408, 6144, Layout::Vision),
+        ("frame-plain", 257, 6144, 1408, Layout::Plain),
+        ("batch8", 2056, 6144, 1408, Layout::Vision),
     ];
     pool.install(|| {
-        for (name, m, n, k) in cases {
+        for (name, m, n, k, layout) in cases {
             if only
                 .as_deref()
                 .is_some_and(|o| !o.split(',').any(|x| x == name))
@@ -132,7 +151,15 @@ fn main() {
             for &kind in &kinds {
                 let kernels = CpuKernels::new(isa).with_row_block(row_block);
                 let layers: Vec<_> = (0..copies)
-                    .map(|_| CpuLinear::from_f32(kind, &w, n, k, Some(bias.clone()), kernels))
+                    .map(|_| {
+                        let layer =
+                            CpuLinear::from_f32(kind, &w, n, k, Some(bias.clone()), kernels);
+                        match layout {
+                            Layout::Model => layer.packed_where_faster(),
+                            Layout::Vision => layer.packed_for(257),
+                            Layout::Plain => layer,
+                        }
+                    })
                     .collect();
                 let layer = &layers[0];
                 let mut out = vec![0f32; m * n];

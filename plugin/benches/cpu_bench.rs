@@ -663,7 +663,7 @@ fn machine_speed(threads: usize) -> [f64; 3] {
         // Everything the CPU has; AMX asked for, as a bf16 model load does.
         let kernels = CpuKernels::new(Isa::detect(IsaLimit::Best).request_amx());
         let tensor = Tensor::from_vec(w.clone(), (n, n), &Device::Cpu).expect("tensor");
-        let f32_layer = CpuLinear::f32(tensor, None, kernels, None).expect("f32 layer");
+        let f32_layer = CpuLinear::f32(tensor, None, kernels).expect("f32 layer");
         let bf16_layer = CpuLinear::from_f32(WeightType::Bf16, &w, n, n, None, kernels);
         let mut out = vec![0f32; n * n];
         let mut best_ms = |layer: &CpuLinear| {

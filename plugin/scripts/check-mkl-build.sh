@@ -14,4 +14,5 @@ cd "$repo"
 cargo clippy -p llamavid-kernels -p gst-plugin-llamavid --all-targets --features mkl -- -D warnings
 cargo test -p llamavid-kernels --features mkl --no-fail-fast --lib
 cargo test -p gst-plugin-llamavid --features mkl --no-fail-fast \
-    --lib --test model_stages --test model_precision --test model_errors --test kernel_twins
+    --lib --test model_stages --test model_precision --test model_errors --test kernel_twins \
+    --test batching

@@ -168,6 +168,8 @@ pub enum ProductPath {
     MklBf16,
     /// int8 tiles on MKL's `gemm_s8u8s32` (AMX where permitted).
     MklInt8,
+    /// int8 tiles on MKL's packed int8 weights.
+    MklInt8Packed,
     /// ggml's block dot products ([`super::quant`]) for these instructions, any row count.
     GgmlBlocks(Isa),
     /// int8 products of 2 to [`amx::MAX_ROWS`] rows on our AMX tile kernel ([`amx`]).
@@ -184,6 +186,7 @@ impl ProductPath {
             Self::MklPacked => "MKL packed sgemm".into(),
             Self::MklBf16 => "MKL bf16 GEMM".into(),
             Self::MklInt8 => "MKL u8s8 GEMM".into(),
+            Self::MklInt8Packed => "MKL packed u8s8 GEMM".into(),
             Self::GgmlBlocks(isa) => format!("ggml block dots ({isa})"),
             Self::AmxInt8 => "AMX int8 tiles".into(),
         }
@@ -208,12 +211,21 @@ enum F32Weights {
 }
 
 struct Int8Weights {
-    /// (n, k) row-major, in ± the layer's [`CpuKernels::int8_weight_levels`].
-    q: Vec<i8>,
+    /// In ± the layer's [`CpuKernels::int8_weight_levels`].
+    q: Int8Values,
     /// Per output channel.
     scale: Vec<f32>,
     /// `-128 · Σ_k q[j, k]`: removes the +128 offset of the u8 activations.
     offset: Vec<i32>,
+}
+
+enum Int8Values {
+    /// (n, k) row-major.
+    Plain(Vec<i8>),
+    /// In MKL's packed layout, one part per column range of the threads' split, as
+    /// [`F32Weights::Packed`].
+    #[cfg(feature = "mkl")]
+    Packed(Vec<(usize, usize, mkl::PackedS8)>),
 }
 
 /// A linear layer's weights in the layout of one precision's kernels.
@@ -226,42 +238,106 @@ pub struct CpuLinear {
 }
 
 impl CpuLinear {
-    /// f32 weights: `w` is an (n, k) f32 tensor on the CPU. With `pack_rows` (and the `mkl`
-    /// feature), the weights are kept only in MKL's packed layout, tuned for products of about
-    /// that many rows: for layers only ever applied to many rows at once. Packing splits the
-    /// columns for the current thread pool: build the layer in the pool that will run it.
+    /// f32 weights: `w` is an (n, k) f32 tensor on the CPU (kept as it is).
     pub fn f32(
         w: Tensor,
         bias: Option<Vec<f32>>,
         kernels: CpuKernels,
-        pack_rows: Option<usize>,
     ) -> candle_core::Result<Self> {
         let (n, k) = w.dims2()?;
         let w = w.contiguous()?;
-        #[allow(unused_mut)]
-        let mut layer = Self::with_weights(Weights::F32(F32Weights::Plain(w)), bias, n, k, kernels);
+        Ok(Self::with_weights(
+            Weights::F32(F32Weights::Plain(w)),
+            bias,
+            n,
+            k,
+            kernels,
+        ))
+    }
+
+    /// The layer with its weights kept only in MKL's packed layout, tuned for products of
+    /// about `rows` rows, where its many-row products run on MKL (f32 weights, and int8 ones
+    /// where [`CpuKernels::mkl_reduced_precision`] allows): for layers only ever applied to
+    /// many rows at once, such as a vision tower's. Then a product no longer copies the
+    /// weights into that layout on every call. Other layers, and builds without `mkl`, stay
+    /// as they are. Packing splits the columns for the current thread pool: build the layer
+    /// in the pool that will run it.
+    pub fn packed_for(self, rows: usize) -> Self {
         #[cfg(feature = "mkl")]
-        if let Some(rows) = pack_rows {
+        {
+            let (n, k) = (self.n, self.k);
             let ranges = parallel::thread_columns(n);
-            let packed = layer.with_f32_weights(|w| {
-                ranges
-                    .iter()
-                    .map(|&(j0, j1)| {
-                        // SAFETY: rows j0..j1 of the (n, k) weights.
-                        let part = unsafe {
-                            mkl::PackedF32::new(rows, j1 - j0, k, w.as_ptr().add(j0 * k), k)
-                        };
-                        (j0, j1, part)
-                    })
-                    .collect()
-            });
-            // The plain tensor goes now: only the packed copy stays.
-            layer.weights = Weights::F32(F32Weights::Packed(packed));
+            match &self.weights {
+                Weights::F32(F32Weights::Plain(_)) => {
+                    let parts = self.with_f32_weights(|w| {
+                        ranges
+                            .iter()
+                            .map(|&(j0, j1)| {
+                                // SAFETY: rows j0..j1 of the (n, k) weights.
+                                let part = unsafe {
+                                    mkl::PackedF32::new(rows, j1 - j0, k, w.as_ptr().add(j0 * k), k)
+                                };
+                                (j0, j1, part)
+                            })
+                            .collect()
+                    });
+                    // The plain tensor goes now: only the packed copy stays.
+                    let weights = Weights::F32(F32Weights::Packed(parts));
+                    return Self { weights, ..self };
+                }
+                Weights::Int8(Int8Weights {
+                    q: Int8Values::Plain(q),
+                    ..
+                }) if self.kernels.mkl_reduced_precision(WeightType::Int8) => {
+                    let parts = ranges
+                        .iter()
+                        .map(|&(j0, j1)| {
+                            // SAFETY: rows j0..j1 of the (n, k) weights.
+                            let part = unsafe {
+                                mkl::PackedS8::new(rows, j1 - j0, k, q.as_ptr().add(j0 * k), k)
+                            };
+                            (j0, j1, part)
+                        })
+                        .collect();
+                    let Weights::Int8(w) = self.weights else {
+                        unreachable!()
+                    };
+                    let weights = Weights::Int8(Int8Weights {
+                        q: Int8Values::Packed(parts),
+                        ..w
+                    });
+                    return Self { weights, ..self };
+                }
+                _ => {}
+            }
         }
         #[cfg(not(feature = "mkl"))]
-        let _ = pack_rows;
-        Ok(layer)
+        let _ = rows;
+        self
     }
+
+    /// The layer with int8 weights in MKL's packed layout where that is faster at every row
+    /// count, one row included: on AMX CPUs whose many-row int8 products run on MKL. There,
+    /// MKL's products on packed weights read them at the memory's bandwidth from one row on,
+    /// and a prefill no longer copies them into that layout on every call (products bench,
+    /// `--cold 64`, 5632 × 2048: 1 row 0.356 ms against 0.396 ms on our VNNI gemv, 4 rows
+    /// 0.352 ms against 0.442 ms on our AMX tiles, 115 rows 0.98 ms against 1.56 ms). For
+    /// layers applied to any number of rows (a language model's decode steps, batched steps
+    /// and prefills). Elsewhere (VNNI without AMX, unmeasured; AVX2; builds without `mkl`)
+    /// the layer stays as it is.
+    pub fn packed_where_faster(self) -> Self {
+        let amx_mkl =
+            self.kernels.isa.amx() && self.kernels.mkl_reduced_precision(WeightType::Int8);
+        if amx_mkl && self.weight_type() == WeightType::Int8 {
+            self.packed_for(Self::ANY_ROWS_PACK_HINT)
+        } else {
+            self
+        }
+    }
+
+    /// The row count MKL's layout is tuned for in [`Self::packed_where_faster`]: packed for 115
+    /// or for 460 rows measured the same at 1 to 460 rows.
+    const ANY_ROWS_PACK_HINT: usize = 256;
 
     /// Weights of type `kind` from `w`, (n, k) row-major f32: converted once to bf16 or
     /// quantised per output channel to int8 (f32 weights are copied into a tensor). ggml
@@ -288,7 +364,11 @@ impl CpuLinear {
             WeightType::Int8 => {
                 let (q, scale, offset) =
                     convert::quantize_weights(kernels.isa, w, k, kernels.int8_levels);
-                Weights::Int8(Int8Weights { q, scale, offset })
+                Weights::Int8(Int8Weights {
+                    q: Int8Values::Plain(q),
+                    scale,
+                    offset,
+                })
             }
             // A caller's slip, not an input error: no precision maps to ggml blocks.
             WeightType::Ggml(t) => panic!("{t:?} weights come from a GGUF file (CpuLinear::ggml)"),
@@ -366,7 +446,14 @@ impl CpuLinear {
                 parts.iter().map(|(_, _, p)| p.bytes()).sum()
             }
             Weights::Bf16(w) => w.len() * 2,
-            Weights::Int8(w) => w.q.len() + w.scale.len() * 8,
+            Weights::Int8(w) => {
+                let values = match &w.q {
+                    Int8Values::Plain(q) => q.len(),
+                    #[cfg(feature = "mkl")]
+                    Int8Values::Packed(parts) => parts.iter().map(|(_, _, p)| p.bytes()).sum(),
+                };
+                values + w.scale.len() * 8
+            }
             Weights::Ggml(w) => w.bytes(),
         }
     }
@@ -380,6 +467,11 @@ impl CpuLinear {
         match &self.weights {
             #[cfg(feature = "mkl")]
             Weights::F32(F32Weights::Packed(_)) => ProductPath::MklPacked,
+            #[cfg(feature = "mkl")]
+            Weights::Int8(Int8Weights {
+                q: Int8Values::Packed(_),
+                ..
+            }) => ProductPath::MklInt8Packed,
             Weights::F32(_) if few && isa.avx2() => ProductPath::Gemv(ours),
             Weights::F32(_) => ProductPath::Sgemm,
             Weights::Ggml(_) => ProductPath::GgmlBlocks(isa),
@@ -434,8 +526,17 @@ impl CpuLinear {
                 let mut xs = Scratch::<f32>::new(m);
                 convert::quantize_rows(isa, x, k, &mut xq, &mut xs);
                 let x = XRows::Int8 { q: &xq, scale: &xs };
+                // Without `mkl`, `Plain` is the only layout.
+                #[allow(clippy::infallible_destructuring_match)]
+                let q = match &w.q {
+                    Int8Values::Plain(q) => q,
+                    #[cfg(feature = "mkl")]
+                    Int8Values::Packed(parts) => {
+                        return self.int8_packed(parts, x, w, m, out, epilogue)
+                    }
+                };
                 let w = WRows::Int8 {
-                    q: &w.q,
+                    q,
                     levels: self.kernels.int8_levels,
                     scale: &w.scale,
                     offset: &w.offset,
@@ -560,15 +661,13 @@ impl CpuLinear {
         else {
             unreachable!("int8 tiles for other operands")
         };
-        let (n, k, isa) = (self.n, self.k, self.kernels.isa);
+        let (n, k) = (self.n, self.k);
         let y = SharedMut::new(out);
         for_tiles(m, n, self.kernels.row_block, |i0, i1, j0, j1| {
             let (rows, cols) = (i1 - i0, j1 - j0);
             let mut acc = Scratch::<i32>::new(rows * cols);
-            let bias = self.bias.as_deref().map(|b| &b[j0..j1]);
             // SAFETY: A rows i0..i1 of the (m, k) activations, B rows j0..j1 of the (n, k)
-            // weights, the int32 products into this task's (rows, cols) scratch; then the
-            // output tile at (i0, j0), which no other tile touches.
+            // weights, the int32 products into this task's (rows, cols) scratch.
             unsafe {
                 mkl::u8s8_nt(
                     rows,
@@ -581,24 +680,84 @@ impl CpuLinear {
                     cols,
                     offset.as_ptr().add(j0),
                 );
-                for (r, acc_row) in acc.chunks(cols).enumerate() {
-                    let out_row =
-                        std::slice::from_raw_parts_mut(y.get().add((i0 + r) * n + j0), cols);
-                    rescale_row(
-                        isa,
-                        acc_row,
-                        xs[i0 + r],
-                        &ws[j0..j1],
-                        bias,
-                        epilogue == Epilogue::Accumulate,
-                        out_row,
-                    );
-                    if epilogue == Epilogue::Gelu {
-                        math::gelu(isa, out_row);
-                    }
-                }
             }
+            // The output tile at (i0, j0): no other tile touches it.
+            self.finish_int8_tile(&acc, (i0, j0, j1), xs, ws, y, epilogue);
         });
+    }
+
+    /// The int32 products `acc` of the output tile at rows `i0..`, columns `j0..j1`, rescaled
+    /// into `y` ((m, n), this tile touched by no other task) with the bias and the epilogue.
+    #[cfg(feature = "mkl")]
+    fn finish_int8_tile(
+        &self,
+        acc: &[i32],
+        (i0, j0, j1): (usize, usize, usize),
+        xs: &[f32],
+        ws: &[f32],
+        y: SharedMut<f32>,
+        epilogue: Epilogue,
+    ) {
+        let (n, isa, cols) = (self.n, self.kernels.isa, j1 - j0);
+        let bias = self.bias.as_deref().map(|b| &b[j0..j1]);
+        for (r, acc_row) in acc.chunks(cols).enumerate() {
+            // SAFETY: a row of this tile, inside the (m, n) output (the callers' tiles are).
+            let out_row =
+                unsafe { std::slice::from_raw_parts_mut(y.get().add((i0 + r) * n + j0), cols) };
+            rescale_row(
+                isa,
+                acc_row,
+                xs[i0 + r],
+                &ws[j0..j1],
+                bias,
+                epilogue == Epilogue::Accumulate,
+                out_row,
+            );
+            if epilogue == Epilogue::Gelu {
+                math::gelu(isa, out_row);
+            }
+        }
+    }
+
+    /// int8 products on MKL's packed weights: each part (a column range) walks the row
+    /// blocks; the finish is [`Self::int8_tiles`]'s.
+    #[cfg(feature = "mkl")]
+    fn int8_packed(
+        &self,
+        parts: &[(usize, usize, mkl::PackedS8)],
+        x: XRows,
+        w: &Int8Weights,
+        m: usize,
+        out: &mut [f32],
+        epilogue: Epilogue,
+    ) {
+        let XRows::Int8 { q: xq, scale: xs } = x else {
+            unreachable!("packed int8 products of other activations")
+        };
+        let k = self.k;
+        let y = SharedMut::new(out);
+        parallel::for_row_blocks(
+            m,
+            self.kernels.row_block,
+            parts,
+            |i0, i1, &(j0, j1, ref part)| {
+                let (rows, cols) = (i1 - i0, j1 - j0);
+                let mut acc = Scratch::<i32>::new(rows * cols);
+                // SAFETY: A rows i0..i1 of the (m, k) activations, this part's packed columns,
+                // the int32 products into this task's (rows, cols) scratch.
+                unsafe {
+                    part.product(
+                        rows,
+                        xq.as_ptr().add(i0 * k),
+                        acc.as_mut_ptr(),
+                        cols,
+                        w.offset.as_ptr().add(j0),
+                    );
+                }
+                // The output tile at (i0, j0): no other task touches it.
+                self.finish_int8_tile(&acc, (i0, j0, j1), xs, &w.scale, y, epilogue);
+            },
+        );
     }
 
     /// f32 products on MKL's packed weights: each part (a column range) walks the row blocks.
@@ -874,11 +1033,15 @@ mod tests {
         for isa in isas() {
             let kernels = CpuKernels::new(isa).with_row_block(256);
             let tensor = || Tensor::from_vec(w.clone(), (N, K), &candle_core::Device::Cpu);
-            let plain = CpuLinear::f32(tensor().unwrap(), Some(bias.clone()), kernels, None);
+            let plain = CpuLinear::f32(tensor().unwrap(), Some(bias.clone()), kernels);
             layers.push((plain.unwrap(), format!("f32 {isa}"), 1e-4));
             // Packed for 17 rows, used for other row counts too (MKL builds only).
-            let packed = CpuLinear::f32(tensor().unwrap(), Some(bias.clone()), kernels, Some(17));
-            layers.push((packed.unwrap(), format!("f32 packed {isa}"), 1e-4));
+            let packed = CpuLinear::f32(tensor().unwrap(), Some(bias.clone()), kernels);
+            layers.push((
+                packed.unwrap().packed_for(17),
+                format!("f32 packed {isa}"),
+                1e-4,
+            ));
         }
         check(&layers, &w, &bias, N, K);
     }
@@ -895,8 +1058,11 @@ mod tests {
             for isa in isas() {
                 let kernels = CpuKernels::new(isa).with_row_block(256);
                 for (kind, bound) in [(WeightType::Bf16, 0.1), (WeightType::Int8, 0.2)] {
-                    let layer = CpuLinear::from_f32(kind, &w, n, k, Some(bias.clone()), kernels);
-                    layers.push((layer, format!("{} {isa}", kind.as_str()), bound));
+                    let layer = || CpuLinear::from_f32(kind, &w, n, k, Some(bias.clone()), kernels);
+                    layers.push((layer(), format!("{} {isa}", kind.as_str()), bound));
+                    // MKL's packed int8 weights where its GEMM runs them (bf16 stays).
+                    let packed = layer().packed_for(17);
+                    layers.push((packed, format!("{} packed {isa}", kind.as_str()), bound));
                 }
             }
             check(&layers, &w, &bias, n, k);
@@ -926,8 +1092,12 @@ mod tests {
                     CpuLinear::from_f32(kind, &w, n, k, Some(bias.clone()), kernels)
                 };
                 let portable = layer(Isa::portable());
-                for isa in isas() {
-                    let ours = layer(isa);
+                // Each ISA's layers, and the same packed for MKL where its GEMM runs them.
+                for ours in isas()
+                    .into_iter()
+                    .flat_map(|isa| [layer(isa), layer(isa).packed_for(17)])
+                {
+                    let isa = ours.kernels().isa();
                     // Every row count of the few-row kernels (8) and of the AMX tiles (16),
                     // one past them, and many.
                     for m in (1..=17).chain([300]) {

@@ -97,6 +97,38 @@ extern "C" {
         ldc: c_int,
         co: *const i32,
     );
+    fn cblas_gemm_s8u8s32_pack_get_size(identifier: c_int, m: c_int, n: c_int, k: c_int) -> usize;
+    fn cblas_gemm_s8u8s32_pack(
+        layout: c_int,
+        identifier: c_int,
+        trans: c_int,
+        m: c_int,
+        n: c_int,
+        k: c_int,
+        src: *const c_void,
+        ld: c_int,
+        dest: *mut c_void,
+    );
+    fn cblas_gemm_s8u8s32_compute(
+        layout: c_int,
+        transa: c_int,
+        transb: c_int,
+        offsetc: c_int,
+        m: c_int,
+        n: c_int,
+        k: c_int,
+        alpha: f32,
+        a: *const c_void,
+        lda: c_int,
+        ao: i8,
+        b: *const c_void,
+        ldb: c_int,
+        bo: i8,
+        beta: f32,
+        c: *mut i32,
+        ldc: c_int,
+        co: *const i32,
+    );
 }
 
 /// `cblas_?gemm_compute`'s marker for an operand in MKL's packed format.
@@ -113,14 +145,14 @@ pub(crate) struct PackedF32 {
     k: usize,
 }
 
-/// A zeroed f32 buffer in pages of its own (an anonymous mapping): the room MKL's packed
-/// layout reserves but never writes then takes no memory. `cblas_sgemm_pack_get_size` asks for
-/// 1.4-2x the weights' bytes; a zeroed `Vec` from the heap (`calloc`) clears recycled memory,
-/// so all of it was resident: the cpu-bench vision tower held 5.5 GB of packed weights for
-/// 3.9 GB of f32, more than the plain build's whole model beside it.
+/// A zeroed buffer in pages of its own (an anonymous mapping): the room MKL's packed layouts
+/// reserve but never write then takes no memory. `cblas_sgemm_pack_get_size` asks for 1.4-2x
+/// the weights' bytes; a zeroed `Vec` from the heap (`calloc`) clears recycled memory, so all
+/// of it was resident: the cpu-bench vision tower held 5.5 GB of packed weights for 3.9 GB of
+/// f32, more than the plain build's whole model beside it.
 struct ZeroedPages {
-    ptr: std::ptr::NonNull<f32>,
-    len: usize,
+    ptr: std::ptr::NonNull<u8>,
+    bytes: usize,
 }
 
 // SAFETY: the mapping is owned (unmapped once, on drop) and only read through `&self`.
@@ -128,45 +160,45 @@ unsafe impl Send for ZeroedPages {}
 unsafe impl Sync for ZeroedPages {}
 
 impl ZeroedPages {
-    fn new(len: usize) -> Self {
-        let layout = std::alloc::Layout::array::<f32>(len.max(1)).expect("a buffer size");
+    fn new(bytes: usize) -> Self {
+        let bytes = bytes.max(1);
         // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                layout.size(),
+                bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
                 0,
             )
         };
-        match std::ptr::NonNull::new(p as *mut f32) {
-            Some(ptr) if p != libc::MAP_FAILED => Self {
-                ptr,
-                len: len.max(1),
-            },
-            _ => std::alloc::handle_alloc_error(layout),
+        match std::ptr::NonNull::new(p as *mut u8) {
+            Some(ptr) if p != libc::MAP_FAILED => Self { ptr, bytes },
+            _ => std::alloc::handle_alloc_error(
+                std::alloc::Layout::from_size_align(bytes, 4096).expect("a buffer size"),
+            ),
         }
     }
 
-    fn as_ptr(&self) -> *const f32 {
-        self.ptr.as_ptr()
+    /// The start, page-aligned (so aligned for any element type).
+    fn as_ptr<T>(&self) -> *const T {
+        self.ptr.as_ptr() as *const T
     }
 
-    fn as_mut_ptr(&mut self) -> *mut f32 {
-        self.ptr.as_ptr()
+    fn as_mut_ptr<T>(&mut self) -> *mut T {
+        self.ptr.as_ptr() as *mut T
     }
 
-    fn len(&self) -> usize {
-        self.len
+    fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 
 impl Drop for ZeroedPages {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`, of this size, unmapped only here.
-        unsafe { libc::munmap(self.ptr.as_ptr() as *mut c_void, self.len * 4) };
+        unsafe { libc::munmap(self.ptr.as_ptr() as *mut c_void, self.bytes) };
     }
 }
 
@@ -177,7 +209,7 @@ impl PackedF32 {
     /// `w` must address n rows of k floats at stride `ldw`.
     pub unsafe fn new(m_hint: usize, n: usize, k: usize, w: *const f32, ldw: usize) -> Self {
         let bytes = cblas_sgemm_pack_get_size(B_MATRIX, int(m_hint), int(n), int(k));
-        let mut data = ZeroedPages::new(bytes.div_ceil(4));
+        let mut data = ZeroedPages::new(bytes);
         cblas_sgemm_pack(
             ROW_MAJOR,
             B_MATRIX,
@@ -195,7 +227,7 @@ impl PackedF32 {
 
     /// Bytes reserved (those MKL never writes take no memory).
     pub fn bytes(&self) -> usize {
-        self.data.len() * 4
+        self.data.bytes()
     }
 
     /// `C[m, n] (row stride ldc) = A[m, k] · Wᵀ + beta · C`.
@@ -212,11 +244,76 @@ impl PackedF32 {
             int(self.k),
             a,
             int(self.k),
-            self.data.as_ptr(),
+            self.data.as_ptr::<f32>(),
             int(self.k),
             beta,
             c,
             int(ldc),
+        );
+    }
+}
+
+/// int8 weights `W[n, k]` (the B of `A · Wᵀ` in [`u8s8_nt`]) in MKL's packed layout: a
+/// product of many rows otherwise copies the weights into that layout once per call (on an
+/// AMX CPU, a third of the time of a one-frame encode's int8 products).
+pub(crate) struct PackedS8 {
+    data: ZeroedPages,
+    n: usize,
+    k: usize,
+}
+
+impl PackedS8 {
+    /// Packs `w` (n rows of k at row stride `ldw`) for products of about `m_hint` rows.
+    ///
+    /// # Safety
+    /// `w` must address n rows of k bytes at stride `ldw`.
+    pub unsafe fn new(m_hint: usize, n: usize, k: usize, w: *const i8, ldw: usize) -> Self {
+        let bytes = cblas_gemm_s8u8s32_pack_get_size(B_MATRIX, int(m_hint), int(n), int(k));
+        let mut data = ZeroedPages::new(bytes);
+        cblas_gemm_s8u8s32_pack(
+            ROW_MAJOR,
+            B_MATRIX,
+            TRANS,
+            int(m_hint),
+            int(n),
+            int(k),
+            w as *const c_void,
+            int(ldw),
+            data.as_mut_ptr::<c_void>(),
+        );
+        Self { data, n, k }
+    }
+
+    /// Bytes reserved (those MKL never writes take no memory).
+    pub fn bytes(&self) -> usize {
+        self.data.bytes()
+    }
+
+    /// `C[m, n] (row stride ldc) = A[m, k] · Wᵀ + co[n]` in i32, A unsigned.
+    ///
+    /// # Safety
+    /// `a` must address m rows of k bytes, `c` m rows of n values at stride `ldc`, `co` n
+    /// values.
+    pub unsafe fn product(&self, m: usize, a: *const u8, c: *mut i32, ldc: usize, co: *const i32) {
+        cblas_gemm_s8u8s32_compute(
+            ROW_MAJOR,
+            NO_TRANS,
+            PACKED,
+            ROW_OFFSET,
+            int(m),
+            int(self.n),
+            int(self.k),
+            1.0,
+            a as *const c_void,
+            int(self.k),
+            0,
+            self.data.as_ptr::<c_void>(),
+            int(self.k),
+            0,
+            0.0,
+            c,
+            int(ldc),
+            co,
         );
     }
 }

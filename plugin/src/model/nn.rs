@@ -130,8 +130,9 @@ pub struct LoadContext {
     precision: Precision,
     /// The CPU kernels; `None`: candle's ops (GPU models, or the candle path asked for).
     cpu: Option<CpuKernels>,
-    /// Keep f32 weights only in MKL's packed layout, tuned for products of about this many
-    /// rows (feature `mkl`; no effect without it).
+    /// Keep f32 and int8 weights only in MKL's packed layout, tuned for products of about
+    /// this many rows (feature `mkl`; no effect without it). Without it, int8 weights are
+    /// packed only where that is faster at every row count (`CpuLinear::packed_where_faster`).
     pack_rows: Option<usize>,
     /// Where the fused vision blocks add their stage times, when profiling.
     vit_profile: Option<Arc<VitProfile>>,
@@ -165,8 +166,8 @@ impl LoadContext {
     }
 
     /// For layers only ever applied to about `rows` rows at once, such as the vision tower's
-    /// (257 per frame): their f32 weights can live in MKL's packed layout (a one-frame encode
-    /// then no longer re-packs 4 GB of weights).
+    /// (257 per frame): their f32 and int8 weights can live in MKL's packed layout (a
+    /// one-frame encode then no longer re-packs 4 GB of f32 weights, or 1 GB of int8 ones).
     pub fn packed_for(&self, rows: usize) -> Self {
         Self {
             pack_rows: Some(rows),
@@ -252,14 +253,18 @@ impl LoadContext {
             Some(Ok(b)) if b.len() == n => Some(b),
             Some(_) => return None,
         };
-        match self.precision.weight_type() {
+        let layer = match self.precision.weight_type() {
             // The checkpoint's tensor itself.
-            WeightType::F32 => CpuLinear::f32(weight.clone(), b, kernels, self.pack_rows).ok(),
+            WeightType::F32 => CpuLinear::f32(weight.clone(), b, kernels).ok()?,
             reduced => {
                 let w = weight.flatten_all().and_then(|w| w.to_vec1::<f32>()).ok()?;
-                Some(CpuLinear::from_f32(reduced, &w, n, k, b, kernels))
+                CpuLinear::from_f32(reduced, &w, n, k, b, kernels)
             }
-        }
+        };
+        Some(match self.pack_rows {
+            Some(rows) => layer.packed_for(rows),
+            None => layer.packed_where_faster(),
+        })
     }
 }
 
