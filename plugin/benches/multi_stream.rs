@@ -20,7 +20,9 @@
 //!   caption alone, concurrently: aggregate caption tokens/s, p50/p95 of the time from due to
 //!   text, and the last caption's time over one caption alone (N = 1 of the same path). The
 //!   captions of both paths must be the same text (greedy). One untimed round of N captions
-//!   comes first, as a running element's earlier captions would (their KV buffers are reused).
+//!   comes first, as a running element's earlier captions would (their KV buffers are reused,
+//!   and the prompt's text before the video is prefilled once, by the first caption: both
+//!   paths then start each caption from its kept keys and values, unless `--no-prefix-reuse`).
 //!
 //! Not a test: it prints a table (and writes it as JSON with `--json`).
 
@@ -42,7 +44,8 @@ use serde_json::{json, Value};
 
 const USAGE: &str =
     "usage: multi_stream --model DIR [--streams 1,2,4,8] [--dtype f32|bf16|int8|auto] \
-[--frames N] [--threads N] [--encode-batch N] [--caption-batch N] [--shape FILE] [--json FILE]";
+[--frames N] [--threads N] [--encode-batch N] [--caption-batch N] [--no-prefix-reuse] \
+[--shape FILE] [--json FILE]";
 
 struct Args {
     model: PathBuf,
@@ -51,6 +54,8 @@ struct Args {
     frames: usize,
     threads: usize,
     limits: BatchLimits,
+    /// `LoadOptions::reuse_prompt_prefix` (on unless `--no-prefix-reuse`).
+    reuse_prefix: bool,
     shape: PathBuf,
     json: Option<PathBuf>,
 }
@@ -63,6 +68,7 @@ fn parse_args() -> Result<Args, String> {
     let mut frames = 4;
     let mut threads = 2;
     let mut limits = BatchLimits::default_for(false);
+    let mut reuse_prefix = true;
     let mut shape = repo.join("../shared/bench/cpu-bench.json");
     let mut json = None;
     let mut args = std::env::args().skip(1);
@@ -82,6 +88,7 @@ fn parse_args() -> Result<Args, String> {
             "--threads" => threads = number(value()?, "--threads")?,
             "--encode-batch" => limits.encode = number(value()?, "--encode-batch")?,
             "--caption-batch" => limits.caption = number(value()?, "--caption-batch")?,
+            "--no-prefix-reuse" => reuse_prefix = false,
             "--shape" => shape = PathBuf::from(value()?),
             "--json" => json = Some(PathBuf::from(value()?)),
             "--bench" => {}
@@ -99,6 +106,7 @@ fn parse_args() -> Result<Args, String> {
         frames: frames.max(1),
         threads: threads.max(1),
         limits,
+        reuse_prefix,
         shape,
         json,
     })
@@ -487,12 +495,13 @@ fn run() -> Result<(), String> {
     options.weight_format = WeightFormat::Pickle;
     options.precision = args.precision;
     options.threads = Some(args.threads);
+    options.reuse_prompt_prefix = args.reuse_prefix;
     let t = Instant::now();
     let model = Arc::new(LlamaVid::load(&options).map_err(|e| e.summary())?);
     let cpu = llamavid_kernels::cpu::CpuFeatures::detect();
     println!(
         "model {} | precision {} | mkl {} | amx {} | {} threads | loaded in {:.1} s | \
-         limits: encode {} frames, caption {} captions",
+         limits: encode {} frames, caption {} captions | prompt prefix reuse {}",
         dir.display(),
         model.precision(),
         llamavid_kernels::cpu::HAS_MKL,
@@ -501,6 +510,7 @@ fn run() -> Result<(), String> {
         t.elapsed().as_secs_f64(),
         args.limits.encode,
         args.limits.caption,
+        if args.reuse_prefix { "on" } else { "off" },
     );
     let prompt = model
         .prompt_from_ids(&work.question, work.llm_ids.clone(), &work.qformer_ids)

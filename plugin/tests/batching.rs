@@ -70,6 +70,7 @@ for_each_variant!(
     a_cancelled_step_advances_nobody_and_the_sequences_go_on,
     batched_encode_matches_frames_encoded_one_by_one,
     a_cache_in_a_longer_sequences_old_buffers_matches_a_fresh_one,
+    reused_prompt_prefix_gives_the_whole_prefills_captions,
 );
 
 /// The decode steps and the batched encode in int8. Reduced precision rounds every block's
@@ -97,6 +98,11 @@ mod fused_int8 {
     #[test]
     fn batched_encode_matches_frames_encoded_one_by_one() {
         super::batched_encode_matches_frames_encoded_one_by_one(FusedInt8)
+    }
+
+    #[test]
+    fn reused_prompt_prefix_gives_the_whole_prefills_captions() {
+        super::reused_prompt_prefix_gives_the_whole_prefills_captions(FusedInt8)
     }
 }
 
@@ -212,6 +218,83 @@ fn a_cache_in_a_longer_sequences_old_buffers_matches_a_fresh_one(variant: Varian
         .keeping_step_logits();
     run(&m, std::slice::from_mut(&mut reused));
     assert_same("in the long sequence's old buffers", &reused, &fresh);
+}
+
+/// Captions started from the kept keys and values of the prompt's text before the video
+/// (`LlamaVid::start_caption`) give what the whole prefill gives: the first one, which
+/// computes them, a later one, which reuses them, and two more that join a running batch
+/// beside a sequence prefilled whole. Loading with the reuse off prefills them whole.
+fn reused_prompt_prefix_gives_the_whole_prefills_captions(variant: Variant) {
+    let m = load(variant);
+    let prompt = m.prompt("What is happening in this video?").unwrap();
+    let video = reference_tensor("video_tokens")
+        .to_dtype(m.dtype())
+        .unwrap();
+    let rows = video.dim(0).unwrap();
+    let reversed = {
+        let order: Vec<u32> = (0..rows as u32).rev().collect();
+        video
+            .index_select(&Tensor::new(order.as_slice(), video.device()).unwrap(), 0)
+            .unwrap()
+    };
+    let whole = |v: &Tensor| m.input_embeddings(&prompt, v).unwrap();
+    let full_len = whole(&video).dim(1).unwrap();
+    let (p9, p6) = (params(9), params(6));
+    let expected = alone(&m, &whole(&video), &p9);
+    let expected_reversed = alone(&m, &whole(&reversed), &p6);
+    for label in ["first (computes the prefix)", "second (reuses it)"] {
+        let mut seq = m
+            .start_caption(&prompt, &video, &p9)
+            .unwrap()
+            .keeping_step_logits();
+        assert!(
+            seq.positions() > 0 && seq.next_rows() + seq.positions() == full_len,
+            "{label}: starts after the prefix ({} + {} of {full_len} rows)",
+            seq.positions(),
+            seq.next_rows()
+        );
+        run(&m, std::slice::from_mut(&mut seq));
+        assert_same(label, &seq, &expected);
+    }
+    // A whole prefill running; two captions from the prefix join it at the next step.
+    let mut sequences = vec![m
+        .start_sequence(&whole(&reversed), &p6)
+        .unwrap()
+        .keeping_step_logits()];
+    m.step(&mut [&mut sequences[0]], Cancel::NEVER).unwrap();
+    sequences.push(
+        m.start_caption(&prompt, &video, &p9)
+            .unwrap()
+            .keeping_step_logits(),
+    );
+    sequences.push(
+        m.start_caption(&prompt, &reversed, &p6)
+            .unwrap()
+            .keeping_step_logits(),
+    );
+    run(&m, &mut sequences);
+    assert_same(
+        "whole, beside prefix-started ones",
+        &sequences[0],
+        &expected_reversed,
+    );
+    assert_same("from the prefix, in a batch", &sequences[1], &expected);
+    assert_same(
+        "another window from the prefix",
+        &sequences[2],
+        &expected_reversed,
+    );
+
+    let mut options = LoadOptions::new(model_dir());
+    options.weight_format = WeightFormat::Pickle;
+    options.reuse_prompt_prefix = false;
+    let off = LlamaVid::load(&options).unwrap();
+    let seq = off.start_caption(&prompt, &video, &p9).unwrap();
+    assert_eq!(
+        (seq.positions(), seq.next_rows()),
+        (0, full_len),
+        "reuse off: whole prefill"
+    );
 }
 
 fn a_sequence_cancelled_mid_forward_leaves_the_others_as_they_were(variant: Variant) {

@@ -142,9 +142,8 @@ impl CaptionEngine for LlamaVid {
         prompt: &CaptionPrompt,
         params: &GenerationParams,
     ) -> Result<LlamaVidSequence> {
-        let embeddings = self.input_embeddings(prompt, tokens)?;
         Ok(LlamaVidSequence {
-            sequence: LlamaVid::start_sequence(self, &embeddings, params)?,
+            sequence: self.start_caption(prompt, tokens, params)?,
             reported: false,
         })
     }

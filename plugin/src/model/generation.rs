@@ -13,6 +13,7 @@ use candle_core::Tensor;
 use super::cancel::{Cancel, CANCELLED};
 use super::llama::{LlamaCache, LogitsFor, SequenceStep};
 use super::llamavid::{Generation, LlamaVid};
+use super::prefix_cache::PrefixKv;
 use super::sampling::{GenerationParams, Sampler};
 use super::{ModelError, Result};
 
@@ -128,6 +129,18 @@ impl LlamaVid {
         embeddings: &Tensor,
         params: &GenerationParams,
     ) -> Result<CaptionSequence> {
+        self.start_sequence_after(embeddings, None, params)
+    }
+
+    /// [`Self::start_sequence`] whose context starts from `prefix`'s keys and values, which
+    /// must be those of the first `prefix.len()` rows of `embeddings` (as
+    /// [`Self::start_caption`] finds them): the first step prefills only the rows after them.
+    pub(crate) fn start_sequence_after(
+        &self,
+        embeddings: &Tensor,
+        prefix: Option<&PrefixKv>,
+        params: &GenerationParams,
+    ) -> Result<CaptionSequence> {
         let llm = self.llm();
         if !llm.has_decoder() {
             return Err(ModelError::InvalidInput(
@@ -154,10 +167,17 @@ impl LlamaVid {
         // The last token written is never run: the context holds the prefill and all but it.
         let room = llm.max_positions() - prefill_len;
         let max_new = params.max_new_tokens.min(room + 1);
+        let mut cache = llm.new_cache(prefill_len + max_new);
+        let mut input = embeddings.to_dtype(self.dtype())?;
+        // Only with rows left to prefill: the first step's logits come from the last row.
+        if let Some(prefix) = prefix.filter(|p| !p.is_empty() && p.len() < prefill_len) {
+            prefix.start(&mut cache)?;
+            input = input.narrow(1, prefix.len(), prefill_len - prefix.len())?;
+        }
         Ok(CaptionSequence {
-            cache: llm.new_cache(prefill_len + max_new),
+            cache,
             sampler: Sampler::new(params),
-            input: embeddings.to_dtype(self.dtype())?,
+            input,
             token_ids: Vec::new(),
             step_logits: None,
             max_new,

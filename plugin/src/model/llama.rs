@@ -537,6 +537,46 @@ impl LlamaCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Copies of every layer's keys and values at positions `0..len` (each (1, kv_heads, len,
+    /// d)), for [`LlamaCache::start_with`] in other caches of the same model.
+    pub(crate) fn copy_positions(&self, len: usize) -> Result<Vec<(Tensor, Tensor)>> {
+        if len > self.len {
+            candle_core::bail!("the cache holds {} positions, {len} asked for", self.len);
+        }
+        // `copy` after `contiguous`: a view that is contiguous already would share the
+        // buffer, which goes back to the model's free buffers with this cache.
+        let copy = |t: &Option<Tensor>| match t {
+            Some(t) => t.narrow(2, 0, len)?.contiguous()?.copy(),
+            None => candle_core::bail!("a layer of the cache was never written"),
+        };
+        self.layers
+            .iter()
+            .map(|layer| Ok((copy(&layer.keys)?, copy(&layer.values)?)))
+            .collect()
+    }
+
+    /// Starts this empty cache with keys and values from [`LlamaCache::copy_positions`] of
+    /// another cache of the same model: they become its first positions.
+    pub(crate) fn start_with(&mut self, layers: &[(Tensor, Tensor)]) -> Result<()> {
+        if self.len != 0 || layers.len() != self.layers.len() {
+            candle_core::bail!(
+                "keys and values of {} layers for a cache of {} layers holding {} positions",
+                layers.len(),
+                self.layers.len(),
+                self.len
+            );
+        }
+        let Some((first, _)) = layers.first() else {
+            return Ok(());
+        };
+        let rows = first.dim(2)?;
+        for (cache, (k, v)) in self.layers.iter_mut().zip(layers) {
+            cache.write(k, v, 0)?;
+        }
+        self.commit(rows);
+        Ok(())
+    }
 }
 
 /// Which logits a forward pass computes: the `lm_head` over 32000 rows is the costliest

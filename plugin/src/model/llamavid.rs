@@ -14,11 +14,13 @@ use super::checkpoint::Checkpoint;
 use super::config::{read_json, BertConfig, LlavaConfig, VisionOverrides};
 use super::eva::{EvaConfig, EvaVit};
 use super::files::{self, ModelFiles};
+use super::generation::CaptionSequence;
 use super::gguf::GgufLlama;
 use super::llama::{CheckpointWeights, Llama};
 use super::nn::{LoadContext, Precision};
 use super::options::{CpuLayers, LanguageModelWeights, LoadOptions};
 use super::pool::ComputePool;
+use super::prefix_cache::PrefixCache;
 use super::preprocess::{ClipPreprocess, FrameView, ResizeTarget};
 use super::prompt::{clean_answer, split_at_image, PromptIds, IMAGE_TOKEN_INDEX};
 use super::qformer::{QFormerConfig, TextGuidance};
@@ -38,6 +40,9 @@ pub struct CaptionPrompt {
     pub guidance: TextGuidance,
     /// LLM ids with the image placeholder (-200), as the reference tokenizes them.
     pub input_ids: Vec<i64>,
+    /// The LLM ids before the placeholder: the opening of every caption's context with this
+    /// prompt (see [`LlamaVid::start_caption`]).
+    before_ids: Vec<u32>,
     /// Embeddings of the ids before and after the placeholder (1, n, H).
     before: Tensor,
     after: Tensor,
@@ -97,6 +102,8 @@ pub struct LlamaVid {
     pool: Arc<ComputePool>,
     /// What runs the model, in words (see [`LlamaVid::compute`]).
     compute: String,
+    /// Keys and values of the prompts' openings ([`LoadOptions::reuse_prompt_prefix`]).
+    prefixes: Option<PrefixCache>,
 }
 
 /// The dimensions of tensor `name`, which must have `rank` of them: the sizes the loader
@@ -454,6 +461,7 @@ impl LlamaVid {
             notes,
             pool,
             compute,
+            prefixes: options.reuse_prompt_prefix.then(PrefixCache::default),
         })
     }
 
@@ -599,6 +607,7 @@ impl LlamaVid {
                 guidance,
                 before: self.llm.embed(&parts.before)?,
                 after: self.llm.embed(&parts.after)?,
+                before_ids: parts.before,
                 input_ids,
             })
         })
@@ -789,6 +798,28 @@ impl LlamaVid {
         Ok(sequence.into_generation())
     }
 
+    /// A sequence that captions the window of frame tokens `video_tokens` (N, H) with
+    /// `prompt` (see [`Self::start_sequence`] for what follows). With
+    /// [`LoadOptions::reuse_prompt_prefix`], its context starts from the kept keys and values
+    /// of the prompt's text before the video (computed by the first caption that needs them),
+    /// and its first step prefills only the rest: the same arithmetic on the same rows (the
+    /// `reused_prompt_prefix_*` tests hold it to the whole prefill).
+    pub fn start_caption(
+        &self,
+        prompt: &CaptionPrompt,
+        video_tokens: &Tensor,
+        params: &GenerationParams,
+    ) -> Result<CaptionSequence> {
+        let embeddings = self.input_embeddings(prompt, video_tokens)?;
+        let prefix = match &self.prefixes {
+            Some(kept) if !prompt.before_ids.is_empty() && self.llm.has_decoder() => {
+                Some(self.install(|| kept.get_or_compute(&self.llm, &prompt.before_ids))?)
+            }
+            _ => None,
+        };
+        self.start_sequence_after(&embeddings, prefix.as_deref(), params)
+    }
+
     /// Captions a window of frame tokens (N, H), laid out frame by frame.
     pub fn caption(
         &self,
@@ -797,9 +828,12 @@ impl LlamaVid {
         params: &GenerationParams,
         cancel: Option<&AtomicBool>,
     ) -> Result<Caption> {
-        let embeddings = self.input_embeddings(prompt, video_tokens)?;
-        let generation = self.generate(&embeddings, params, false, cancel)?;
-        self.caption_from_ids(generation.token_ids)
+        let mut sequence = self.start_caption(prompt, video_tokens, params)?;
+        let cancel = Cancel::from_option(cancel);
+        while !sequence.is_finished() {
+            self.step(&mut [&mut sequence], cancel)?;
+        }
+        self.caption_from_ids(sequence.into_generation().token_ids)
     }
 
     /// The caption of generated ids: decoded and cleaned as the reference does.

@@ -18,6 +18,7 @@ pub mod llama;
 pub mod nn;
 pub mod options;
 pub mod pool;
+pub mod prefix_cache;
 pub mod preprocess;
 pub mod prompt;
 pub mod qformer;

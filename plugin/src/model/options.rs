@@ -55,6 +55,12 @@ pub struct LoadOptions {
     pub row_block: Option<usize>,
     /// Time the fused vision blocks per stage (`LlamaVid::vision().profile()`): for benchmarks.
     pub profile: bool,
+    /// Compute the keys and values of a prompt's text before the video once (the system
+    /// prompt, the same for every caption with one conversation template: 35 of the cpu-bench
+    /// caption's 115 positions), keep them (a few prompts' worth, in memory), and start every
+    /// caption with that prompt from them (`LlamaVid::start_caption`). Default: on; off
+    /// prefills every caption whole (for comparisons).
+    pub reuse_prompt_prefix: bool,
 }
 
 /// How the CPU runs the transformer layers.
@@ -98,6 +104,7 @@ impl LoadOptions {
             cpu_layers: CpuLayers::Fused,
             row_block: None,
             profile: false,
+            reuse_prompt_prefix: true,
         }
     }
 }
