@@ -1,5 +1,6 @@
 //! Element-wise conversions around the reduced-precision products: f32 to bf16 (round to
-//! nearest even, as PyTorch's `.to(torch.bfloat16)`), and per-row symmetric int8
+//! nearest even, as PyTorch's `.to(torch.bfloat16)`), f32 to and from f16 (the KV caches of
+//! reduced-precision models), and per-row symmetric int8
 //! quantisation of activations (stored with a +128 offset as u8, the operand type of
 //! `vpdpbusd` and MKL's `gemm_s8u8s32`).
 
@@ -71,6 +72,70 @@ pub fn to_bf16(isa: Isa, src: &[f32], dst: &mut [u16]) {
     dst.par_chunks_mut(chunk)
         .zip(src.par_chunks(chunk))
         .for_each(|(d, s)| to_bf16_serial(isa, s, d));
+}
+
+/// `dst[i]` = the IEEE half-precision bits of `src[i]` (round to nearest even; beyond ±65504,
+/// ±inf): the keys and values of reduced-precision models' KV caches. `vcvtps2ph`, 8 values
+/// per instruction, where the CPU has F16C (every AVX2 level here does).
+pub fn to_f16(isa: Isa, src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2() {
+        // SAFETY: the AVX2 level includes F16C.
+        return unsafe { to_f16_f16c(src, dst) };
+    }
+    let _ = isa;
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = half::f16::from_f32(s).to_bits();
+    }
+}
+
+/// `dst[i]` = the value of the half-precision bits `src[i]` (exact).
+pub fn f16_to_f32(isa: Isa, src: &[u16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2() {
+        // SAFETY: the AVX2 level includes F16C.
+        return unsafe { f16_to_f32_f16c(src, dst) };
+    }
+    let _ = isa;
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = half::f16::from_bits(s).to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn to_f16_f16c(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let n = src.len();
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut i = 0;
+    while i + 8 <= n {
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s.add(i)));
+        _mm_storeu_si128(d.add(i) as *mut __m128i, h);
+        i += 8;
+    }
+    for j in i..n {
+        *d.add(j) = half::f16::from_f32(*s.add(j)).to_bits();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_to_f32_f16c(src: &[u16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = src.len();
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut i = 0;
+    while i + 8 <= n {
+        let h = _mm_loadu_si128(s.add(i) as *const __m128i);
+        _mm256_storeu_ps(d.add(i), _mm256_cvtph_ps(h));
+        i += 8;
+    }
+    for j in i..n {
+        *d.add(j) = half::f16::from_bits(*s.add(j)).to_f32();
+    }
 }
 
 /// One row: returns the scale `s` with `x ≈ s · (q - 128)`.
@@ -308,6 +373,42 @@ mod tests {
                 fast.iter().zip(&src).all(|(&b, &s)| b == bf16_bits(s)),
                 "{isa}"
             );
+        }
+    }
+
+    /// Every ISA's f16 conversions give the `half` crate's (round to nearest even, overflow
+    /// to infinity, subnormals), and f16 to f32 is exact.
+    #[test]
+    fn f16_conversions_match_the_half_crate_on_every_isa() {
+        let mut src: Vec<f32> = (0..10_003).map(|i| (i as f32 - 5000.0) * 0.0371).collect();
+        src.extend([
+            0.0,
+            -0.0,
+            65504.0,
+            65520.0,
+            1e6,
+            -1e6,
+            6e-8,
+            3e-5,
+            f32::INFINITY,
+            1.0 + 1.0 / 2048.0,
+            1.0 + 3.0 / 2048.0,
+        ]);
+        let want: Vec<u16> = src
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_bits())
+            .collect();
+        let exact: Vec<f32> = want
+            .iter()
+            .map(|&b| half::f16::from_bits(b).to_f32())
+            .collect();
+        for isa in Isa::available() {
+            let mut bits = vec![0u16; src.len()];
+            to_f16(isa, &src, &mut bits);
+            assert_eq!(bits, want, "{isa}");
+            let mut back = vec![0f32; src.len()];
+            f16_to_f32(isa, &bits, &mut back);
+            assert_eq!(back, exact, "{isa}");
         }
     }
 

@@ -6,13 +6,14 @@
 //! other sequences' decode steps): every product multiplies all rows at once, so each weight
 //! is read once per step, while attention runs per sequence over its own cache and positions.
 //! Attention runs one task per sequence and head; long prefills compute the scores in row
-//! blocks that stop at the causal edge.
+//! blocks that stop at the causal edge. The caches hold f32, or f16 (reduced-precision
+//! models): a decode row reads an f16 cache as it is ([`math::attend_f16_row`]).
 
 use rayon::prelude::*;
 
 use super::blas::{self, Dims, Mat, Out};
 use super::parallel::{for_rows, SharedMut};
-use super::{math, CpuLinear, Epilogue, Isa, Scratch};
+use super::{convert, math, CpuLinear, Epilogue, Isa, Scratch};
 
 /// The weights of one layer.
 pub struct LlamaLayer<'a> {
@@ -31,10 +32,28 @@ pub struct LlamaLayer<'a> {
     pub head_dim: usize,
 }
 
+/// The elements of a KV cache.
+#[derive(Clone, Copy)]
+pub enum KvData<'a> {
+    F32(&'a [f32]),
+    /// IEEE half-precision bits ([`convert::to_f16`]): reduced-precision models' caches, of
+    /// half the bytes that every decode step reads.
+    F16(&'a [u16]),
+}
+
+impl KvData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::F32(d) => d.len(),
+            Self::F16(d) => d.len(),
+        }
+    }
+}
+
 /// Keys or values of one layer as the cache holds them: for kv head `h` and position `t`,
 /// the `head_dim` values start at `data[offset + h * head_stride + t * token_stride]`.
 pub struct CacheView<'a> {
-    pub data: &'a [f32],
+    pub data: KvData<'a>,
     pub offset: usize,
     pub head_stride: usize,
     pub token_stride: usize,
@@ -189,13 +208,45 @@ fn attention(
             assert!(seen <= c.len && at + (seen - 1) * c.token_stride + d <= c.data.len());
             at
         };
-        let k = &keys.data[head(keys)..];
-        let v = &values.data[head(values)..];
+        let (k_at, v_at) = (head(keys), head(values));
         let (q_row, out_row) = (first + r0, first + r0);
+        // A decode step's row over an f16 cache: read as it is.
+        if let (1, KvData::F16(k), KvData::F16(v)) = (rows, keys.data, values.data) {
+            if keys.token_stride == values.token_stride {
+                let mut scores = Scratch::<f32>::new(seen);
+                let q = &q[q_row * width + h * d..][..d];
+                // SAFETY: the output row's columns of head h, written by this task only.
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut(out_ptr.get().add(out_row * width + h * d), d)
+                };
+                let (k, v, ld) = (&k[k_at..], &v[v_at..], keys.token_stride);
+                if math::attend_f16_row(isa, q, k, v, ld, scale, &mut scores, out) {
+                    return;
+                }
+            }
+        }
+        // Otherwise on f32 rows: the cache's own, or an f16 cache's widened into a scratch
+        // (which then stays in cache for the products).
+        let f32_rows = |c: &CacheView, at: usize| -> (Option<Scratch<f32>>, *const f32, usize) {
+            match c.data {
+                KvData::F32(data) => (None, data[at..].as_ptr(), c.token_stride),
+                KvData::F16(data) => {
+                    let mut wide = Scratch::<f32>::new(seen * d);
+                    for (t, row) in wide.chunks_mut(d).enumerate() {
+                        let from = at + t * c.token_stride;
+                        convert::f16_to_f32(isa, &data[from..from + d], row);
+                    }
+                    let ptr = wide.as_ptr();
+                    (Some(wide), ptr, d)
+                }
+            }
+        };
+        let (_k_wide, k, k_ld) = f32_rows(keys, k_at);
+        let (_v_wide, v, v_ld) = f32_rows(values, v_at);
         let mut scores = Scratch::<f32>::new(rows * seen);
         // SAFETY: q rows q_row..q_row + rows of this head (row stride `width`, inside q as
-        // checked above), `seen` key and value rows (stride token_stride) inside the cache
-        // (checked by `head`), scores (rows,
+        // checked above), `seen` key and value rows (at their strides) inside the cache
+        // (checked by `head`) or its widened scratch (alive to the end of the task), scores (rows,
         // seen); the output rows and columns of head h of this block are written by this task
         // only.
         unsafe {
@@ -206,7 +257,7 @@ fn attention(
                     k: d,
                 },
                 Mat::rows(q.as_ptr().add(q_row * width + h * d), width),
-                Mat::columns(k.as_ptr(), keys.token_stride),
+                Mat::columns(k, k_ld),
                 Out {
                     ptr: scores.as_mut_ptr(),
                     ld: seen,
@@ -225,7 +276,7 @@ fn attention(
                     k: seen,
                 },
                 Mat::rows(scores.as_ptr(), seen),
-                Mat::rows(v.as_ptr(), values.token_stride),
+                Mat::rows(v, v_ld),
                 Out {
                     ptr: out_ptr.get().add(out_row * width + h * d),
                     ld: width,

@@ -47,6 +47,9 @@ pub trait Lanes: Copy {
     /// The largest lane.
     unsafe fn max_lane(self) -> f32;
 
+    /// `n.min(N)` half-precision values (IEEE bits) from `p`, widened; the other lanes 0.
+    unsafe fn load_f16(p: *const u16, n: usize) -> Self;
+
     #[inline(always)]
     unsafe fn load(p: *const f32, n: usize) -> Self {
         Self::load_or(p, n, 0.0)
@@ -68,6 +71,16 @@ fn mask16(n: usize) -> __mmask16 {
 
 impl Lanes for F32x16 {
     const N: usize = 16;
+
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16, n: usize) -> Self {
+        let h = if n >= 16 {
+            _mm256_loadu_si256(p as *const __m256i)
+        } else {
+            _mm256_maskz_loadu_epi16(mask16(n), p as *const i16)
+        };
+        Self(_mm512_cvtph_ps(h))
+    }
 
     #[inline(always)]
     unsafe fn splat(v: f32) -> Self {
@@ -200,6 +213,19 @@ unsafe fn pow2_bits(n: __m256i) -> __m256 {
 
 impl Lanes for F32x8 {
     const N: usize = 8;
+
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16, n: usize) -> Self {
+        let h = if n >= 8 {
+            _mm_loadu_si128(p as *const __m128i)
+        } else {
+            // No masked 16-bit load without AVX-512: the tail through a zeroed copy.
+            let mut tail = [0u16; 8];
+            std::ptr::copy_nonoverlapping(p, tail.as_mut_ptr(), n);
+            _mm_loadu_si128(tail.as_ptr() as *const __m128i)
+        };
+        Self(_mm256_cvtph_ps(h))
+    }
 
     #[inline(always)]
     unsafe fn splat(v: f32) -> Self {

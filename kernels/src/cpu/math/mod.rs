@@ -173,6 +173,78 @@ mod simd {
             L::load(p.add(i), n - i).mul(inv).store(p.add(i), n - i);
         }
     }
+
+    /// `out[r·N .. r·N + n]` = Σ_t p_t · v_t[r·N ..] for the `R` registers from `v` (f16 rows
+    /// at stride `ld`), `n` lanes of each.
+    #[inline(always)]
+    unsafe fn weighted_rows<L: Lanes, const R: usize>(
+        p: &[f32],
+        v: *const u16,
+        ld: usize,
+        n: usize,
+        out: *mut f32,
+    ) {
+        let mut acc = [L::splat(0.0); R];
+        for (t, &p) in p.iter().enumerate() {
+            let (p, row) = (L::splat(p), v.add(t * ld));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = p.mul_add(L::load_f16(row.add(r * L::N), n), *acc);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            acc.store(out.add(r * L::N), n);
+        }
+    }
+
+    /// One query row over `scores.len()` cached positions of f16 keys and values (rows at
+    /// stride `ld`): `out = softmax(scale · K q) · V`, `scores` as scratch.
+    #[inline(always)]
+    pub unsafe fn attend_f16_row<L: Lanes>(
+        q: &[f32],
+        keys: &[u16],
+        values: &[u16],
+        ld: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let d = q.len();
+        let (pq, pk, pv) = (q.as_ptr(), keys.as_ptr(), values.as_ptr());
+        for (t, score) in scores.iter_mut().enumerate() {
+            let k = pk.add(t * ld);
+            // Two sums, so that the multiply-adds of a row do not wait on each other.
+            let (mut a, mut b) = (L::splat(0.0), L::splat(0.0));
+            let mut i = 0;
+            while i + 2 * L::N <= d {
+                a = L::load(pq.add(i), L::N).mul_add(L::load_f16(k.add(i), L::N), a);
+                let j = i + L::N;
+                b = L::load(pq.add(j), L::N).mul_add(L::load_f16(k.add(j), L::N), b);
+                i += 2 * L::N;
+            }
+            if i < d {
+                a = L::load(pq.add(i), d - i).mul_add(L::load_f16(k.add(i), d - i), a);
+                let j = i + L::N;
+                if j < d {
+                    b = L::load(pq.add(j), d - j).mul_add(L::load_f16(k.add(j), d - j), b);
+                }
+            }
+            *score = a.add(b).sum();
+        }
+        softmax_row::<L>(scores, scale);
+        // The output in blocks of 8 registers summed over all positions (a constant count, so
+        // that the sums stay in registers), then what is left one register at a time.
+        let block = 8 * L::N;
+        let mut c0 = 0;
+        while c0 + block <= d {
+            weighted_rows::<L, 8>(scores, pv.add(c0), ld, L::N, out.as_mut_ptr().add(c0));
+            c0 += block;
+        }
+        while c0 < d {
+            let n = (d - c0).min(L::N);
+            weighted_rows::<L, 1>(scores, pv.add(c0), ld, n, out.as_mut_ptr().add(c0));
+            c0 += n;
+        }
+    }
 }
 
 /// `fn $name(isa, args) -> Option<R>`: runs `simd::$kernel` on the widest lanes `isa`
@@ -220,6 +292,17 @@ simd_kernel!(
 );
 simd_kernel!(rms_norm_row_simd = rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]));
 simd_kernel!(softmax_row_simd = softmax_row(row: &mut [f32], scale: f32));
+simd_kernel!(
+    attend_f16_row_simd = attend_f16_row(
+        q: &[f32],
+        keys: &[u16],
+        values: &[u16],
+        ld: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32]
+    )
+);
 
 // ---------------------------------------------------------------------------------------
 // The kernels.
@@ -312,6 +395,28 @@ pub fn softmax_row(isa: Isa, row: &mut [f32], scale: f32) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// One query row `q` (d) attending over `scores.len()` cached positions whose keys and values
+/// are half-precision bits, rows of d at stride `ld` in `keys` and `values`: `out` (d) =
+/// softmax(scale · K q) · V, `scores` as scratch. Reads the f16 cache as it is (a decode
+/// step's attention reads every cached position: half the bytes of f32). Returns `false`,
+/// untouched, without SIMD lanes for it (the caller widens the rows to f32).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_f16_row(
+    isa: Isa,
+    q: &[f32],
+    keys: &[u16],
+    values: &[u16],
+    ld: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) -> bool {
+    let (d, seen) = (q.len(), scores.len());
+    assert!(seen > 0 && ld >= d && out.len() == d);
+    assert!((seen - 1) * ld + d <= keys.len() && (seen - 1) * ld + d <= values.len());
+    attend_f16_row_simd(isa, q, keys, values, ld, scale, scores, out).is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,6 +465,44 @@ mod tests {
                 (*a as f64 - b).abs() < 1e-6 * (1.0 + b),
                 "{isa}: {a} vs {b}"
             );
+        }
+    }
+
+    /// A decode row's attention over an f16 cache against the formula in f64 on the same
+    /// (widened) keys and values: head sizes with tails of every lane width, rows at a stride
+    /// longer than a head (a cache's other heads between them), one position and many.
+    #[test]
+    fn attention_of_one_row_over_an_f16_cache_follows_the_formula() {
+        for (d, seen, ld) in [(128, 131, 128), (88, 40, 100), (7, 1, 7), (24, 300, 64)] {
+            let q: Vec<f32> = (0..d).map(|i| ((i * 37) % 17) as f32 / 8.0 - 1.0).collect();
+            let cache = |seed: usize| -> Vec<u16> {
+                (0..(seen - 1) * ld + d)
+                    .map(|i| half::f16::from_f32(((i * seed) % 29) as f32 / 14.0 - 1.0).to_bits())
+                    .collect()
+            };
+            let (k, v) = (cache(13), cache(7));
+            let wide = |c: &[u16], t: usize, i: usize| half::f16::from_bits(c[t * ld + i]).to_f64();
+            let scale = (d as f64).powf(-0.5);
+            let logits: Vec<f64> = (0..seen)
+                .map(|t| (0..d).map(|i| q[i] as f64 * wide(&k, t, i)).sum::<f64>() * scale)
+                .collect();
+            let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+            let total: f64 = e.iter().sum();
+            let want: Vec<f64> = (0..d)
+                .map(|i| (0..seen).map(|t| e[t] / total * wide(&v, t, i)).sum())
+                .collect();
+            for isa in Isa::available() {
+                let (mut scores, mut out) = (vec![0f32; seen], vec![f32::NAN; d]);
+                let ran = attend_f16_row(isa, &q, &k, &v, ld, scale as f32, &mut scores, &mut out);
+                if !ran {
+                    assert!(!isa.avx2(), "{isa}: SIMD lanes for it");
+                    continue;
+                }
+                let err = out.iter().zip(&want).map(|(&o, &w)| (o as f64 - w).abs());
+                let err = err.fold(0.0, f64::max);
+                assert!(err < 1e-5, "{isa} d={d} seen={seen}: {err:e}");
+            }
         }
     }
 
