@@ -1,6 +1,6 @@
 //! Element-wise conversions around the reduced-precision products: f32 to bf16 (round to
 //! nearest even, as PyTorch's `.to(torch.bfloat16)`), f32 to and from f16 (the KV caches of
-//! reduced-precision models), and per-row symmetric int8
+//! int8 and bf16 models), and per-row symmetric int8
 //! quantisation of activations (stored with a +128 offset as u8, the operand type of
 //! `vpdpbusd` and MKL's `gemm_s8u8s32`).
 
@@ -75,7 +75,7 @@ pub fn to_bf16(isa: Isa, src: &[f32], dst: &mut [u16]) {
 }
 
 /// `dst[i]` = the IEEE half-precision bits of `src[i]` (round to nearest even; beyond ±65504,
-/// ±inf): the keys and values of reduced-precision models' KV caches. `vcvtps2ph`, 8 values
+/// ±inf): the keys and values of int8 and bf16 models' KV caches. `vcvtps2ph`, 8 values
 /// per instruction, where the CPU has F16C (every AVX2 level here does).
 pub fn to_f16(isa: Isa, src: &[f32], dst: &mut [u16]) {
     assert_eq!(src.len(), dst.len());

@@ -6,7 +6,7 @@
 //! other sequences' decode steps): every product multiplies all rows at once, so each weight
 //! is read once per step, while attention runs per sequence over its own cache and positions.
 //! Attention runs one task per sequence and head; long prefills compute the scores in row
-//! blocks that stop at the causal edge. The caches hold f32, or f16 (reduced-precision
+//! blocks that stop at the causal edge. The caches hold f32, or f16 (int8 and bf16
 //! models): a decode row reads an f16 cache as it is ([`math::attend_f16_row`]).
 
 use rayon::prelude::*;
@@ -36,7 +36,7 @@ pub struct LlamaLayer<'a> {
 #[derive(Clone, Copy)]
 pub enum KvData<'a> {
     F32(&'a [f32]),
-    /// IEEE half-precision bits ([`convert::to_f16`]): reduced-precision models' caches, of
+    /// IEEE half-precision bits ([`convert::to_f16`]): int8 and bf16 models' caches, of
     /// half the bytes that every decode step reads.
     F16(&'a [u16]),
 }

@@ -601,13 +601,17 @@ pub fn fused_llama_layer(
         layer.qkv(&data, &positions, cos, sin)
     };
     // Each sequence's (rows, kv_heads, d) rows to its cache's (1, kv_heads, rows, d): in
-    // f16 where the layer's weights are of reduced precision (as llama.cpp's caches are by
-    // default). A decode step reads every cached position of every sequence: with four
-    // cpu-bench captions, 9% of an int8 step went to reading an f32 cache. f16 rounds each
-    // key and value by 2^-11 (relative), well below the int8 products' rounding of their
-    // activations (2^-8 of a row's largest).
+    // f16 where the layers are our int8 or bf16 ones (as llama.cpp's caches are by default).
+    // A decode step reads every cached position of every sequence: with four cpu-bench
+    // captions, 9% of an int8 step went to reading an f32 cache. f16 rounds each key and value
+    // by 2^-11 (relative), well below the int8 products' rounding of their activations (2^-8
+    // of a row's largest). A GGUF model's blocks keep f32 caches: that decoder is held to
+    // llama.cpp run with f32 caches (gguf_llama_cpp), whose near ties f16 would tip.
     let kv_width = num_kv_heads * head_dim;
-    let kv_f16 = qk.weight_type() != cpu::WeightType::F32;
+    let kv_f16 = matches!(
+        qk.weight_type(),
+        cpu::WeightType::Int8 | cpu::WeightType::Bf16
+    );
     let isa = qk.kernels().isa();
     let to_heads = |t: &[f32], rows: usize| -> Result<Tensor> {
         let shape = (rows, num_kv_heads, head_dim);
