@@ -320,8 +320,8 @@ impl CpuLinear {
     /// count, one row included: on AMX CPUs whose many-row int8 products run on MKL. There,
     /// MKL's products on packed weights read them at the memory's bandwidth from one row on,
     /// and a prefill no longer copies them into that layout on every call (products bench,
-    /// `--cold 64`, 5632 × 2048: 1 row 0.356 ms against 0.396 ms on our VNNI gemv, 4 rows
-    /// 0.352 ms against 0.442 ms on our AMX tiles, 115 rows 0.98 ms against 1.56 ms). For
+    /// `--cold 64`, 5632 × 2048, one run: 1 row 0.349 ms against 0.390 ms on our VNNI gemv,
+    /// 4 rows 0.362 ms against 0.456 ms on our AMX tiles, 115 rows 0.90 ms against 1.49 ms). For
     /// layers applied to any number of rows (a language model's decode steps, batched steps
     /// and prefills). Elsewhere (VNNI without AMX, unmeasured; AVX2; builds without `mkl`)
     /// the layer stays as it is.
@@ -720,7 +720,7 @@ impl CpuLinear {
     }
 
     /// int8 products on MKL's packed weights: each part (a column range) walks the row
-    /// blocks; the finish is [`Self::int8_tiles`]'s.
+    /// blocks, each block finished as [`Self::int8_tiles`]' are.
     #[cfg(feature = "mkl")]
     fn int8_packed(
         &self,
