@@ -232,9 +232,14 @@ fn attention(
                 KvData::F32(data) => (None, data[at..].as_ptr(), c.token_stride),
                 KvData::F16(data) => {
                     let mut wide = Scratch::<f32>::new(seen * d);
-                    for (t, row) in wide.chunks_mut(d).enumerate() {
-                        let from = at + t * c.token_stride;
-                        convert::f16_to_f32(isa, &data[from..from + d], row);
+                    if c.token_stride == d {
+                        // A cache's own layout: the rows lie end to end, one conversion.
+                        convert::f16_to_f32(isa, &data[at..at + seen * d], &mut wide);
+                    } else {
+                        for (t, row) in wide.chunks_mut(d).enumerate() {
+                            let from = at + t * c.token_stride;
+                            convert::f16_to_f32(isa, &data[from..from + d], row);
+                        }
                     }
                     let ptr = wide.as_ptr();
                     (Some(wide), ptr, d)

@@ -616,9 +616,12 @@ pub fn fused_llama_layer(
     let to_heads = |t: &[f32], rows: usize| -> Result<Tensor> {
         let shape = (rows, num_kv_heads, head_dim);
         let t = if kv_f16 {
-            let mut bits = vec![0u16; t.len()];
-            cpu::convert::to_f16(isa, t, &mut bits);
-            let halves: Vec<half::f16> = bits.into_iter().map(half::f16::from_bits).collect();
+            let mut halves = vec![half::f16::ZERO; t.len()];
+            // SAFETY: an f16 is its u16 bits (`half::f16` is `repr(transparent)` over u16).
+            let bits = unsafe {
+                std::slice::from_raw_parts_mut(halves.as_mut_ptr() as *mut u16, halves.len())
+            };
+            cpu::convert::to_f16(isa, t, bits);
             Tensor::from_vec(halves, shape, x.device())?
         } else {
             Tensor::from_slice(t, shape, x.device())?
