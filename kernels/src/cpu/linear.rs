@@ -237,6 +237,20 @@ pub struct CpuLinear {
     kernels: CpuKernels,
 }
 
+/// `pack(cols, first)` for each thread's column range of the (n, k) weights `w` (as
+/// [`parallel::thread_columns`] splits them), `first` pointing at the range's first row.
+#[cfg(feature = "mkl")]
+fn pack_thread_columns<T, P>(
+    w: &[T],
+    k: usize,
+    pack: impl Fn(usize, *const T) -> P,
+) -> Vec<(usize, usize, P)> {
+    parallel::thread_columns(w.len() / k)
+        .into_iter()
+        .map(|(j0, j1)| (j0, j1, pack(j1 - j0, w[j0 * k..].as_ptr())))
+        .collect()
+}
+
 impl CpuLinear {
     /// f32 weights: `w` is an (n, k) f32 tensor on the CPU (kept as it is).
     pub fn f32(
@@ -265,21 +279,14 @@ impl CpuLinear {
     pub fn packed_for(self, rows: usize) -> Self {
         #[cfg(feature = "mkl")]
         {
-            let (n, k) = (self.n, self.k);
-            let ranges = parallel::thread_columns(n);
+            let k = self.k;
             match &self.weights {
                 Weights::F32(F32Weights::Plain(_)) => {
                     let parts = self.with_f32_weights(|w| {
-                        ranges
-                            .iter()
-                            .map(|&(j0, j1)| {
-                                // SAFETY: rows j0..j1 of the (n, k) weights.
-                                let part = unsafe {
-                                    mkl::PackedF32::new(rows, j1 - j0, k, w.as_ptr().add(j0 * k), k)
-                                };
-                                (j0, j1, part)
-                            })
-                            .collect()
+                        // SAFETY: `first` starts `cols` rows of k inside the weights.
+                        pack_thread_columns(w, k, |cols, first| unsafe {
+                            mkl::PackedF32::new(rows, cols, k, first, k)
+                        })
                     });
                     // The plain tensor goes now: only the packed copy stays.
                     let weights = Weights::F32(F32Weights::Packed(parts));
@@ -289,16 +296,10 @@ impl CpuLinear {
                     q: Int8Values::Plain(q),
                     ..
                 }) if self.kernels.mkl_reduced_precision(WeightType::Int8) => {
-                    let parts = ranges
-                        .iter()
-                        .map(|&(j0, j1)| {
-                            // SAFETY: rows j0..j1 of the (n, k) weights.
-                            let part = unsafe {
-                                mkl::PackedS8::new(rows, j1 - j0, k, q.as_ptr().add(j0 * k), k)
-                            };
-                            (j0, j1, part)
-                        })
-                        .collect();
+                    // SAFETY: `first` starts `cols` rows of k inside the weights.
+                    let parts = pack_thread_columns(q, k, |cols, first| unsafe {
+                        mkl::PackedS8::new(rows, cols, k, first, k)
+                    });
                     let Weights::Int8(w) = self.weights else {
                         unreachable!()
                     };

@@ -792,6 +792,11 @@ impl LlamaVid {
         if keep_step_logits {
             sequence = sequence.keeping_step_logits();
         }
+        self.finish_alone(sequence, cancel)
+    }
+
+    /// Steps `sequence` on its own until it finishes.
+    fn finish_alone(&self, mut sequence: CaptionSequence, cancel: Cancel) -> Result<Generation> {
         while !sequence.is_finished() {
             self.step(&mut [&mut sequence], cancel)?;
         }
@@ -828,12 +833,9 @@ impl LlamaVid {
         params: &GenerationParams,
         cancel: Option<&AtomicBool>,
     ) -> Result<Caption> {
-        let mut sequence = self.start_caption(prompt, video_tokens, params)?;
-        let cancel = Cancel::from_option(cancel);
-        while !sequence.is_finished() {
-            self.step(&mut [&mut sequence], cancel)?;
-        }
-        self.caption_from_ids(sequence.into_generation().token_ids)
+        let sequence = self.start_caption(prompt, video_tokens, params)?;
+        let generation = self.finish_alone(sequence, Cancel::from_option(cancel))?;
+        self.caption_from_ids(generation.token_ids)
     }
 
     /// The caption of generated ids: decoded and cleaned as the reference does.
