@@ -16,6 +16,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
+use half::slice::HalfFloatSliceExt;
 use llamavid_kernels::cpu::vit::VitProfile;
 use llamavid_kernels::cpu::{self, CpuKernels, CpuLinear, WeightType};
 
@@ -489,10 +490,7 @@ fn cache_view<'a>(
 ) -> Option<cpu::llama::CacheView<'a>> {
     let data = match storage {
         candle_core::CpuStorage::F32(d) => cpu::llama::KvData::F32(d),
-        // SAFETY: an f16 is its u16 bits (`half::f16` is `repr(transparent)` over u16).
-        candle_core::CpuStorage::F16(d) => cpu::llama::KvData::F16(unsafe {
-            std::slice::from_raw_parts(d.as_ptr() as *const u16, d.len())
-        }),
+        candle_core::CpuStorage::F16(d) => cpu::llama::KvData::F16(d.reinterpret_cast()),
         _ => return None,
     };
     let dims = layout.dims();
@@ -617,11 +615,7 @@ pub fn fused_llama_layer(
         let shape = (rows, num_kv_heads, head_dim);
         let t = if kv_f16 {
             let mut halves = vec![half::f16::ZERO; t.len()];
-            // SAFETY: an f16 is its u16 bits (`half::f16` is `repr(transparent)` over u16).
-            let bits = unsafe {
-                std::slice::from_raw_parts_mut(halves.as_mut_ptr() as *mut u16, halves.len())
-            };
-            cpu::convert::to_f16(isa, t, bits);
+            cpu::convert::to_f16(isa, t, halves.reinterpret_cast_mut());
             Tensor::from_vec(halves, shape, x.device())?
         } else {
             Tensor::from_slice(t, shape, x.device())?
