@@ -1,13 +1,13 @@
 //! Timing of single linear-layer products at the cpu-bench model's shapes (not a test): the
-//! decode step (1 row; 2, 4, 8 and 16 rows for batched decoding), a prefill (115 rows; 460 for four
-//! at once), one frame (257 rows) and a batch of 8 frames (2056 rows), per precision, on 2
-//! threads, under an ISA limit. For comparing kernels without the whole model:
+//! decode step (1 row; 2, 4, 8 and 16 rows for batched decoding), a prefill (115 rows; 460 for
+//! four at once), one frame (257 rows) and batches of 2 and 8 frames (514, 2056 rows), per
+//! precision, on 2 threads, under an ISA limit. For comparing kernels without the whole model:
 //!
 //! ```text
 //! [MKL_ENABLE_INSTRUCTIONS=AVX2] cargo bench -p llamavid-kernels [--features mkl] \
 //!     --bench products -- [--isa avx2] [--threads 2] [--cold 64] [--row-block 320] \
-//!     [--only decode,decode2,decode4,decode8,decode16,prefill,prefill4,frame,batch8,attention,
-//!     decode-plain,decode4-plain,prefill-plain,frame-plain] \
+//!     [--only decode,decode2,decode4,decode8,decode16,prefill,prefill4,frame,batch2,batch8,
+//!     attention,decode-plain,decode4-plain,prefill-plain,frame-plain] \
 //!     [--dtypes f32,bf16,int8]
 //! ```
 //!
@@ -132,6 +132,7 @@ fn main() {
         ("frame", 257, 6144, 1408, Layout::Vision),
         ("frame", 257, 1408, 6144, Layout::Vision),
         ("frame-plain", 257, 6144, 1408, Layout::Plain),
+        ("batch2", 514, 6144, 1408, Layout::Vision),
         ("batch8", 2056, 6144, 1408, Layout::Vision),
     ];
     pool.install(|| {

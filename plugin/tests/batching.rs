@@ -37,10 +37,16 @@ fn model_for(variant: Variant) -> &'static LlamaVid {
     MODELS[variant as usize].get_or_init(|| load(variant))
 }
 
-/// A model of its own (its KV buffers used by no other test).
+/// A model of its own (its KV buffers used by no other test), on two threads whatever the
+/// machine (a batched encode on the CPU runs its frames' vision towers side by side then).
 fn load(variant: Variant) -> LlamaVid {
+    load_on(variant, 2)
+}
+
+fn load_on(variant: Variant, threads: usize) -> LlamaVid {
     let mut options = LoadOptions::new(model_dir());
     options.weight_format = WeightFormat::Pickle;
+    options.threads = Some(threads);
     match variant {
         Variant::Fused => {}
         Variant::PortableKernels => options.cpu_isa = IsaLimit::Portable,
@@ -370,7 +376,18 @@ fn a_cancelled_step_advances_nobody_and_the_sequences_go_on(variant: Variant) {
 }
 
 fn batched_encode_matches_frames_encoded_one_by_one(variant: Variant) {
-    let m = model_for(variant);
+    batched_encode_matches_one_by_one_on(model_for(variant))
+}
+
+/// On one thread, the CPU runs a batch's vision tower as one batch of frames (as a GPU does).
+#[test]
+fn batched_encode_on_one_thread_matches_frames_encoded_one_by_one() {
+    for variant in [Variant::Fused, Variant::FusedInt8] {
+        batched_encode_matches_one_by_one_on(&load_on(variant, 1));
+    }
+}
+
+fn batched_encode_matches_one_by_one_on(m: &LlamaVid) {
     let frames = reference_tensor("frames");
     let (count, h, w, _) = frames.dims4().unwrap();
     let data: Vec<Vec<u8>> = (0..count)
