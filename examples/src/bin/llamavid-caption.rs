@@ -21,10 +21,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use gstllamavid::captioner::BatchLimits;
 use gstllamavid::model::preprocess::FrameView;
 use gstllamavid::model::remote::{RemoteLanguageModel, ServerConfig};
 use gstllamavid::model::{
-    GenerationParams, LanguageModelWeights, LlamaVid, LoadOptions, WeightFormat,
+    Cancel, FrameToEncode, GenerationParams, LanguageModelWeights, LlamaVid, LoadOptions,
+    WeightFormat,
 };
 use llamavid_examples::progress::fetch_model;
 use llamavid_examples::{decode_image_dir, decode_video};
@@ -166,10 +168,26 @@ fn run() -> Result<()> {
 
     let started = Instant::now();
     let prompt = model.prompt(&args.prompt)?;
+    // Frames go to the model in batches of the size the element's scheduler uses by default on
+    // this device (a GPU runs each batch as one; the CPU runs its frames side by side).
+    let batch = BatchLimits::default_for(!model.device().is_cpu()).encode;
     let mut tokens = Vec::with_capacity(frames.len());
-    for frame in &frames {
-        let view = FrameView::packed_rgb(frame.width, frame.height, &frame.data);
-        tokens.push(model.encode_frames(&[view], &prompt)?.squeeze(0)?);
+    for (chunk, batch_frames) in frames.chunks(batch).enumerate() {
+        let items: Vec<FrameToEncode> = batch_frames
+            .iter()
+            .map(|frame| FrameToEncode {
+                frame: FrameView::packed_rgb(frame.width, frame.height, &frame.data),
+                prompt: &prompt,
+            })
+            .collect();
+        for (i, result) in model
+            .encode_batch(&items, Cancel::NEVER)?
+            .into_iter()
+            .enumerate()
+        {
+            let index = chunk * batch + i;
+            tokens.push(result.with_context(|| format!("frame {index} could not be encoded"))?);
+        }
     }
     let video = candle_core::Tensor::cat(&tokens, 0)?;
     eprintln!(
