@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! cargo bench -p gst-plugin-llamavid [--features mkl] --bench multi_stream -- \
-//!     --model DIR --streams 1,2,4,8 --dtype f32|bf16|int8 [--frames 4] [--json FILE]
+//!     --model DIR --streams 1,2,4,8 --dtype f32|bf16|int8 [--frames 4] \
+//!     [--isa best|avx512|avx2|portable] [--json FILE]
 //! ```
 //!
 //! For each N:
@@ -39,13 +40,13 @@ use gstllamavid::captioner::{
 };
 use gstllamavid::model::preprocess::{PixelFormat, YuvToRgb};
 use gstllamavid::model::WeightFormat;
-use gstllamavid::model::{Cancel, GenerationParams, LlamaVid, LoadOptions, Precision};
+use gstllamavid::model::{Cancel, GenerationParams, IsaLimit, LlamaVid, LoadOptions, Precision};
 use serde_json::{json, Value};
 
 const USAGE: &str =
     "usage: multi_stream --model DIR [--streams 1,2,4,8] [--dtype f32|bf16|int8|auto] \
-[--frames N] [--threads N] [--encode-batch N] [--caption-batch N] [--no-prefix-reuse] \
-[--shape FILE] [--json FILE]";
+[--frames N] [--threads N] [--isa best|avx512|avx2|portable] [--encode-batch N] \
+[--caption-batch N] [--no-prefix-reuse] [--shape FILE] [--json FILE]";
 
 struct Args {
     model: PathBuf,
@@ -53,6 +54,9 @@ struct Args {
     streams: Vec<usize>,
     frames: usize,
     threads: usize,
+    /// The widest instruction set our kernels use (`--isa avx2` runs an AVX2 CPU's code here;
+    /// with `mkl`, narrow MKL too with `MKL_ENABLE_INSTRUCTIONS=AVX2`).
+    isa: IsaLimit,
     limits: BatchLimits,
     /// `LoadOptions::reuse_prompt_prefix` (on unless `--no-prefix-reuse`).
     reuse_prefix: bool,
@@ -67,6 +71,7 @@ fn parse_args() -> Result<Args, String> {
     let mut streams = vec![1, 2, 4, 8];
     let mut frames = 4;
     let mut threads = 2;
+    let mut isa = IsaLimit::Best;
     let mut limits = BatchLimits::default_for(false);
     let mut reuse_prefix = true;
     let mut shape = repo.join("../shared/bench/cpu-bench.json");
@@ -86,6 +91,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--frames" => frames = number(value()?, "--frames")?,
             "--threads" => threads = number(value()?, "--threads")?,
+            "--isa" => isa = value()?.parse()?,
             "--encode-batch" => limits.encode = number(value()?, "--encode-batch")?,
             "--caption-batch" => limits.caption = number(value()?, "--caption-batch")?,
             "--no-prefix-reuse" => reuse_prefix = false,
@@ -105,6 +111,7 @@ fn parse_args() -> Result<Args, String> {
         streams: streams.into_iter().filter(|&n| n > 0).collect(),
         frames: frames.max(1),
         threads: threads.max(1),
+        isa,
         limits,
         reuse_prefix,
         shape,
@@ -495,17 +502,19 @@ fn run() -> Result<(), String> {
     options.weight_format = WeightFormat::Pickle;
     options.precision = args.precision;
     options.threads = Some(args.threads);
+    options.cpu_isa = args.isa;
     options.reuse_prompt_prefix = args.reuse_prefix;
     let t = Instant::now();
     let model = Arc::new(LlamaVid::load(&options).map_err(|e| e.summary())?);
     let cpu = llamavid_kernels::cpu::CpuFeatures::detect();
     println!(
-        "model {} | precision {} | mkl {} | amx {} | {} threads | loaded in {:.1} s | \
-         limits: encode {} frames, caption {} captions | prompt prefix reuse {}",
+        "model {} | precision {} | mkl {} | amx {} | isa limit {} | {} threads | loaded in \
+         {:.1} s | limits: encode {} frames, caption {} captions | prompt prefix reuse {}",
         dir.display(),
         model.precision(),
         llamavid_kernels::cpu::HAS_MKL,
         cpu.amx,
+        args.isa,
         args.threads,
         t.elapsed().as_secs_f64(),
         args.limits.encode,
@@ -647,6 +656,7 @@ fn run() -> Result<(), String> {
             "precision": model.precision().as_str(),
             "mkl": llamavid_kernels::cpu::HAS_MKL,
             "amx": cpu.amx,
+            "isa_limit": args.isa.as_str(),
             "threads": args.threads,
             "frames_per_stream": args.frames,
             "encode_batch": args.limits.encode,
