@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use llamavid_gst_tests::{fixture_dir, model_dir, run_tool};
+use llamavid_gst_tests::{fixture_dir, gst_tool, model_dir, run_tool};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -55,30 +55,19 @@ fn write_png_frames(dir: &Path, (count, height, width): (usize, usize, usize), d
     let raw = dir.join("frames.rgb");
     std::fs::write(&raw, data).unwrap();
     let location = format!("location={}", raw.display());
-    let caps = format!(
-        "width={width} height={height} format=rgb framerate=1/1 plane-strides=<{}>",
-        width * 3
-    );
+    let width_arg = format!("width={width}");
+    let height_arg = format!("height={height}");
+    // Rows of exactly 3 × width bytes, as the .npy file holds them (GStreamer's own RGB rows
+    // are padded to 4 bytes).
+    let strides = format!("plane-strides=<{}>", width * 3);
     let sink = format!("location={}/frame-%02d.png", dir.display());
-    let mut args = vec!["-q", "filesrc", &location, "!", "rawvideoparse"];
-    args.extend(caps.split(' '));
-    args.extend([
-        "!",
-        "videoconvert",
-        "!",
-        "pngenc",
-        "!",
-        "multifilesink",
-        &sink,
-    ]);
-    let output = run_tool(
-        {
-            let mut cmd = Command::new("gst-launch-1.0");
-            cmd.args(&args);
-            cmd
-        },
-        TIMEOUT,
-    );
+    #[rustfmt::skip]
+    let args = [
+        "-q", "filesrc", &location,
+        "!", "rawvideoparse", &width_arg, &height_arg, "format=rgb", "framerate=1/1", &strides,
+        "!", "videoconvert", "!", "pngenc", "!", "multifilesink", &sink,
+    ];
+    let output = gst_tool("gst-launch-1.0", &args, TIMEOUT);
     assert!(output.success, "{}", output.all());
     std::fs::remove_file(&raw).unwrap();
     let pngs = std::fs::read_dir(dir).unwrap().count();
