@@ -27,6 +27,10 @@ pub struct CpuFeatures {
     /// 18). Linux also wants a per-process permission before the tiles are used; detection
     /// does not ask for it (see [`Isa::request_amx`]).
     pub amx: bool,
+    /// The CPU says "GenuineIntel" (CPUID leaf 0). MKL's reduced-precision GEMMs are fast only
+    /// there: on an AMD EPYC with AVX-512 VNNI and BF16 they ran 7-16x (int8) and 2.2-2.5x
+    /// (bf16) slower than our own tiles (see [`crate::cpu::CpuKernels::mkl_reduced_precision`]).
+    pub intel: bool,
 }
 
 impl CpuFeatures {
@@ -50,6 +54,7 @@ impl CpuFeatures {
             (self.avx512_bf16, "avx512bf16"),
             (self.avx512_vnni, "avx512vnni"),
             (self.amx, "amx"),
+            (self.intel, "intel"),
         ];
         let found: Vec<&str> = names.iter().filter(|(f, _)| *f).map(|&(_, n)| n).collect();
         if found.is_empty() {
@@ -162,6 +167,13 @@ impl Isa {
             amx: false,
             tiles: false,
         }
+    }
+
+    /// The `Isa` of a CPU described by hand, for tests of the rules that read one (never for
+    /// running kernels: only detection proves what the CPU has).
+    #[cfg(test)]
+    pub(crate) fn of_described_cpu(f: &CpuFeatures) -> Self {
+        Self::from_features(f)
     }
 
     fn from_features(f: &CpuFeatures) -> Self {
@@ -298,6 +310,7 @@ fn detect() -> CpuFeatures {
         avx512_bf16: has!("avx512bf16"),
         avx512_vnni: has!("avx512vnni"),
         amx: amx_supported(),
+        intel: vendor_is_intel(),
     }
 }
 
@@ -322,6 +335,17 @@ fn amx_supported() -> bool {
     let osxsave = __cpuid(1).ecx & (1 << 27) != 0;
     // SAFETY: xgetbv is available when OSXSAVE is set.
     osxsave && unsafe { xgetbv0() } & (0b11 << 17) == (0b11 << 17)
+}
+
+/// CPUID leaf 0: the vendor string in EBX, EDX, ECX.
+#[cfg(target_arch = "x86_64")]
+fn vendor_is_intel() -> bool {
+    let leaf0 = std::arch::x86_64::__cpuid(0);
+    let mut vendor = [0u8; 12];
+    vendor[..4].copy_from_slice(&leaf0.ebx.to_le_bytes());
+    vendor[4..8].copy_from_slice(&leaf0.edx.to_le_bytes());
+    vendor[8..].copy_from_slice(&leaf0.ecx.to_le_bytes());
+    &vendor == b"GenuineIntel"
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -377,6 +401,7 @@ mod tests {
             avx512_bf16: true,
             avx512_vnni: true,
             amx: false,
+            intel: false,
         };
         assert!(Isa::from_features(&f).avx512_bf16());
         f.avx512vl = false;

@@ -99,22 +99,33 @@ impl CpuKernels {
     }
 
     /// Whether many-row products of `kind` (bf16 or int8) go to MKL's GEMMs: the build links
-    /// MKL, the CPU has the instructions for them (AMX, or AVX-512 BF16 / VNNI), and MKL will
-    /// not use AMX behind our back (it would on an AMX CPU whose AMX we were told not to use,
-    /// or have not asked permission for). Without those instructions (AVX2 machines, or an
-    /// AVX-512 CPU narrowed to AVX2) our own exact kernels take them: MKL's u8 × s8 GEMM may
-    /// saturate 16-bit intermediate sums without VNNI (oneDNN documents this for its int8
-    /// GEMMs), and under a narrowed ISA MKL would still pick its own, wider code. So an AVX2
-    /// path runs the same code on an AVX2 machine as on a narrowed one, where it is tested.
+    /// MKL and [`mkl_takes_reduced_precision`] says so for this ISA on this CPU.
     pub fn mkl_reduced_precision(self, kind: WeightType) -> bool {
-        let native = match kind {
-            WeightType::F32 => return false,
-            WeightType::Bf16 => self.isa.avx512_bf16(),
-            WeightType::Int8 => self.isa.avx512_vnni(),
-            WeightType::Ggml(_) => return false,
-        };
-        HAS_MKL && (self.isa.amx() || (native && !CpuFeatures::detect().amx))
+        HAS_MKL && mkl_takes_reduced_precision(self.isa, &CpuFeatures::detect(), kind)
     }
+}
+
+/// Whether MKL's GEMMs should take the many-row bf16 and int8 products of a model whose
+/// kernels run `isa` on the CPU `cpu`: the CPU has the instructions for them (AMX, or AVX-512
+/// BF16 / VNNI), MKL will not use AMX behind our back (it would on an AMX CPU whose AMX we
+/// were told not to use, or have not asked permission for), and the CPU is an Intel one.
+/// - Without those instructions (AVX2 machines, or an AVX-512 CPU narrowed to AVX2) our own
+///   exact kernels take them: MKL's u8 × s8 GEMM may saturate 16-bit intermediate sums
+///   without VNNI (oneDNN documents this for its int8 GEMMs), and under a narrowed ISA MKL
+///   would still pick its own, wider code. So an AVX2 path runs the same code on an AVX2
+///   machine as on a narrowed one, where it is tested.
+/// - On other vendors' CPUs MKL's reduced-precision GEMMs are slow. On an AMD EPYC with
+///   AVX-512 VNNI and BF16 (2 threads, `products --isa best`), against our AVX-512 tiles on the
+///   same machine: int8 115 × 5632 × 2048 took 59.6 ms against 3.77 ms, a frame's 257 × 6144 ×
+///   1408 (packed) 51.1 against 6.90 ms; bf16 18.6 against 7.58 ms and 25.2 against 12.0 ms.
+///   MKL's sgemm there is as fast as on Intel, so f32 is not affected.
+fn mkl_takes_reduced_precision(isa: Isa, cpu: &CpuFeatures, kind: WeightType) -> bool {
+    let native = match kind {
+        WeightType::F32 | WeightType::Ggml(_) => return false,
+        WeightType::Bf16 => isa.avx512_bf16(),
+        WeightType::Int8 => isa.avx512_vnni(),
+    };
+    isa.amx() || (native && !cpu.amx && cpu.intel)
 }
 
 /// Arithmetic of a layer's product.
@@ -1223,6 +1234,49 @@ mod tests {
         for kind in [WeightType::F32, WeightType::Bf16] {
             let other = layer(tiles, kind);
             assert_ne!(other.path(4), ProductPath::AmxInt8, "{kind:?}");
+        }
+    }
+
+    /// MKL's bf16 and int8 GEMMs only where they are fast and safe: AMX in use, or AVX-512
+    /// BF16 / VNNI on an Intel CPU without AMX. An AMD CPU with the same instructions, an AMX
+    /// CPU whose AMX is excluded, and AVX2 keep our own tiles; f32 never asks.
+    #[test]
+    fn mkl_takes_reduced_precision_only_on_intel_cpus_with_the_instructions() {
+        let zen4 = CpuFeatures {
+            avx2: true,
+            fma: true,
+            f16c: true,
+            avx512f: true,
+            avx512bw: true,
+            avx512vl: true,
+            avx512dq: true,
+            avx512_bf16: true,
+            avx512_vnni: true,
+            amx: false,
+            intel: false,
+        };
+        let ice_lake = CpuFeatures {
+            intel: true,
+            ..zen4
+        };
+        let sapphire_rapids = CpuFeatures {
+            amx: true,
+            ..ice_lake
+        };
+        let rule = |cpu: &CpuFeatures, limit, kind| {
+            mkl_takes_reduced_precision(Isa::of_described_cpu(cpu).narrow(limit), cpu, kind)
+        };
+        for kind in [WeightType::Bf16, WeightType::Int8] {
+            assert!(!rule(&zen4, IsaLimit::Best, kind), "{kind:?}");
+            assert!(rule(&ice_lake, IsaLimit::Best, kind), "{kind:?}");
+            assert!(!rule(&ice_lake, IsaLimit::Avx2, kind), "{kind:?}");
+            // MKL uses AMX there (asking the permission itself); under the AVX-512 limit it
+            // would too, behind our back, so our tiles take the products.
+            assert!(rule(&sapphire_rapids, IsaLimit::Best, kind), "{kind:?}");
+            assert!(!rule(&sapphire_rapids, IsaLimit::Avx512, kind), "{kind:?}");
+        }
+        for cpu in [zen4, ice_lake, sapphire_rapids] {
+            assert!(!rule(&cpu, IsaLimit::Best, WeightType::F32));
         }
     }
 
