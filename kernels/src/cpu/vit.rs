@@ -105,7 +105,8 @@ impl VitBlock<'_> {
         self.qkv.forward_into(&h, rows, &mut qkv);
         t.lap(1);
         // Reduced-precision blocks also run the attention's two products in bf16 where MKL's
-        // bf16 GEMM may run (the one rule for it: native bf16, and no AMX behind our back).
+        // bf16 GEMM may run (the one rule for it: native bf16 on an Intel CPU, and no AMX
+        // behind our back).
         // Without AVX-512 BF16 that GEMM widens to f32 and ran slower than f32 itself (the
         // vision tower's attention on AVX2: 0.151 s a frame in bf16 against 0.132 s in f32).
         let shape = AttentionShape {
