@@ -10,46 +10,6 @@ use llamavid_gst_tests::{fixture_dir, gst_tool, model_dir, run_tool};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The (count, height, width) of a `uint8` (T, H, W, 3) `.npy` file, and its pixel bytes.
-fn read_npy_frames(path: &Path) -> ((usize, usize, usize), Vec<u8>) {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(
-        bytes.starts_with(b"\x93NUMPY"),
-        "{} is no .npy file",
-        path.display()
-    );
-    // Version 1 has a 2-byte header length, versions 2 and 3 a 4-byte one.
-    let (header_start, header_len) = match bytes[6] {
-        1 => (10, u16::from_le_bytes([bytes[8], bytes[9]]) as usize),
-        _ => (
-            12,
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-        ),
-    };
-    let header = std::str::from_utf8(&bytes[header_start..header_start + header_len]).unwrap();
-    assert!(header.contains("'|u1'"), "frames are not uint8: {header}");
-    assert!(header.contains("'fortran_order': False"), "{header}");
-    let shape = header
-        .split("'shape': (")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .unwrap_or_else(|| panic!("no shape in {header}"));
-    let dims: Vec<usize> = shape
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .map(|d| d.parse().unwrap())
-        .collect();
-    assert_eq!(
-        (dims.len(), dims[3]),
-        (4, 3),
-        "frames are not (T, H, W, 3): {header}"
-    );
-    let data = bytes[header_start + header_len..].to_vec();
-    assert_eq!(data.len(), dims[0] * dims[1] * dims[2] * 3);
-    ((dims[0], dims[1], dims[2]), data)
-}
-
 /// Writes the frames as lossless PNG files, `frame-00.png` on, through GStreamer.
 fn write_png_frames(dir: &Path, (count, height, width): (usize, usize, usize), data: &[u8]) {
     let raw = dir.join("frames.rgb");
@@ -77,7 +37,16 @@ fn write_png_frames(dir: &Path, (count, height, width): (usize, usize, usize), d
 #[test]
 fn llamavid_caption_of_the_fixture_frames_gives_the_reference_ids() {
     let fixture = fixture_dir();
-    let (shape, data) = read_npy_frames(&fixture.join("frames.npy"));
+    let reference = candle_core::safetensors::load(
+        fixture.join("reference.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    // The raw frames (T, H, W, 3) u8, as frames.npy holds them.
+    let frames = &reference["frames"];
+    let (count, height, width, _) = frames.dims4().unwrap();
+    let data: Vec<u8> = frames.flatten_all().unwrap().to_vec1().unwrap();
+    let shape = (count, height, width);
     let dir = tempfile::tempdir().unwrap();
     write_png_frames(dir.path(), shape, &data);
 
@@ -85,11 +54,6 @@ fn llamavid_caption_of_the_fixture_frames_gives_the_reference_ids() {
         serde_json::from_slice(&std::fs::read(fixture.join("prompt.json")).unwrap()).unwrap();
     let question = prompt["question"].as_str().unwrap();
     let max_new_tokens = prompt["max_new_tokens"].as_u64().unwrap().to_string();
-    let reference = candle_core::safetensors::load(
-        fixture.join("reference.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
     let expected: Vec<i64> = reference["generated_ids"].to_vec1().unwrap();
 
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_llamavid-caption"));
